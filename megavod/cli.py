@@ -1,0 +1,158 @@
+"""The ``megavod`` command line.
+
+Every subcommand's shape is fixed here so that docs and scripts can rely on it. User errors
+(:class:`~megavod.errors.MegavodError`) print one line ``megavod <cmd>: error: ...`` and exit non-zero
+(2 for usage and config errors), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from megavod.errors import MegavodError
+
+# A dotted config override such as ``mega.T_g=20`` (URLs with "=" in the query are inputs, not overrides).
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*=")
+
+
+def split_overrides(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split positional tokens into (inputs, KEY=VALUE overrides)."""
+    inputs, overrides = [], []
+    for t in tokens:
+        (overrides if _OVERRIDE.match(t) and "://" not in t else inputs).append(t)
+    return inputs, overrides
+
+
+def _handler(module: str, function: str, issue: int) -> Callable[[argparse.Namespace], int]:
+    """Resolve a subcommand's implementation lazily, so `megavod --help` stays fast."""
+
+    def run(args: argparse.Namespace) -> int:
+        if importlib.util.find_spec(module) is None:
+            raise MegavodError(f"not yet available (see issue #{issue})")
+        fn = getattr(importlib.import_module(module), function, None)
+        if fn is None:
+            raise MegavodError(f"not yet available (see issue #{issue})")
+        return int(fn(args) or 0)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megavod",
+        description="MEGA video object detection: detect, train, evaluate, post-process, benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_: str, module: str, function: str, issue: int) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=_handler(module, function, issue))
+        return p
+
+    p = add("demo", "Generate a synthetic clip, run MEGA with the shipped weights, write an annotated "
+            "MP4, the prediction JSON and a summary.", "megavod.demo", "main", 9)
+    p.add_argument("--out", type=Path, default=Path("megavod-demo"), help="output folder (default: ./megavod-demo)")
+
+    p = add("detect", "Run a detector on video files, frame folders or streams.",
+            "megavod.inference.detect", "main", 9)
+    p.add_argument("inputs", nargs="+", metavar="INPUT [KEY=VALUE]",
+                   help="video files, frame folders, globs or stream URLs, then optional dotted config "
+                        "overrides such as mega.T_g=20")
+    p.add_argument("--config", default="mega_R_101", help="preset name or YAML path (default: mega_R_101)")
+    p.add_argument("--weights", type=Path, help="checkpoint: megavod's own or the authors' .pth")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a checkpoint that needs arbitrary unpickling (only for files you trust)")
+    p.add_argument("--mode", choices=("offline", "online"), default=None,
+                   help="offline: look ahead over the whole video; online: causal, frame k is emitted "
+                        "before frame k+1 is read (default: the config's mega.online)")
+    p.add_argument("--postprocess", choices=("none", "seqnms", "blr"), default="none",
+                   help="video-level post-processing of the detections (default: none)")
+    p.add_argument("--out", type=Path, default=Path("megavod-out"), help="output folder (default: ./megavod-out)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--score-thresh", type=float, default=0.5,
+                   help="minimum score of a box drawn on the annotated video (default: 0.5; the JSON keeps all)")
+
+    p = add("train", "Train a detector (one process, or many through torchrun).",
+            "megavod.train.engine", "main", 4)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--config", required=True, help="preset name or YAML path")
+    p.add_argument("--data", type=Path, required=True, help="dataset root in the ImageNet VID layout")
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder (default: runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
+    p = add("eval", "Evaluate predictions with the ImageNet VID protocol (mAP and mAP by motion speed).",
+            "megavod.evaluation.cli", "main", 6)
+    p.add_argument("--data", type=Path, required=True, help="dataset root in the ImageNet VID layout")
+    p.add_argument("--pred", type=Path, required=True, help="prediction file written by megavod detect")
+    p.add_argument("--out", type=Path, default=None, help="folder for eval.json and PR curves")
+    p.add_argument("--protocol", choices=("authors", "ilsvrc"), default="authors",
+                   help="authors: fixed IoU 0.5 as their code; ilsvrc: the devkit's small-object IoU rule")
+    p.add_argument("--split", default=None, help="image set to evaluate (default: the config's test set)")
+
+    p = add("postprocess", "Seq-NMS or BLR on a prediction file.", "megavod.postprocess.cli", "main", 6)
+    p.add_argument("--method", choices=("seqnms", "blr"), required=True, help="post-processing method")
+    p.add_argument("pred", type=Path, metavar="PRED", help="input prediction file")
+    p.add_argument("out", type=Path, metavar="OUT", help="output prediction file")
+
+    p = add("reproduce", "Reproduce an experiment end to end.", "megavod.reproduce", "main", 9)
+    p.add_argument("experiment", choices=("synthetic",),
+                   help="synthetic: train single frame, base model and MEGA on the synthetic benchmark, "
+                        "evaluate and time each, write a Table-3-style table")
+    p.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output folder")
+
+    p = add("bench", "Time detectors on the same frames (ms/frame and ratios).", "megavod.bench", "main", 5)
+    p.add_argument("--config", action="append", default=None, metavar="NAME|PATH",
+                   help="preset or YAML path; repeat to compare several (default: single_R_101, base_R_101, mega_R_101)")
+    p.add_argument("--frames", type=int, default=30, help="frames per run (default: 30)")
+    p.add_argument("--size", type=int, default=600, help="shorter side of the frames (default: 600)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+
+    p = add("synth", "Write the synthetic benchmark in the ImageNet VID layout.",
+            "megavod.data.synthetic", "main", 3)
+    p.add_argument("out", type=Path, metavar="OUT", help="output folder")
+    p.add_argument("--videos", type=int, default=100, help="videos in all, 80%% train and 20%% val (default: 100)")
+    p.add_argument("--frames", type=int, default=90, help="frames per video (default: 90)")
+    p.add_argument("--size", type=int, default=192, help="frame size in pixels (default: 192)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+
+    p = add("convert", "Convert a checkpoint (e.g. the authors' MEGA_R_101.pth) to megavod's format.",
+            "megavod.checkpoints.convert", "main", 8)
+    p.add_argument("src", type=Path, metavar="SRC", help="input checkpoint")
+    p.add_argument("dst", type=Path, metavar="DST", help="output file (.safetensors or .pth)")
+    p.add_argument("--config", default=None, help="preset the checkpoint belongs to (default: recognised from its keys)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a checkpoint that needs arbitrary unpickling (only for files you trust)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # detect and train take trailing KEY=VALUE overrides among their positionals.
+    if args.command == "detect":
+        args.inputs, args.overrides = split_overrides(args.inputs)
+        if not args.inputs:
+            parser.error("detect: give at least one INPUT")
+    try:
+        if args.command in ("detect", "train"):
+            # Config errors come first, whatever the command would do next.
+            from megavod.config import load_config
+
+            args.cfg = load_config(args.config, args.overrides)
+        return args.func(args)
+    except MegavodError as e:
+        print(f"megavod {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"megavod {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

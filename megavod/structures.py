@@ -1,0 +1,91 @@
+"""Typed containers for what travels between megavod's parts (detections, ground truth).
+
+Boxes are ``(x1, y1, x2, y2)`` in pixels with the legacy "+1" convention of the authors' code
+(width = x2 - x1 + 1), float32 tensors of shape ``[N, 4]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def _check_rows(name: str, boxes: Tensor, *others: tuple[str, Tensor]) -> None:
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{name}.boxes must have shape [N, 4], got {tuple(boxes.shape)}")
+    for other_name, t in others:
+        if t.shape[0] != boxes.shape[0]:
+            raise ValueError(
+                f"{name}.{other_name} has {t.shape[0]} rows but boxes has {boxes.shape[0]}"
+            )
+
+
+@dataclass
+class Detections:
+    """Detections of one frame: boxes [N,4], scores [N], labels [N] (1..30, 0 is background)."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        _check_rows("Detections", self.boxes, ("scores", self.scores), ("labels", self.labels))
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def __getitem__(self, index: Tensor | slice) -> "Detections":
+        return Detections(self.boxes[index], self.scores[index], self.labels[index])
+
+    def to(self, device: torch.device | str) -> "Detections":
+        return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device))
+
+    def scale(self, sx: float, sy: float) -> "Detections":
+        """Rescale boxes as the authors' ``BoxList.resize`` does: coordinates times the ratio, no +1."""
+        factors = torch.tensor([sx, sy, sx, sy], dtype=self.boxes.dtype, device=self.boxes.device)
+        return Detections(self.boxes * factors, self.scores, self.labels)
+
+
+@dataclass
+class FrameAnnotation:
+    """Ground truth of one frame as the ILSVRC XML gives it (spec §7).
+
+    ``video`` is the frame's video directory relative to ``Data/VID`` (e.g.
+    ``val/ILSVRC2015_val_00000000``) or, for a still DET image, its path without extension; ``frame``
+    is the frame number (0 for DET). Boxes are clamped to the image as the authors' loader does.
+    ``track_ids`` are the XML ``trackid`` fields (-1 where absent, e.g. DET).
+    """
+
+    video: str
+    frame: int
+    width: int
+    height: int
+    boxes: Tensor
+    labels: Tensor
+    track_ids: Tensor
+    occluded: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    generated: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+
+    def __post_init__(self) -> None:
+        n = self.boxes.shape[0]
+        if self.occluded.numel() == 0 and n:
+            self.occluded = torch.zeros(n, dtype=torch.bool)
+        if self.generated.numel() == 0 and n:
+            self.generated = torch.zeros(n, dtype=torch.bool)
+        _check_rows(
+            "FrameAnnotation",
+            self.boxes,
+            ("labels", self.labels),
+            ("track_ids", self.track_ids),
+            ("occluded", self.occluded),
+            ("generated", self.generated),
+        )
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
