@@ -1,0 +1,251 @@
+"""The object relation module (paper Eq. 1-2, spec §3.4), shared by MEGA and RDN.
+
+For queries X (N x C) and references R (M x C), head m of M_h heads (C / M_h = d dims each) computes
+
+    a_ij^m = ((Wq x_i)^m + u^m) . (Wk r_j)^m / sqrt(d)          appearance (u: MEGA's content bias)
+    b_ij^m = log(max(0, Wg^m . E_ij + bg^m) + 1e-6)             geometry (location-based modules only)
+    w_ij^m = softmax_j(a_ij^m + b_ij^m)
+    out_i  = concat_m(Wv^m . sum_j w_ij^m r_j) + bv             (the caller adds the residual x_i)
+
+where E_ij embeds the relative geometry of query box i and reference box j
+(:func:`box_geometry_embedding`).
+
+The authors aggregate the raw C-d references per head (N x M_h x C) and then apply ``Wv`` as a grouped
+1x1 conv over the M_h * C channels. Because ``Wv^m`` is linear and the weights w_ij^m sum to 1, projecting
+the references first, V^m = R Wv^m^T (M x d), and attending over V^m gives the same output with about
+C/d times fewer multiply-adds in the aggregation; that is :meth:`RelationModule.forward`, done by
+``scaled_dot_product_attention`` with the geometry term as an additive mask. Parameters keep the
+authors' shapes (``Wv`` stays a [C, C, 1, 1] grouped-conv weight, ``Wg`` a [M_h, E, 1, 1] conv weight,
+``u`` a [M_h, 1, d] tensor), so converting their checkpoints is a rename.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Query rows per chunk when building the geometry bias: the embedding is N x M x E floats (≈0.6 GB
+# for MEGA's 675 x 3750 x 64 local stage at once), its 16-channel projection is E/16 times smaller.
+_GEOMETRY_CHUNK_ELEMENTS = 1 << 24
+
+
+def relative_box_geometry(query_boxes: Tensor, ref_boxes: Tensor) -> Tensor:
+    """Relative geometry [N, M, 4] of every (query i, reference j) pair, normalised by the query box.
+
+    (log(|cx_i - cx_j| / w_i + 1e-3), log(|cy_i - cy_j| / h_i + 1e-3), log(w_i / w_j), log(h_i / h_j)),
+    with the legacy +1 widths (w = x2 - x1 + 1) the authors' checkpoints were trained with.
+    """
+    qx1, qy1, qx2, qy2 = query_boxes.unbind(1)
+    rx1, ry1, rx2, ry2 = ref_boxes.unbind(1)
+    qw, qh = qx2 - qx1 + 1, qy2 - qy1 + 1
+    rw, rh = rx2 - rx1 + 1, ry2 - ry1 + 1
+    dx = (0.5 * (qx1 + qx2))[:, None] - (0.5 * (rx1 + rx2))[None, :]
+    dy = (0.5 * (qy1 + qy2))[:, None] - (0.5 * (ry1 + ry2))[None, :]
+    return torch.stack(
+        [
+            (dx.abs() / qw[:, None] + 1e-3).log(),
+            (dy.abs() / qh[:, None] + 1e-3).log(),
+            (qw[:, None] / rw[None, :]).log(),
+            (qh[:, None] / rh[None, :]).log(),
+        ],
+        dim=2,
+    )
+
+
+def _sinusoid(values: Tensor, num_freqs: int, wave_length: float) -> Tensor:
+    """[..., C] -> [..., C * 2 * num_freqs]: per value [sin t_0..t_{F-1}, cos t_0..t_{F-1}],
+    t_k = 100 * value / wave_length^(k / num_freqs) (the authors' scale 100 and layout)."""
+    exponents = torch.arange(num_freqs, device=values.device, dtype=values.dtype) / num_freqs
+    t = 100.0 * values[..., None] / (wave_length**exponents)
+    return torch.cat([t.sin(), t.cos()], dim=-1).flatten(-2)
+
+
+def box_geometry_embedding(
+    query_boxes: Tensor,
+    ref_boxes: Tensor,
+    dim: int = 64,
+    wave_length: float = 1000.0,
+    query_frames: Tensor | None = None,
+    ref_frames: Tensor | None = None,
+) -> Tensor:
+    """Embedding E [N, M, dim] of the relative geometry of query boxes [N, 4] and reference boxes [M, 4].
+
+    Each of the 4 terms of :func:`relative_box_geometry` (order x, y, w, h) gets dim/8 frequencies,
+    [sin, cos] each. This is the authors' ``position_embedding`` [1, dim, N, M] channel-last.
+
+    With ``query_frames`` [N] and ``ref_frames`` [M] (frame indices) the paper's relative frame-index
+    term (spec §13.7, not in the authors' code or weights) is appended: dt = t_j - t_i embedded by the
+    same sin/cos scheme, giving [N, M, dim + dim/4].
+    """
+    if dim % 8 != 0:
+        raise ValueError(f"dim must be a multiple of 8 (4 terms x sin/cos), got {dim}")
+    if (query_frames is None) != (ref_frames is None):
+        raise ValueError("query_frames and ref_frames must be given together")
+    num_freqs = dim // 8
+    embedding = _sinusoid(relative_box_geometry(query_boxes, ref_boxes), num_freqs, wave_length)
+    if query_frames is None:
+        return embedding
+    dt = ref_frames.to(embedding.dtype)[None, :] - query_frames.to(embedding.dtype)[:, None]
+    return torch.cat([embedding, _sinusoid(dt[..., None], num_freqs, wave_length)], dim=2)
+
+
+def make_fc_init(linear: nn.Linear) -> None:
+    # The authors' make_fc: kaiming_uniform(a=1), bias 0.
+    nn.init.kaiming_uniform_(linear.weight, a=1)
+    nn.init.zeros_(linear.bias)
+
+
+class RelationModule(nn.Module):
+    """One multi-head relation module; ``forward`` returns the aggregated term *before* the residual.
+
+    Args:
+        feat_dim: C, feature size of queries and references (1024 in MEGA/RDN).
+        num_heads: M_h heads (16); each uses C / M_h dims of the query/key projections.
+        embed_dim: E, geometric embedding size (64); ``Wg`` takes E (+ E/4 with ``temporal_embedding``).
+        location_based: add the geometry term (local stages, RDN); False gives MEGA's location-free
+            global module, which has no ``Wg``.
+        content_bias: MEGA's learnable content bias ``u`` (Transformer-XL's global content term); RDN has
+            none.
+        temporal_embedding: also embed the relative frame index (spec §13.7); off in every preset.
+        wave_length: of the sinusoidal embedding (1000).
+
+    Parameter names and shapes match one authors' module (e.g. MEGA ``l_Wqs.i`` -> ``Wq``, ``l_us.i`` ->
+    ``u``): ``Wq``/``Wk`` Linear C->C, ``Wv`` Conv2d(M_h*C -> C, 1x1, groups=M_h) with weight [C, C, 1, 1],
+    ``Wg`` Conv2d(E -> M_h, 1x1), ``u`` [M_h, 1, C / M_h].
+    """
+
+    def __init__(
+        self,
+        feat_dim: int = 1024,
+        num_heads: int = 16,
+        embed_dim: int = 64,
+        *,
+        location_based: bool,
+        content_bias: bool,
+        temporal_embedding: bool = False,
+        wave_length: float = 1000.0,
+    ) -> None:
+        super().__init__()
+        if feat_dim % num_heads != 0:
+            raise ValueError(f"feat_dim ({feat_dim}) must be divisible by num_heads ({num_heads})")
+        if embed_dim % 8 != 0:
+            raise ValueError(f"embed_dim must be a multiple of 8, got {embed_dim}")
+        if temporal_embedding and not location_based:
+            raise ValueError("temporal_embedding needs location_based=True (it is part of the geometry term)")
+        self.feat_dim = feat_dim
+        self.num_heads = num_heads
+        self.head_dim = feat_dim // num_heads
+        self.embed_dim = embed_dim
+        self.location_based = location_based
+        self.temporal_embedding = temporal_embedding
+        self.wave_length = wave_length
+
+        self.Wq = nn.Linear(feat_dim, feat_dim)
+        self.Wk = nn.Linear(feat_dim, feat_dim)
+        self.Wv = nn.Conv2d(num_heads * feat_dim, feat_dim, kernel_size=1, groups=num_heads)
+        make_fc_init(self.Wq)
+        make_fc_init(self.Wk)
+        nn.init.normal_(self.Wv.weight, std=0.01)
+        nn.init.zeros_(self.Wv.bias)
+        if location_based:
+            geometry_dim = embed_dim + (embed_dim // 4 if temporal_embedding else 0)
+            self.Wg = nn.Conv2d(geometry_dim, num_heads, kernel_size=1)
+            nn.init.normal_(self.Wg.weight, std=0.01)
+            nn.init.zeros_(self.Wg.bias)
+        else:
+            self.register_module("Wg", None)
+        if content_bias:
+            self.u = nn.Parameter(torch.empty(num_heads, 1, self.head_dim).normal_(std=0.01))
+        else:
+            self.register_parameter("u", None)
+
+    def forward(
+        self,
+        x: Tensor,
+        refs: Tensor,
+        x_boxes: Tensor | None = None,
+        ref_boxes: Tensor | None = None,
+        x_frames: Tensor | None = None,
+        ref_frames: Tensor | None = None,
+    ) -> Tensor:
+        """Relation features [N, C] of queries ``x`` [N, C] over references ``refs`` [M, C].
+
+        Boxes ([N, 4], [M, 4]) are required by location-based modules, frame indices ([N], [M]) by the
+        temporal embedding. With no references the module contributes nothing (zeros), where the
+        authors' softmax over an empty set would give NaN.
+        """
+        n, m = x.shape[0], refs.shape[0]
+        if n == 0 or m == 0:
+            return x.new_zeros(n, self.feat_dim)
+        h, d = self.num_heads, self.head_dim
+        q = self.Wq(x).view(n, h, d).transpose(0, 1)  # [h, N, d]
+        if self.u is not None:
+            # (q + u).k / sqrt(d) is the appearance logit plus the content-bias logit u.k / sqrt(d).
+            q = q + self.u
+        k = self.Wk(refs).view(m, h, d).transpose(0, 1)  # [h, M, d]
+        # Value projection before aggregation (see module docstring): column block m of
+        # refs @ W^T is Wv^m applied to every reference; Wv's bias is added once after the weighted sum.
+        v = F.linear(refs, self.Wv.weight.view(self.feat_dim, self.feat_dim))
+        v = v.view(m, h, d).transpose(0, 1)  # [h, M, d]
+        bias = self.geometry_bias(x_boxes, ref_boxes, x_frames, ref_frames) if self.location_based else None
+        if bias is not None:
+            bias = bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [h, N, d]
+        return out.transpose(0, 1).reshape(n, self.feat_dim) + self.Wv.bias
+
+    def geometry_bias(
+        self,
+        x_boxes: Tensor | None,
+        ref_boxes: Tensor | None,
+        x_frames: Tensor | None = None,
+        ref_frames: Tensor | None = None,
+    ) -> Tensor:
+        """Additive logit term log(max(0, Wg . E_ij + bg) + 1e-6), [M_h, N, M] (location-based only)."""
+        if self.Wg is None:
+            raise ValueError("geometry_bias: this relation module is location-free (it has no Wg)")
+        if x_boxes is None or ref_boxes is None:
+            raise ValueError("a location-based relation module needs x_boxes and ref_boxes")
+        if self.temporal_embedding and (x_frames is None or ref_frames is None):
+            raise ValueError("temporal_embedding=True needs x_frames and ref_frames (frame index per row)")
+        if not self.temporal_embedding:
+            x_frames = ref_frames = None
+        weight = self.Wg.weight.view(self.num_heads, -1)
+        n, m = x_boxes.shape[0], ref_boxes.shape[0]
+        chunk = max(1, _GEOMETRY_CHUNK_ELEMENTS // max(1, m * weight.shape[1]))
+        parts = []
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            embedding = box_geometry_embedding(
+                x_boxes[start:stop],
+                ref_boxes,
+                self.embed_dim,
+                self.wave_length,
+                None if x_frames is None else x_frames[start:stop],
+                ref_frames,
+            )
+            parts.append((F.relu(F.linear(embedding, weight, self.Wg.bias)) + 1e-6).log())
+        return torch.cat(parts, dim=0).permute(2, 0, 1)
+
+    def attention_weights(
+        self,
+        x: Tensor,
+        refs: Tensor,
+        x_boxes: Tensor | None = None,
+        ref_boxes: Tensor | None = None,
+        x_frames: Tensor | None = None,
+        ref_frames: Tensor | None = None,
+    ) -> Tensor:
+        """The relation weights w_ij^m, [M_h, N, M] (rows sum to 1), e.g. for BLR's link scores (§13.12)."""
+        n, m = x.shape[0], refs.shape[0]
+        h, d = self.num_heads, self.head_dim
+        q = self.Wq(x).view(n, h, d).transpose(0, 1)
+        if self.u is not None:
+            q = q + self.u
+        k = self.Wk(refs).view(m, h, d).transpose(0, 1)
+        logits = q @ k.transpose(1, 2) / math.sqrt(d)
+        if self.location_based:
+            logits = logits + self.geometry_bias(x_boxes, ref_boxes, x_frames, ref_frames)
+        return logits.softmax(dim=2)

@@ -1,0 +1,251 @@
+"""Relation module (spec §3.4): the authors' reference vectors, the fast path against the plain formula,
+hand-computed examples, parameter layout."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megavod.models import relation as relation_mod
+from megavod.models.relation import RelationModule, box_geometry_embedding, relative_box_geometry
+
+VECTORS = Path("/work/shared/spec/vectors")
+
+
+def plain_relation(module: RelationModule, x, refs, x_boxes=None, ref_boxes=None, x_frames=None, ref_frames=None):
+    """The authors' attention_module_multi_head written out: per head aggregate the *raw* references,
+    then the grouped 1x1 conv Wv over the 16 x 1024 channels."""
+    n, m = x.shape[0], refs.shape[0]
+    h, c = module.num_heads, module.feat_dim
+    d = c // h
+    q = module.Wq(x).reshape(n, h, d).permute(1, 0, 2)
+    k = module.Wk(refs).reshape(m, h, d).permute(1, 0, 2)
+    aff = torch.bmm(q, k.transpose(1, 2))
+    if module.u is not None:
+        aff = aff + torch.bmm(module.u, k.transpose(1, 2))
+    aff = (aff / math.sqrt(d)).permute(1, 0, 2)  # [N, h, M]
+    if module.location_based:
+        embedding = box_geometry_embedding(
+            x_boxes, ref_boxes, module.embed_dim, module.wave_length, x_frames, ref_frames
+        )
+        position = F.relu(module.Wg(embedding.permute(2, 0, 1)[None]))  # [1, h, N, M]
+        aff = (position[0].permute(1, 0, 2) + 1e-6).log() + aff
+    weights = aff.softmax(dim=2)
+    aggregated = (weights.reshape(n * h, m) @ refs).reshape(n, h * c, 1, 1)
+    return module.Wv(aggregated).flatten(1)
+
+
+def random_boxes(n, generator):
+    xy = torch.rand(n, 2, generator=generator) * 200
+    wh = torch.rand(n, 2, generator=generator) * 100 + 4
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def load_vector(name):
+    path = VECTORS / name
+    if not path.exists():
+        pytest.skip(f"reference vectors not found at {path}")
+    return {k: torch.from_numpy(v.astype(np.float32)) for k, v in np.load(path).items()}
+
+
+@pytest.mark.parametrize(
+    "name, location_based, content_bias",
+    [
+        ("relation_mega_location_based.npz", True, True),
+        ("relation_mega_location_free.npz", False, True),
+        ("relation_rdn.npz", True, False),
+    ],
+)
+def test_matches_authors_vectors(name, location_based, content_bias):
+    data = load_vector(name)
+    module = RelationModule(location_based=location_based, content_bias=content_bias)
+    weights = {k: v for k, v in data.items() if k.split(".")[0] in ("Wg", "Wq", "Wk", "Wv", "u")}
+    # Checkpoint conversion is a rename: the authors' tensors load with strict=True, no reshaping.
+    module.load_state_dict(weights, strict=True)
+    with torch.no_grad():
+        out = module(data["roi_feat"], data["ref_feat"], data.get("rois"), data.get("ref_rois"))
+        plain = plain_relation(module, data["roi_feat"], data["ref_feat"], data.get("rois"), data.get("ref_rois"))
+    expected = data["output"]
+    scale = expected.abs().max()
+    assert out.shape == (6, 1024)
+    assert (out - expected).abs().max() / scale < 1e-4
+    assert (plain - expected).abs().max() / scale < 1e-4
+    if location_based:
+        embedding = box_geometry_embedding(data["rois"], data["ref_rois"])
+        # sin/cos of 100 * log(...): float32 rounding of the argument gives ~3e-5 absolute.
+        assert torch.allclose(embedding, data["position_embedding"][0].permute(1, 2, 0), atol=1e-4)
+
+
+@pytest.mark.parametrize("location_based", [True, False])
+@pytest.mark.parametrize("content_bias", [True, False])
+def test_fast_path_equals_plain_formula(location_based, content_bias):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    module = RelationModule(64, 4, 16, location_based=location_based, content_bias=content_bias)
+    with torch.no_grad():  # larger weights than the init so that geometry and appearance both matter
+        for p in module.parameters():
+            p.normal_(std=0.3)
+    x, refs = torch.randn(7, 64, generator=g), torch.randn(11, 64, generator=g)
+    boxes = (random_boxes(7, g), random_boxes(11, g)) if location_based else (None, None)
+    fast = module(x, refs, *boxes)
+    plain = plain_relation(module, x, refs, *boxes)
+    assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-4)
+    # Same gradients too (training uses the fast path).
+    fast_grads = torch.autograd.grad(fast.square().sum(), list(module.parameters()))
+    plain_grads = torch.autograd.grad(plain.square().sum(), list(module.parameters()))
+    # Compared on the scale of all gradients: Wk.bias's true gradient is 0 (softmax ignores a per-query
+    # constant), so its float noise is compared against that scale, not against itself.
+    scale = max(g.abs().max() for g in plain_grads)
+    for a, b in zip(fast_grads, plain_grads):
+        assert (a - b).abs().max() <= 1e-5 * scale
+
+
+def test_attention_weights_reproduce_the_output():
+    g = torch.Generator().manual_seed(2)
+    module = RelationModule(32, 4, 8, location_based=True, content_bias=True)
+    x, refs = torch.randn(5, 32, generator=g), torch.randn(6, 32, generator=g)
+    xb, rb = random_boxes(5, g), random_boxes(6, g)
+    with torch.no_grad():
+        w = module.attention_weights(x, refs, xb, rb)  # [h, N, M]
+        assert torch.allclose(w.sum(2), torch.ones(4, 5))
+        aggregated = torch.einsum("hnm,mc->nhc", w, refs).reshape(5, 4 * 32, 1, 1)
+        assert torch.allclose(module.Wv(aggregated).flatten(1), module(x, refs, xb, rb), atol=1e-6)
+
+
+def hand_module(location_based):
+    """One head, C = 2, E = 8: Wq = Wk = Wv = identity, u = (0.5, 0), Wv bias (0.25, -0.25)."""
+    module = RelationModule(2, 1, 8, location_based=location_based, content_bias=True)
+    with torch.no_grad():
+        for linear in (module.Wq, module.Wk):
+            linear.weight.copy_(torch.eye(2))
+            linear.bias.zero_()
+        module.u.copy_(torch.tensor([[[0.5, 0.0]]]))
+        module.Wv.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+        module.Wv.bias.copy_(torch.tensor([0.25, -0.25]))
+    return module
+
+
+X = torch.tensor([[1.0, 0.0]])
+REFS = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+
+
+def test_hand_example_location_free():
+    # a_0 = ((q + u) . k_0) / sqrt(2) = 1.5 / sqrt(2) = 1.06066, a_1 = (1.5, 0) . (0, 2) / sqrt(2) = 0.
+    # w_0 = e^1.06066 / (e^1.06066 + 1) = 0.742817; out = w_0 (1, 0) + w_1 (0, 2) + (0.25, -0.25).
+    with torch.no_grad():
+        out = hand_module(False)(X, REFS)
+    assert torch.allclose(out, torch.tensor([[0.992817, 0.264367]]), atol=1e-5)
+
+
+def test_hand_example_location_based():
+    module = hand_module(True)
+    with torch.no_grad():
+        module.Wg.weight.zero_()
+        module.Wg.weight[0, 0] = 0.1  # sin(100 g_x)
+        module.Wg.weight[0, 4] = -1.0  # -sin(100 g_w)
+        module.Wg.bias.fill_(0.05)
+    query = torch.tensor([[0.0, 0.0, 9.0, 9.0]])  # w = h = 10, centre (4.5, 4.5)
+    refs_boxes = torch.tensor([[0.0, 0.0, 9.0, 9.0], [10.0, 0.0, 29.0, 9.0]])  # same box; w = 20, centre x 19.5
+    # Spec §3.4 by hand: g_x = log(|dx| / w_query + 1e-3), g_w = log(w_query / w_ref).
+    g_x = [math.log(0 / 10 + 1e-3), math.log(15 / 10 + 1e-3)]
+    g_w = [math.log(10 / 10), math.log(10 / 20)]
+    geometry = [max(0.0, 0.1 * math.sin(100 * gx) - math.sin(100 * gw) + 0.05) for gx, gw in zip(g_x, g_w)]
+    logits = [1.5 / math.sqrt(2) + math.log(geometry[0] + 1e-6), 0.0 + math.log(geometry[1] + 1e-6)]
+    w0 = 1 / (1 + math.exp(logits[1] - logits[0]))
+    expected = torch.tensor([[w0 + 0.25, 2 * (1 - w0) - 0.25]])
+    with torch.no_grad():
+        out = module(X, REFS, query, refs_boxes)
+        weights = module.attention_weights(X, REFS, query, refs_boxes)
+    assert torch.allclose(weights[0, 0], torch.tensor([w0, 1 - w0]), atol=1e-6)
+    assert torch.allclose(out, expected, atol=1e-5)
+    # The geometry overrides appearance here: ref 1 wins although ref 0 has the larger appearance logit.
+    assert w0 < 0.5
+
+
+def test_relative_geometry_by_hand():
+    query = torch.tensor([[0.0, 0.0, 9.0, 19.0]])  # w 10, h 20, centre (4.5, 9.5)
+    ref = torch.tensor([[4.0, 9.0, 9.0, 19.0]])  # w 6, h 11, centre (6.5, 14)
+    geometry = relative_box_geometry(query, ref)[0, 0]
+    expected = [math.log(2 / 10 + 1e-3), math.log(4.5 / 20 + 1e-3), math.log(10 / 6), math.log(20 / 11)]
+    assert torch.allclose(geometry, torch.tensor(expected), atol=1e-6)
+
+
+def test_embedding_layout_and_temporal_term():
+    g = torch.Generator().manual_seed(3)
+    qb, rb = random_boxes(3, g), random_boxes(4, g)
+    spatial = box_geometry_embedding(qb, rb)
+    assert spatial.shape == (3, 4, 64)
+    geometry = relative_box_geometry(qb, rb)
+    # coordinate c, frequency k: sin at 16c + k, cos at 16c + 8 + k, t = 100 g / 1000^(k/8)
+    c, k = 2, 5
+    t = 100 * geometry[..., c] / 1000 ** (k / 8)
+    assert torch.allclose(spatial[..., 16 * c + k], t.sin(), atol=1e-5)
+    assert torch.allclose(spatial[..., 16 * c + 8 + k], t.cos(), atol=1e-5)
+    qf, rf = torch.tensor([5, 5, 6]), torch.tensor([0, 5, 7, 9])
+    full = box_geometry_embedding(qb, rb, query_frames=qf, ref_frames=rf)
+    assert full.shape == (3, 4, 80)
+    assert torch.equal(full[..., :64], spatial)
+    dt = (rf[None, :] - qf[:, None]).float()
+    assert torch.allclose(full[..., 64 + 3], (100 * dt / 1000 ** (3 / 8)).sin(), atol=1e-5)
+    assert torch.allclose(full[1, 1, 64:], torch.tensor([0.0] * 8 + [1.0] * 8))  # same frame: dt = 0
+    with pytest.raises(ValueError, match="together"):
+        box_geometry_embedding(qb, rb, query_frames=qf)
+
+
+def test_temporal_module_matches_plain_formula():
+    g = torch.Generator().manual_seed(4)
+    module = RelationModule(32, 4, 16, location_based=True, content_bias=True, temporal_embedding=True)
+    assert module.Wg.weight.shape == (4, 20, 1, 1)
+    x, refs = torch.randn(3, 32, generator=g), torch.randn(5, 32, generator=g)
+    boxes = random_boxes(3, g), random_boxes(5, g)
+    frames = torch.tensor([4, 4, 4]), torch.tensor([0, 1, 2, 3, 4])
+    with torch.no_grad():
+        fast = module(x, refs, *boxes, *frames)
+        assert torch.allclose(fast, plain_relation(module, x, refs, *boxes, *frames), atol=1e-6)
+    with pytest.raises(ValueError, match="x_frames"):
+        module(x, refs, *boxes)
+
+
+def test_parameter_layout():
+    mega_local = RelationModule(location_based=True, content_bias=True)
+    shapes = {k: tuple(v.shape) for k, v in mega_local.state_dict().items()}
+    assert shapes == {
+        "Wq.weight": (1024, 1024), "Wq.bias": (1024,),
+        "Wk.weight": (1024, 1024), "Wk.bias": (1024,),
+        "Wv.weight": (1024, 1024, 1, 1), "Wv.bias": (1024,),
+        "Wg.weight": (16, 64, 1, 1), "Wg.bias": (16,),
+        "u": (16, 1, 64),
+    }  # fmt: skip
+    location_free = RelationModule(location_based=False, content_bias=True)
+    assert location_free.Wg is None
+    assert set(location_free.state_dict()) == set(shapes) - {"Wg.weight", "Wg.bias"}
+    rdn = RelationModule(location_based=True, content_bias=False)
+    assert rdn.u is None and set(rdn.state_dict()) == set(shapes) - {"u"}
+    with pytest.raises(ValueError, match="geometry_bias"):
+        location_free.geometry_bias(torch.zeros(1, 4), torch.zeros(1, 4))
+
+
+def test_empty_sets_and_missing_boxes():
+    module = RelationModule(16, 2, 8, location_based=True, content_bias=True)
+    x, boxes = torch.randn(3, 16), torch.tensor([[0.0, 0.0, 5.0, 5.0]] * 3)
+    assert torch.equal(module(x, torch.zeros(0, 16), boxes, torch.zeros(0, 4)), torch.zeros(3, 16))
+    assert module(torch.zeros(0, 16), x, torch.zeros(0, 4), boxes).shape == (0, 16)
+    with pytest.raises(ValueError, match="x_boxes and ref_boxes"):
+        module(x, x)
+
+
+def test_geometry_bias_chunking_is_exact(monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    module = RelationModule(16, 2, 8, location_based=True, content_bias=False)
+    qb, rb = random_boxes(9, g), random_boxes(7, g)
+    with torch.no_grad():
+        whole = module.geometry_bias(qb, rb)
+        monkeypatch.setattr(relation_mod, "_GEOMETRY_CHUNK_ELEMENTS", 7 * 8 * 2)  # 2 query rows per chunk
+        chunked = module.geometry_bias(qb, rb)
+    assert whole.shape == (2, 9, 7)
+    assert torch.allclose(whole, chunked, atol=1e-6)
