@@ -1,0 +1,556 @@
+"""Per-class AP and mAP on ImageNet VID, computed exactly as the authors' evaluation does (spec §8).
+
+The authors' ``vid_eval.py`` loops over images, classes, predictions and ground truths in Python.
+This module reproduces its numbers (to the last bit on the reference case) with vectorised numpy:
+
+* **IoU** in float32 as their ``boxlist_iou``: 1 is added to x2 and y2 of both boxes and the IoU itself
+  uses +1 widths, so the effective width is x2 - x1 + 2 (kept for parity).
+* **Matching**, per image and class, predictions in descending score: each takes the not-yet-matched
+  ground truth (GT) with the highest IoU >= the threshold; among equal IoUs the first non-ignored GT (in
+  annotation order), or the last ignored one if all are ignored. The greedy loop is run in *rounds*:
+  round r handles the r-th competing prediction of every (image, class) group at once, and only
+  predictions with some IoU >= threshold compete (the others cannot match whatever the order).
+* **FP weight** of an unmatched prediction from its ignore value p (spec §8): 1 if p = 0, 0 if p = 1,
+  else p; a prediction matched to an ignored GT is neither TP nor FP.
+* **AP**: VOC all-point AP with sentinels; mAP = mean over classes with non-ignored GT (NaN elsewhere).
+
+Protocols (spec §13.10): ``"authors"`` uses IoU >= 0.5 for every box; ``"ilsvrc"`` uses the official
+devkit's per-GT threshold min(0.5, wh / ((w + 10)(h + 10))) with w = x2 - x1 + 1 and h = y2 - y1 + 1 of
+the GT box (``eval_vid_detection.m``), everything else as the authors'.
+
+Tie orders the authors leave to numpy's unstable sort are fixed here: equal scores are taken later
+index first (what numpy's argsort reversed gives on small arrays). An IoU that is NaN (two boxes of
+zero area) counts as no overlap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from megavod.data.classes import VID_CLASSES
+from megavod.data.image_sets import read_image_set
+from megavod.data.predictions import read_predictions
+from megavod.data.vid_xml import read_annotation
+from megavod.errors import MegavodError
+from megavod.evaluation.motion import MOTION_RANGES, bucket_shares, motion_ious_for_video
+from megavod.evaluation.report import format_table, write_report
+from megavod.structures import Detections, FrameAnnotation
+
+PROTOCOLS = ("authors", "ilsvrc")
+IOU_THRESHOLD = 0.5
+PIXEL_TOLERANCE = 10.0  # the devkit's small-object slack, in pixels
+_PAIR_BUDGET = 2_000_000  # (prediction, GT) pairs materialised at once
+
+
+@dataclass
+class PRCurve:
+    """Precision-recall points of one class, in descending-score order.
+
+    Kept at every true positive (where recall changes) plus the last prediction: the precision
+    envelope, and so the AP, is unchanged by dropping the points in between.
+    """
+
+    recall: np.ndarray
+    precision: np.ndarray
+
+
+@dataclass
+class RangeResult:
+    """AP of one motion range. Arrays are indexed by class label (index 0 = background, NaN AP)."""
+
+    name: str
+    low: float
+    high: float
+    empty_weight: float  # FP weight of a prediction in an image with no GT of its class
+    ap: np.ndarray  # float64 [C]; NaN where the class has no non-ignored GT
+    num_pos: np.ndarray  # int64 [C]: non-ignored GT boxes
+    num_ignored_gt: np.ndarray  # int64 [C]
+    num_det: np.ndarray  # int64 [C]: all predictions of the class
+    num_tp: np.ndarray  # int64 [C]
+    num_fp: np.ndarray  # float64 [C]: weighted false positives
+    curves: dict[int, PRCurve] = field(default_factory=dict)
+
+    @property
+    def map(self) -> float:
+        valid = ~np.isnan(self.ap)
+        return float(self.ap[valid].mean()) if valid.any() else float("nan")
+
+
+@dataclass
+class VIDEvalResult:
+    """Everything one evaluation produced; ``ranges`` holds "all" and, with motion IoUs, the buckets."""
+
+    protocol: str
+    classes: tuple[str, ...]
+    num_frames: int
+    num_gt: int
+    num_det: int
+    ranges: dict[str, RangeResult]
+    bucket_shares: dict[str, float] | None = None
+    frames_without_predictions: int = 0
+
+    @property
+    def map(self) -> float:
+        return self.ranges["all"].map
+
+
+# --------------------------------------------------------------------------------------------------
+# Flattening the per-frame inputs
+# --------------------------------------------------------------------------------------------------
+
+
+def _cat(tensors: list[Tensor], dtype: torch.dtype, width: int | None = None) -> np.ndarray:
+    if not tensors:
+        return torch.zeros((0, width) if width else (0,), dtype=dtype).numpy()
+    # Detections / FrameAnnotation already checked the shapes; one cat, one copy to the CPU.
+    return torch.cat(tensors).detach().to("cpu", dtype).reshape((-1, width) if width else (-1,)).numpy()
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, what: str) -> None:
+    if labels.size and (labels.min() < 1 or labels.max() >= num_classes):
+        bad = labels[(labels < 1) | (labels >= num_classes)][0]
+        raise ValueError(f"{what} label {int(bad)} is outside 1..{num_classes - 1}")
+
+
+def _authors_iou(p: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """Elementwise IoU of float32 rows as ``boxlist_iou`` after the +1 shift of x2/y2 (float32)."""
+    one = np.float32(1.0)
+    p = p.copy()
+    g = g.copy()
+    p[:, 2:] += one
+    g[:, 2:] += one
+    area_p = (p[:, 2] - p[:, 0] + one) * (p[:, 3] - p[:, 1] + one)
+    area_g = (g[:, 2] - g[:, 0] + one) * (g[:, 3] - g[:, 1] + one)
+    lt = np.maximum(p[:, :2], g[:, :2])
+    rb = np.minimum(p[:, 2:], g[:, 2:])
+    wh = np.clip(rb - lt + one, np.float32(0.0), None)
+    inter = wh[:, 0] * wh[:, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return inter / (area_p + area_g - inter)
+
+
+def _gt_thresholds(boxes: np.ndarray, protocol: str) -> np.ndarray:
+    if protocol == "authors":
+        return np.full(len(boxes), IOU_THRESHOLD)
+    w = boxes[:, 2].astype(np.float64) - boxes[:, 0] + 1.0
+    h = boxes[:, 3].astype(np.float64) - boxes[:, 1] + 1.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        thr = (w * h) / ((w + PIXEL_TOLERANCE) * (h + PIXEL_TOLERANCE))
+    return np.minimum(IOU_THRESHOLD, np.nan_to_num(thr, nan=IOU_THRESHOLD))
+
+
+# --------------------------------------------------------------------------------------------------
+# Matching
+# --------------------------------------------------------------------------------------------------
+
+
+def _chunks(pkey: np.ndarray, cnt: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Split the sorted predictions at (image, class) group boundaries into chunks of ~budget pairs."""
+    n = len(pkey)
+    if n == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, pkey[1:] != pkey[:-1]])
+    bounds = np.r_[starts, n]
+    cum = np.r_[0, np.cumsum(cnt)][bounds]
+    out = []
+    i = 0
+    while bounds[i] < n:
+        j = int(np.searchsorted(cum, cum[i] + budget, side="right")) - 1
+        j = min(max(j, i + 1), len(bounds) - 1)
+        out.append((int(bounds[i]), int(bounds[j])))
+        i = j
+    return out
+
+
+class _Candidates:
+    """The (prediction, GT) pairs of one chunk with IoU >= threshold, in greedy-loop order.
+
+    Sorted by round (the prediction's rank among the competing predictions of its (image, class)
+    group), then prediction, then IoU descending, then GT annotation order. That order is the
+    authors' choice whenever a prediction has no two GTs at exactly the same IoU; ``has_ties`` says
+    whether a range's ignore flags may need the full tie rule.
+    """
+
+    def __init__(self, cp: np.ndarray, cg: np.ndarray, ci: np.ndarray, pkey: np.ndarray) -> None:
+        # cp ascending, and cg ascending within one prediction (how the pairs were generated).
+        pred_start = np.r_[True, cp[1:] != cp[:-1]]
+        grp = pkey[cp]
+        new_group = np.r_[True, grp[1:] != grp[:-1]]
+        pred_no = np.cumsum(pred_start) - 1
+        rank = pred_no - np.maximum.accumulate(np.where(new_group, pred_no, 0))
+        # Two stable sorts: by IoU descending (GT order kept on ties), then by (round, prediction).
+        o1 = np.argsort(-ci, kind="stable")
+        key = rank.astype(np.int64) * (int(cp.max()) + 1) + cp
+        order = o1[np.argsort(key[o1], kind="stable")]
+        self.cp, self.cg, self.ci, self.rank = cp, cg, ci, rank
+        self.order = order
+        sp, si = cp[order], ci[order]
+        self.has_ties = bool(np.any((sp[1:] == sp[:-1]) & (si[1:] == si[:-1])))
+
+    def order_for(self, ignore: np.ndarray) -> np.ndarray:
+        ig = ignore[self.cg]
+        if not self.has_ties or not ig.any():
+            return self.order
+        # Equal IoUs: non-ignored first, the first such GT in annotation order, or else the last
+        # ignored one (what the authors' running-max loop picks).
+        tie = np.where(ig, -self.cg, self.cg)
+        return np.lexsort((tie, ig, -self.ci, self.cp, self.rank))
+
+
+def _greedy(cands: _Candidates, ignore: np.ndarray, matched: np.ndarray, pign: np.ndarray) -> None:
+    """Round-by-round greedy matching; writes ``matched``/``pign`` of the matched predictions."""
+    order = cands.order_for(ignore)
+    cp, cg, rank = cands.cp[order], cands.cg[order], cands.rank[order]
+    bounds = np.searchsorted(rank, np.arange(int(rank.max()) + 2))
+    g0 = int(cg.min())
+    selected = np.zeros(int(cg.max()) - g0 + 1, dtype=bool)
+    for r in range(len(bounds) - 1):
+        sp, sg = cp[bounds[r] : bounds[r + 1]], cg[bounds[r] : bounds[r + 1]]
+        free = ~selected[sg - g0]
+        sp, sg = sp[free], sg[free]
+        if not len(sp):
+            continue
+        # One prediction per group in a round, so different predictions never compete here: each
+        # takes its best GT that earlier rounds left free.
+        win = np.r_[True, sp[1:] != sp[:-1]]
+        wp, wg = sp[win], sg[win]
+        selected[wg - g0] = True
+        matched[wp] = True
+        pign[wp] = ignore[wg].astype(np.float64)
+
+
+def _match_all(
+    pbox: np.ndarray,
+    pkey: np.ndarray,
+    gbox: np.ndarray,
+    gkey: np.ndarray,
+    gthr: np.ndarray,
+    ignores: list[np.ndarray],
+    empty_weights: list[float],
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per range: (matched [P] bool, ignore value p [P] float64) of the sorted predictions."""
+    n_pred = len(pkey)
+    lo = np.searchsorted(gkey, pkey, side="left")
+    cnt = np.searchsorted(gkey, pkey, side="right") - lo
+    out = [(np.zeros(n_pred, dtype=bool), np.full(n_pred, float(w))) for w in empty_weights]
+    for a, b in _chunks(pkey, cnt, _PAIR_BUDGET):
+        c = cnt[a:b]
+        n_pairs = int(c.sum())
+        if n_pairs == 0:
+            continue
+        first = np.cumsum(c) - c
+        pp = np.repeat(np.arange(a, b), c)
+        gg = np.repeat(lo[a:b], c) + (np.arange(n_pairs) - np.repeat(first, c))
+        iou = np.nan_to_num(_authors_iou(pbox[pp], gbox[gg]), nan=0.0)
+        cand = (iou >= gthr[gg]) & (iou > 0)
+        has = c > 0
+        seg = first[has]
+        with_gt = np.arange(a, b)[has]
+        cands = _Candidates(pp[cand], gg[cand], iou[cand], pkey) if cand.any() else None
+        for (matched, pign), ignore in zip(out, ignores):
+            ig = ignore[gg]
+            # Best IoU with ignored / non-ignored GTs of the class, from -1 as the authors' loop.
+            best_ig = np.fmax.reduceat(np.where(ig, iou, -1.0), seg)
+            best_nig = np.fmax.reduceat(np.where(ig, -1.0, iou), seg)
+            share = np.add.reduceat(ig.astype(np.float64), seg) / c[has]
+            pign[with_gt] = np.where(
+                best_nig > best_ig, 0.0, np.where(best_ig > best_nig, 1.0, share)
+            )
+            if cands is not None:
+                _greedy(cands, ignore, matched, pign)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision, recall, AP
+# --------------------------------------------------------------------------------------------------
+
+
+def voc_ap(rec: np.ndarray, prec: np.ndarray) -> float:
+    """VOC 2010+ all-point AP: area under the right-to-left max envelope, sentinels (0,0), (1,0)."""
+    mpre = np.concatenate(([0.0], np.nan_to_num(prec), [0.0]))
+    mrec = np.concatenate(([0.0], rec, [1.0]))
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    i = np.where(mrec[1:] != mrec[:-1])[0]
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+
+
+def _range_result(
+    name: str,
+    low: float,
+    high: float,
+    empty_weight: float,
+    matched: np.ndarray,
+    pign: np.ndarray,
+    order: np.ndarray,
+    class_bounds: np.ndarray,
+    num_pos: np.ndarray,
+    num_ignored: np.ndarray,
+) -> RangeResult:
+    n_cls = len(num_pos)
+    ap = np.full(n_cls, np.nan)
+    num_det = np.diff(class_bounds)
+    num_tp = np.zeros(n_cls, dtype=np.int64)
+    num_fp = np.zeros(n_cls)
+    curves: dict[int, PRCurve] = {}
+    m_all, p_all = matched[order], pign[order]
+    for c in range(1, n_cls):
+        m = m_all[class_bounds[c] : class_bounds[c + 1]]
+        p = p_all[class_bounds[c] : class_bounds[c + 1]].copy()
+        tps = np.logical_and(m, p != 1)
+        fps = np.logical_and(~m, p != 1)
+        p[p == 0] = 1
+        fps = fps * p
+        tp = np.cumsum(tps)
+        fp = np.cumsum(fps)
+        num_tp[c] = int(tp[-1]) if len(tp) else 0
+        num_fp[c] = float(fp[-1]) if len(fp) else 0.0
+        if num_pos[c] == 0:
+            continue
+        prec = tp / (fp + tp + np.spacing(1))
+        rec = tp / num_pos[c]
+        ap[c] = voc_ap(rec, prec)
+        keep = np.flatnonzero(tps)
+        if len(tps) and (not len(keep) or keep[-1] != len(tps) - 1):
+            keep = np.r_[keep, len(tps) - 1]
+        curves[c] = PRCurve(recall=rec[keep], precision=np.nan_to_num(prec[keep]))
+    return RangeResult(
+        name=name,
+        low=low,
+        high=high,
+        empty_weight=empty_weight,
+        ap=ap,
+        num_pos=num_pos,
+        num_ignored_gt=num_ignored,
+        num_det=num_det,
+        num_tp=num_tp,
+        num_fp=num_fp,
+        curves=curves,
+    )
+
+
+def evaluate_vid(
+    gts: Sequence[FrameAnnotation],
+    preds: Sequence[Detections],
+    motion_ious: Sequence[Tensor | np.ndarray] | None = None,
+    protocol: str = "authors",
+    *,
+    classes: Sequence[str] = VID_CLASSES,
+) -> VIDEvalResult:
+    """AP50 per class and mAP of ``preds`` against ``gts`` (spec §8, §13.9, §13.10).
+
+    Args:
+        gts: ground truth per frame, boxes in original pixels (as clamped by the XML reader).
+        preds: detections of the same frames, aligned with ``gts`` index by index, in original pixels.
+        motion_ious: optional per-frame, per-GT-box motion IoU (``motion.motion_ious_for_video``);
+            with it the fast / medium / slow buckets are evaluated too (GTs outside a bucket are
+            ignored, -1 entries always), without it only "all". Compared in float64 against the
+            inclusive bounds 0.7 / 0.9, so pass float64 (a float32 0.7 is 0.69999999).
+        protocol: ``"authors"`` (IoU >= 0.5) or ``"ilsvrc"`` (devkit small-object threshold).
+        classes: class names, index 0 = background; labels must lie in 1..len(classes)-1.
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if len(gts) != len(preds):
+        raise ValueError(f"gts has {len(gts)} frames but preds has {len(preds)}")
+    if motion_ious is not None and len(motion_ious) != len(gts):
+        raise ValueError(f"motion_ious has {len(motion_ious)} frames but gts has {len(gts)}")
+    n_cls = len(classes)
+    n_frames = len(gts)
+
+    g_counts = np.array([len(g) for g in gts], dtype=np.int64)
+    g_boxes = _cat([g.boxes for g in gts], torch.float32, 4)
+    g_labels = _cat([g.labels for g in gts], torch.int64)
+    g_frame = np.repeat(np.arange(n_frames, dtype=np.int64), g_counts)
+    _check_labels(g_labels, n_cls, "ground-truth")
+
+    p_counts = np.array([len(p) for p in preds], dtype=np.int64)
+    p_boxes = _cat([p.boxes for p in preds], torch.float32, 4)
+    p_scores = _cat([p.scores for p in preds], torch.float32)
+    p_labels = _cat([p.labels for p in preds], torch.int64)
+    p_frame = np.repeat(np.arange(n_frames, dtype=np.int64), p_counts)
+    _check_labels(p_labels, n_cls, "prediction")
+
+    ranges: list[tuple[str, float, float]] = [("all", *MOTION_RANGES["all"])]
+    ignores_raw = [np.zeros(len(g_labels), dtype=bool)]
+    weights = [0.0]  # "all": nothing ignored and every unmatched prediction a full FP
+    shares = None
+    if motion_ious is not None:
+        mi = []
+        for i, (m, g) in enumerate(zip(motion_ious, gts)):
+            arr = np.asarray(m, dtype=np.float64).reshape(-1)
+            if arr.size != len(g):
+                raise ValueError(f"motion_ious[{i}] has {arr.size} values but frame {i} has {len(g)} boxes")
+            mi.append(arr)
+        motion = np.concatenate(mi) if mi else np.zeros(0)
+        shares = bucket_shares(mi)
+        for name, (low, high) in MOTION_RANGES.items():
+            if name == "all":
+                continue
+            ranges.append((name, low, high))
+            ignores_raw.append(~((motion >= low) & (motion <= high)))
+            # The authors reset a share of exactly 1 to 0 (it is how "all" gets full FPs).
+            weights.append(0.0 if shares[name] == 1 else shares[name])
+
+    # GT grouped by (frame, class), annotation order kept inside a group (it breaks IoU ties).
+    gkey_raw = g_frame * n_cls + g_labels
+    g_order = np.argsort(gkey_raw, kind="stable")
+    gkey, g_boxes_s = gkey_raw[g_order], g_boxes[g_order]
+    ignores = [ig[g_order] for ig in ignores_raw]
+    gthr = _gt_thresholds(g_boxes_s, protocol)
+
+    # Predictions grouped by (frame, class), descending score, equal scores later index first.
+    n_pred = len(p_labels)
+    rev = np.arange(n_pred)[::-1]
+    by_score = rev[np.argsort(-p_scores[rev], kind="stable")]
+    p_order = by_score[np.argsort((p_frame * n_cls + p_labels)[by_score], kind="stable")]
+    pkey = (p_frame * n_cls + p_labels)[p_order]
+    p_boxes_s, p_scores_s, p_labels_s = p_boxes[p_order], p_scores[p_order], p_labels[p_order]
+
+    outcomes = _match_all(p_boxes_s, pkey, g_boxes_s, gkey, gthr, ignores, weights)
+
+    # The authors concatenate each class's per-image sorted predictions in frame order, then sort
+    # by descending score (ties: later position first).
+    by_score = rev[np.argsort(-p_scores_s[rev], kind="stable")]
+    glob = by_score[np.argsort(p_labels_s[by_score], kind="stable")]
+    class_bounds = np.searchsorted(p_labels_s[glob], np.arange(n_cls + 1))
+    g_labels_s = g_labels[g_order]
+    results = {}
+    for (name, low, high), ignore, w, (matched, pign) in zip(ranges, ignores, weights, outcomes):
+        num_pos = np.bincount(g_labels_s[~ignore], minlength=n_cls).astype(np.int64)
+        num_ig = np.bincount(g_labels_s[ignore], minlength=n_cls).astype(np.int64)
+        results[name] = _range_result(
+            name, low, high, w, matched, pign, glob, class_bounds, num_pos, num_ig
+        )
+    return VIDEvalResult(
+        protocol=protocol,
+        classes=tuple(classes),
+        num_frames=n_frames,
+        num_gt=int(len(g_labels)),
+        num_det=int(n_pred),
+        ranges=results,
+        bucket_shares=shares,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole dataset on disk
+# --------------------------------------------------------------------------------------------------
+
+
+def _gt_frames(data_dir: Path, image_set: str | None) -> tuple[list[tuple[str, int]], str]:
+    """(video, frame) of every evaluated frame, in list order, and a description of the source."""
+    name = image_set or "VID_val_videos"
+    set_path = data_dir / "ImageSets" / f"{name}.txt"
+    if set_path.is_file():
+        frames = []
+        for e in read_image_set(set_path):
+            if e.frame is not None:
+                frames.append((e.path, e.frame))
+                continue
+            # 2-column lists name the frame itself: <video>/<%06d>.
+            video, _, stem = e.path.rpartition("/")
+            if not video or not stem.isdigit():
+                raise MegavodError(f"{set_path}: {e.path!r} is not <video>/<frame number>")
+            frames.append((video, int(stem)))
+        return frames, str(set_path)
+    if image_set is not None:
+        raise MegavodError(f"{set_path}: image set not found")
+    # No list: every annotated frame of the val split, videos and frames in name order.
+    val = data_dir / "Annotations" / "VID" / "val"
+    frames = [
+        (f"val/{xml.parent.name}", int(xml.stem))
+        for xml in sorted(val.glob("*/*.xml"))
+        if xml.stem.isdigit()
+    ]
+    if not frames:
+        raise MegavodError(f"{data_dir}: neither {set_path} nor any {val}/*/*.xml to evaluate on")
+    return frames, f"{val}/*/*.xml"
+
+
+def evaluate_dataset(
+    data_dir: str | Path,
+    pred_file: str | Path,
+    protocol: str = "authors",
+    out_dir: str | Path | None = None,
+    *,
+    image_set: str | None = None,
+    plots: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> VIDEvalResult:
+    """Evaluate a prediction file against an ILSVRC2015-layout directory (``megavod eval``).
+
+    Args:
+        data_dir: the dataset root holding ``Annotations/VID`` and ``ImageSets``.
+        pred_file: a prediction file (``megavod.data.predictions``), boxes in original pixels.
+        protocol: ``"authors"`` or ``"ilsvrc"`` (spec §13.10).
+        out_dir: where ``eval.json``, ``result.txt`` and ``pr_curves/`` go (nothing written if None).
+        image_set: the list of frames to evaluate, ``ImageSets/<image_set>.txt``. By default
+            ``VID_val_videos`` if present, else every XML under ``Annotations/VID/val``.
+        plots: whether to draw ``pr_curves/<class>.png``.
+        log: receives a progress line and then the terminal table (None: silent).
+
+    Every listed frame is evaluated; a listed frame without a prediction entry counts as having no
+    detections (and is counted in the table). Predictions for a video or frame not in the list, or
+    for a video whose recorded size differs from its annotation, are errors. Motion buckets come
+    from the annotations' track ids (spec §13.9).
+    """
+    if protocol not in PROTOCOLS:
+        raise MegavodError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    data_dir = Path(data_dir)
+    ann_root = data_dir / "Annotations" / "VID"
+    if not ann_root.is_dir():
+        raise MegavodError(f"{data_dir}: no Annotations/VID folder (expected the ILSVRC2015 layout)")
+    videos = read_predictions(pred_file)
+    frames, source = _gt_frames(data_dir, image_set)
+
+    if log is not None:
+        log(f"reading {len(frames)} annotations listed in {source}")
+    gts = [read_annotation(ann_root / v / f"{f:06d}.xml", v, f) for v, f in frames]
+    position = {key: i for i, key in enumerate(frames)}
+    size = {}
+    for g in gts:
+        size.setdefault(g.video, (g.width, g.height))
+    dets: list[Detections | None] = [None] * len(gts)
+    for v in videos:
+        if v.video not in size:
+            raise MegavodError(f"{pred_file}: video {v.video!r} is not in the ground truth ({source})")
+        if (v.width, v.height) != size[v.video]:
+            w, h = size[v.video]
+            raise MegavodError(
+                f"{pred_file}: video {v.video!r} is {v.width}x{v.height} in the predictions but "
+                f"{w}x{h} in its annotations; boxes must be in original-frame pixels"
+            )
+        for fp in v.frames:
+            i = position.get((v.video, fp.frame))
+            if i is None:
+                raise MegavodError(
+                    f"{pred_file}: video {v.video!r} frame {fp.frame} is not in the ground truth ({source})"
+                )
+            dets[i] = fp.detections
+    missing = sum(d is None for d in dets)
+    preds = [Detections.empty() if d is None else d for d in dets]
+
+    by_video: dict[str, list[int]] = {}
+    for i, g in enumerate(gts):
+        by_video.setdefault(g.video, []).append(i)
+    motion: list[Tensor] = [torch.zeros(0)] * len(gts)
+    for idx in by_video.values():
+        for i, m in zip(idx, motion_ious_for_video([gts[i] for i in idx])):
+            motion[i] = m
+
+    result = evaluate_vid(gts, preds, motion, protocol)
+    result.frames_without_predictions = missing
+    if out_dir is not None:
+        table = write_report(result, out_dir, plots=plots)
+    else:
+        table = format_table(result)
+    if log is not None:
+        log(table)
+    return result
