@@ -1,0 +1,130 @@
+"""The legacy "+1" box convention of the authors' code (spec §2, §3): coder, IoU, clipping, NMS.
+
+Every box is ``(x1, y1, x2, y2)`` in pixels with width ``x2 - x1 + 1``. The published numbers and the
+released weights were produced with this convention, so megavod keeps it everywhere a box is encoded,
+compared or suppressed. torchvision's ops use width ``x2 - x1``; the helpers below adapt them rather
+than re-implement them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torchvision.ops import nms as _tv_nms
+
+# The authors' clamp on dw/dh before exp(): log(1000 / 16). There is no lower clamp.
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+
+class BoxCoder:
+    """Encode/decode box deltas ``(dx, dy, dw, dh)`` with the +1 width convention.
+
+    ``weights`` are ``(wx, wy, ww, wh)``: (1, 1, 1, 1) for the RPN, (10, 10, 5, 5) for the box head.
+    Decoding accepts ``[N, 4k]`` deltas (class-specific regression, class c in columns 4c..4c+3).
+    """
+
+    def __init__(self, weights: tuple[float, float, float, float], bbox_xform_clip: float = BBOX_XFORM_CLIP):
+        if len(weights) != 4:
+            raise ValueError(f"weights must have 4 numbers, got {weights!r}")
+        self.weights = tuple(float(w) for w in weights)
+        self.bbox_xform_clip = bbox_xform_clip
+
+    def encode(self, gt_boxes: Tensor, boxes: Tensor) -> Tensor:
+        """Deltas that move ``boxes`` [N,4] (anchors or proposals) onto ``gt_boxes`` [N,4] (float32)."""
+        gt_boxes, boxes = gt_boxes.float(), boxes.float()
+        wx, wy, ww, wh = self.weights
+        widths = boxes[:, 2] - boxes[:, 0] + 1
+        heights = boxes[:, 3] - boxes[:, 1] + 1
+        ctr_x = boxes[:, 0] + 0.5 * widths
+        ctr_y = boxes[:, 1] + 0.5 * heights
+        gt_widths = gt_boxes[:, 2] - gt_boxes[:, 0] + 1
+        gt_heights = gt_boxes[:, 3] - gt_boxes[:, 1] + 1
+        gt_ctr_x = gt_boxes[:, 0] + 0.5 * gt_widths
+        gt_ctr_y = gt_boxes[:, 1] + 0.5 * gt_heights
+        dx = wx * (gt_ctr_x - ctr_x) / widths
+        dy = wy * (gt_ctr_y - ctr_y) / heights
+        dw = ww * torch.log(gt_widths / widths)
+        dh = wh * torch.log(gt_heights / heights)
+        return torch.stack((dx, dy, dw, dh), dim=1)
+
+    def decode(self, deltas: Tensor, boxes: Tensor) -> Tensor:
+        """Apply ``deltas`` [N, 4k] to ``boxes`` [N, 4]; returns [N, 4k] boxes (x2 = cx + w/2 - 1).
+
+        Always float32: under bf16 autocast a coordinate near 1000 would otherwise lose ~4 pixels.
+        """
+        deltas, boxes = deltas.float(), boxes.float()
+        wx, wy, ww, wh = self.weights
+        widths = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+        heights = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+        ctr_x = boxes[:, 0, None] + 0.5 * widths
+        ctr_y = boxes[:, 1, None] + 0.5 * heights
+        dx = deltas[:, 0::4] / wx
+        dy = deltas[:, 1::4] / wy
+        dw = (deltas[:, 2::4] / ww).clamp(max=self.bbox_xform_clip)
+        dh = (deltas[:, 3::4] / wh).clamp(max=self.bbox_xform_clip)
+        pred_ctr_x = dx * widths + ctr_x
+        pred_ctr_y = dy * heights + ctr_y
+        pred_w = torch.exp(dw) * widths
+        pred_h = torch.exp(dh) * heights
+        out = torch.empty_like(deltas)
+        out[:, 0::4] = pred_ctr_x - 0.5 * pred_w
+        out[:, 1::4] = pred_ctr_y - 0.5 * pred_h
+        out[:, 2::4] = pred_ctr_x + 0.5 * pred_w - 1
+        out[:, 3::4] = pred_ctr_y + 0.5 * pred_h - 1
+        return out
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Areas with the +1 convention."""
+    return (boxes[:, 2] - boxes[:, 0] + 1) * (boxes[:, 3] - boxes[:, 1] + 1)
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """[N, M] IoU with the +1 convention (the authors' ``boxlist_iou``)."""
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
+    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    wh = (rb - lt + 1).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area1[:, None] + area2[None, :] - inter)
+
+
+def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
+    """Clip [N, 4k] boxes to ``[0, W-1] x [0, H-1]``; ``image_size`` is ``(H, W)``."""
+    h, w = image_size
+    out = boxes.clone()
+    out[:, 0::2] = out[:, 0::2].clamp(min=0, max=w - 1)
+    out[:, 1::2] = out[:, 1::2].clamp(min=0, max=h - 1)
+    return out
+
+
+def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
+    """NMS with +1 areas that suppresses when IoU > threshold (the authors' CUDA kernel, spec §2).
+
+    torchvision's kernel also suppresses on ``IoU > threshold`` but measures width as ``x2 - x1``;
+    shifting x2, y2 by one pixel makes its intersections and areas exactly the +1 ones. Returns kept
+    indices sorted by decreasing score.
+    """
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    shifted = boxes.clone()
+    shifted[:, 2:] += 1
+    return _tv_nms(shifted, scores, iou_threshold)
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """Per-category :func:`nms`, kept indices grouped by ascending category, each by score.
+
+    A loop over categories rather than torchvision's coordinate-offset trick: offsets of thousands of
+    pixels would cost float32 precision in the IoU, and the authors' inference loops over classes too.
+    """
+    keep = []
+    for c in torch.unique(idxs).tolist():
+        inds = torch.nonzero(idxs == c).squeeze(1)
+        keep.append(inds[nms(boxes[inds], scores[inds], iou_threshold)])
+    if not keep:
+        return torch.zeros(0, dtype=torch.int64, device=boxes.device)
+    return torch.cat(keep)

@@ -1,0 +1,287 @@
+"""Box head of the C4 detector (spec §3.1-3.3): res5 on the whole map, RoIAlign, fc6/fc7, predictor,
+Fast R-CNN sampling and loss, test-time postprocess.
+
+Pieces MEGA/RDN/FGFA/DFF reuse:
+
+* ``ResNetC5MLPFeatureExtractor.res5(c4) -> map`` (res5, then the optional 1x1 reduce conv + ReLU),
+  ``.pool(map, boxes) -> [N, C*7*7]``, ``.fc6`` / ``.fc7`` (``.mlp(x)`` applies both with ReLU);
+* :class:`FPNPredictor` (``cls_score`` 31, ``bbox_pred`` 124, class-specific);
+* :class:`FastRCNNLossComputation`: ``subsample(proposals, targets)`` then ``loss(logits, deltas, sampled)``;
+* :class:`BoxPostProcessor`: softmax, per-class decode/clip, score > 0.001, NMS 0.5, top 300.
+
+State-dict names equal the authors': ``roi_heads.box.feature_extractor.{head.layer4, conv, fc6, fc7}``
+and ``roi_heads.box.predictor.{cls_score, bbox_pred}`` (torchvision: ``roi_heads.box_predictor``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
+from torchvision.ops import roi_align
+
+from megavod.models.backbone import ResNetHead, build_res5_head
+from megavod.models.box_coder import BoxCoder, batched_nms, box_iou, clip_boxes
+from megavod.models.rpn import Proposals, target_boxes_labels
+from megavod.structures import Detections
+
+
+def make_fc(in_features: int, out_features: int) -> nn.Linear:
+    """The authors' ``make_fc``: Linear with kaiming_uniform(a=1) and bias 0."""
+    fc = nn.Linear(in_features, out_features)
+    nn.init.kaiming_uniform_(fc.weight, a=1)
+    nn.init.zeros_(fc.bias)
+    return fc
+
+
+def _as_boxes(proposals: Sequence[Tensor | Proposals]) -> list[Tensor]:
+    return [p.boxes if isinstance(p, Proposals) else p for p in proposals]
+
+
+class ResNetC5MLPFeatureExtractor(nn.Module):
+    """``ResNetConv52MLPFeatureExtractor``: res5 -> [conv+ReLU] -> RoIAlign 7x7 -> fc6 -> ReLU -> fc7 -> ReLU.
+
+    RoIAlign is legacy (``aligned=False``), ``sampling_ratio=0`` (adaptive), scale 1/16, applied to the
+    res5 output of the whole image, not res5 applied to pooled C4 (spec §9).
+    """
+
+    def __init__(
+        self,
+        res5: ResNetHead,
+        reduce_channels: int | None = None,
+        resolution: int = 7,
+        scale: float = 1.0 / 16,
+        sampling_ratio: int = 0,
+        representation_size: int = 1024,
+    ):
+        super().__init__()
+        self.head = res5
+        channels = res5.out_channels
+        if reduce_channels is not None:
+            self.conv = nn.Conv2d(channels, reduce_channels, 1)
+            nn.init.kaiming_uniform_(self.conv.weight, a=1)
+            nn.init.zeros_(self.conv.bias)
+            channels = reduce_channels
+        else:
+            self.conv = None
+        self.resolution = resolution
+        self.scale = scale
+        self.sampling_ratio = sampling_ratio
+        self.map_channels = channels
+        self.fc6 = make_fc(channels * resolution * resolution, representation_size)
+        self.fc7 = make_fc(representation_size, representation_size)
+        self.out_channels = representation_size
+
+    def res5(self, c4: Tensor) -> Tensor:
+        """The map RoIs are pooled from: res5 on C4 [B,1024,h,w], then the reduce conv + ReLU if any."""
+        x = self.head(c4)
+        if self.conv is not None:
+            x = F.relu(self.conv(x))
+        return x
+
+    def pool(self, feature_map: Tensor, boxes: Sequence[Tensor | Proposals]) -> Tensor:
+        """RoIAlign of ``boxes`` (one [N_i,4] tensor per image of the map's batch) -> [sum N_i, C*r*r]."""
+        # RoIs stay float32 (bf16 coordinates would be off by pixels); the map is pooled in float32 too
+        rois = [b.float() for b in _as_boxes(boxes)]
+        pooled = roi_align(feature_map.float(), rois, self.resolution, self.scale, self.sampling_ratio, aligned=False)
+        return pooled.flatten(1).to(feature_map.dtype)
+
+    def mlp(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc7(F.relu(self.fc6(x))))
+
+    def forward(self, c4: Tensor, boxes: Sequence[Tensor | Proposals]) -> Tensor:
+        return self.mlp(self.pool(self.res5(c4), boxes))
+
+
+class FPNPredictor(nn.Module):
+    """``cls_score`` Linear(in, K) std 0.01 and class-specific ``bbox_pred`` Linear(in, 4K) std 0.001."""
+
+    def __init__(self, in_features: int = 1024, num_classes: int = 31):
+        super().__init__()
+        self.cls_score = nn.Linear(in_features, num_classes)
+        self.bbox_pred = nn.Linear(in_features, num_classes * 4)
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+@dataclass
+class SampledRoIs:
+    """RoIs sampled for the Fast R-CNN loss: per-image boxes (original proposal order) and, for all
+    of them concatenated, ``labels`` [N] (0 = background) and ``regression_targets`` [N,4]."""
+
+    boxes: list[Tensor]
+    labels: Tensor
+    regression_targets: Tensor
+
+
+class FastRCNNLossComputation:
+    """Matching (IoU >= 0.5 fg, < 0.5 bg, no low-quality matches), 128 RoIs per image at most 25% fg,
+    cross-entropy + smooth-L1 (beta 1) on the class-specific deltas / number sampled (spec §3.3)."""
+
+    def __init__(
+        self,
+        box_coder: BoxCoder,
+        fg_iou_thresh: float = 0.5,
+        bg_iou_thresh: float = 0.5,
+        batch_size_per_image: int = 128,
+        positive_fraction: float = 0.25,
+    ):
+        self.box_coder = box_coder
+        self.matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+        self.sampler = BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+
+    def _match(self, boxes: Tensor, gt: Tensor, gt_labels: Tensor) -> tuple[Tensor, Tensor]:
+        if gt.shape[0] == 0:
+            return torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device), torch.zeros_like(boxes)
+        matched = self.matcher(box_iou(gt, boxes))
+        labels = gt_labels[matched.clamp(min=0)].clone()
+        labels[matched == Matcher.BELOW_LOW_THRESHOLD] = 0
+        labels[matched == Matcher.BETWEEN_THRESHOLDS] = -1
+        return labels, self.box_coder.encode(gt[matched.clamp(min=0)], boxes)
+
+    @torch.no_grad()
+    def subsample(self, proposals: Sequence[Tensor | Proposals], targets: Sequence[Any]) -> SampledRoIs:
+        boxes_list = _as_boxes(proposals)
+        labels, regs = [], []
+        for boxes, target in zip(boxes_list, targets):
+            gt, gt_labels = target_boxes_labels(target)
+            lab, reg = self._match(boxes, gt.to(boxes), gt_labels.to(boxes.device))
+            labels.append(lab)
+            regs.append(reg)
+        pos_masks, neg_masks = self.sampler(labels)
+        out_boxes, out_labels, out_regs = [], [], []
+        for boxes, lab, reg, pos, neg in zip(boxes_list, labels, regs, pos_masks, neg_masks):
+            # nonzero of the mask keeps the proposals' order, as the authors' subsample does
+            inds = torch.nonzero(pos | neg).squeeze(1)
+            out_boxes.append(boxes[inds])
+            out_labels.append(lab[inds])
+            out_regs.append(reg[inds])
+        return SampledRoIs(out_boxes, torch.cat(out_labels), torch.cat(out_regs))
+
+    def loss(self, class_logits: Tensor, box_regression: Tensor, sampled: SampledRoIs) -> dict[str, Tensor]:
+        labels = sampled.labels.to(class_logits.device)
+        if labels.numel() == 0:
+            zero = class_logits.sum() * 0 + box_regression.sum() * 0
+            return {"loss_classifier": zero, "loss_box_reg": zero}
+        class_logits, box_regression = class_logits.float(), box_regression.float()
+        loss_classifier = F.cross_entropy(class_logits, labels)
+        pos = torch.nonzero(labels > 0).squeeze(1)
+        cols = 4 * labels[pos, None] + torch.arange(4, device=labels.device)
+        box_loss = F.smooth_l1_loss(
+            box_regression[pos[:, None], cols], sampled.regression_targets[pos].to(box_regression.device),
+            beta=1.0, reduction="sum",
+        )
+        return {"loss_classifier": loss_classifier, "loss_box_reg": box_loss / labels.numel()}
+
+
+class BoxPostProcessor:
+    """Test-time detections (spec §3.3): softmax, per-class decode and clip, for each class j >= 1 keep
+    score > ``score_thresh`` and NMS at ``nms_thresh``, then the top ``detections_per_img`` over all
+    classes by kth-value threshold (ties at the threshold may keep a few more, as the authors')."""
+
+    def __init__(self, box_coder: BoxCoder, score_thresh: float = 0.001, nms_thresh: float = 0.5,
+                 detections_per_img: int = 300):
+        self.box_coder = box_coder
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+
+    def __call__(
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        proposals: Sequence[Tensor | Proposals],
+        image_sizes: Sequence[tuple[int, int]],
+    ) -> list[Detections]:
+        boxes_list = _as_boxes(proposals)
+        probs = F.softmax(class_logits.float(), -1)
+        num_classes = probs.shape[1]
+        decoded = self.box_coder.decode(box_regression, torch.cat(boxes_list))
+        out = []
+        for prob, boxes, image_size in zip(
+            probs.split([len(b) for b in boxes_list]), decoded.split([len(b) for b in boxes_list]), image_sizes
+        ):
+            boxes = clip_boxes(boxes, image_size).reshape(-1, num_classes, 4)[:, 1:].reshape(-1, 4)
+            scores = prob[:, 1:].reshape(-1)
+            labels = torch.arange(1, num_classes, device=prob.device).repeat(prob.shape[0])
+            keep = torch.nonzero(scores > self.score_thresh).squeeze(1)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            n = scores.numel()
+            if n > self.detections_per_img > 0:
+                thresh, _ = torch.kthvalue(scores.cpu(), n - self.detections_per_img + 1)
+                keep = torch.nonzero(scores >= thresh.item()).squeeze(1)
+                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            out.append(Detections(boxes, scores, labels))
+        return out
+
+
+class RoIBoxHead(nn.Module):
+    """Feature extractor + predictor + Fast R-CNN loss/postprocess (key ``roi_heads.box``)."""
+
+    def __init__(
+        self,
+        feature_extractor: nn.Module,
+        predictor: FPNPredictor,
+        loss: FastRCNNLossComputation,
+        postprocessor: BoxPostProcessor,
+    ):
+        super().__init__()
+        self.feature_extractor = feature_extractor
+        self.predictor = predictor
+        self.loss_computation = loss
+        self.postprocessor = postprocessor
+
+    def forward(
+        self,
+        c4: Tensor,
+        proposals: Sequence[Tensor | Proposals],
+        image_sizes: Sequence[tuple[int, int]],
+        targets: Sequence[Any] | None = None,
+    ) -> list[Detections] | dict[str, Tensor]:
+        """Training (``targets`` given): the two Fast R-CNN losses. Eval: detections per image."""
+        if self.training:
+            if targets is None:
+                raise ValueError("targets are required in training mode")
+            sampled = self.loss_computation.subsample(proposals, targets)
+            class_logits, box_regression = self.predictor(self.feature_extractor(c4, sampled.boxes))
+            return self.loss_computation.loss(class_logits, box_regression, sampled)
+        class_logits, box_regression = self.predictor(self.feature_extractor(c4, proposals))
+        return self.postprocessor(class_logits, box_regression, proposals, image_sizes)
+
+
+def build_box_head(model_cfg: Any) -> RoIBoxHead:
+    """Plain C4 box head from a ``megavod.config.ModelConfig`` (uses ``.backbone`` and ``.roi_head``)."""
+    from megavod.errors import ConfigError
+
+    b, h = model_cfg.backbone, model_cfg.roi_head
+    if b.res5_dilation == 1 and abs(h.pooler_scale - 1.0 / 32) > 1e-12:
+        raise ConfigError("config key 'model.roi_head.pooler_scale': must be 1/32 when "
+                          "model.backbone.res5_dilation is 1 (res5 then has stride 32)")
+    box_coder = BoxCoder(tuple(h.bbox_reg_weights))
+    extractor = ResNetC5MLPFeatureExtractor(
+        build_res5_head(b),
+        reduce_channels=h.reduced_channels if h.reduce_channel else None,
+        resolution=h.pooler_resolution,
+        scale=h.pooler_scale,
+        sampling_ratio=h.sampling_ratio,
+        representation_size=h.representation_size,
+    )
+    return RoIBoxHead(
+        extractor,
+        FPNPredictor(h.representation_size, h.num_classes),
+        FastRCNNLossComputation(
+            box_coder, h.fg_iou_thresh, h.bg_iou_thresh, h.batch_size_per_image, h.positive_fraction
+        ),
+        BoxPostProcessor(box_coder, h.score_thresh, h.nms_thresh, h.detections_per_img),
+    )

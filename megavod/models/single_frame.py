@@ -1,0 +1,83 @@
+"""Single-frame Faster R-CNN (spec §6.1): C4 backbone -> RPN (300) -> res5/fc6/fc7 box head -> predictor.
+
+Composed like torchvision's ``GeneralizedRCNN`` from parts passed in. ``forward`` takes images that
+are already resized and normalised (BGR x 255 minus the pixel mean, see ``megavod.data.transforms``),
+so boxes in and out are in the pixels of that tensor; rescaling to the original frame is the caller's
+(``Detections.scale``).
+
+The state dict equals the authors' ``vid_R_101_C4_1x`` key for key (535 entries, 156,075,207
+elements; R-50: 282 / 47,640,007), so a released checkpoint loads after stripping ``module.``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from megavod.models.backbone import C4Backbone, build_backbone, load_pretrained_resnet
+from megavod.models.roi_heads import RoIBoxHead, build_box_head
+from megavod.models.rpn import RPN, build_rpn
+from megavod.structures import Detections
+
+
+class SingleFrameDetector(nn.Module):
+    """``backbone``, ``rpn`` and ``roi_heads["box"]`` (names chosen for checkpoint parity)."""
+
+    def __init__(self, backbone: C4Backbone, rpn: RPN, box_head: RoIBoxHead):
+        super().__init__()
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = nn.ModuleDict({"box": box_head})
+
+    @property
+    def box_head(self) -> RoIBoxHead:
+        return self.roi_heads["box"]
+
+    def forward(
+        self,
+        images: Tensor,
+        targets: Sequence[Any] | None = None,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> dict[str, Tensor] | list[Detections]:
+        """``images`` [B,3,H,W] normalised BGR255. Training: ``targets`` (one per image, with
+        ``boxes`` [M,4] and ``labels`` [M], as attributes or dict keys) -> the 4 losses
+        (``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``). Eval: one
+        :class:`Detections` per image. ``image_sizes`` ((H, W) per image) defaults to the tensor's
+        size; pass it when the batch is padded."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
+        if self.training and targets is None:
+            raise ValueError("targets are required in training mode")
+        if targets is not None and len(targets) != images.shape[0]:
+            raise ValueError(f"got {len(targets)} targets for {images.shape[0]} images")
+        if image_sizes is None:
+            image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
+        c4 = self.backbone(images)
+        proposals, rpn_losses = self.rpn(c4, image_sizes, targets if self.training else None)
+        out = self.box_head(c4, proposals, image_sizes, targets if self.training else None)
+        if self.training:
+            return {**rpn_losses, **out}
+        return out
+
+    @torch.no_grad()
+    def detect_frame(self, image: Tensor, original_size: tuple[int, int]) -> Detections:
+        """Detections of one resized, normalised frame [3,H,W], in the pixels of the original frame
+        of ``original_size`` = (height, width) (the streaming engine's single-frame entry point)."""
+        if self.training:
+            raise ValueError("detect_frame needs the model in eval mode")
+        det = self(image[None])[0]
+        h, w = image.shape[-2:]
+        return det.scale(original_size[1] / w, original_size[0] / h)
+
+
+def build_single_frame_detector(cfg: Any) -> SingleFrameDetector:
+    """Detector from a ``megavod.config.Config``; loads ``model.backbone.weights`` (a local file) into
+    the C4 body and res5 when set."""
+    m = cfg.model
+    backbone = build_backbone(m.backbone)
+    detector = SingleFrameDetector(backbone, build_rpn(m.rpn, backbone.out_channels), build_box_head(m))
+    if m.backbone.weights:
+        load_pretrained_resnet(m.backbone.weights, backbone.body, detector.box_head.feature_extractor.head)
+    return detector
