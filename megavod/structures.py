@@ -89,3 +89,25 @@ class FrameAnnotation:
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
+
+
+@dataclass
+class FrameFeatures:
+    """One frame's per-frame pass (backbone, RPN, RoI features), computed once per frame.
+
+    ``boxes`` [P, 4] are the frame's test-time proposals in resized-image pixels, sorted by descending
+    objectness (P <= 300); ``feats`` [P, C] their raw RoI features (fc6 + ReLU). A frame met as a
+    reference (local, global or memory) uses the first ``ref_post_nms_top_n`` (75) rows: the same RPN
+    pass and NMS order give exactly the authors' separate "ref" RPN's proposals (spec §2).
+    ``image_size`` is the resized (height, width); ``original_size`` the frame's own.
+    """
+
+    index: int
+    boxes: Tensor
+    feats: Tensor
+    image_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        if self.boxes.shape[0] != self.feats.shape[0]:
+            raise ValueError(f"FrameFeatures: {self.boxes.shape[0]} boxes but {self.feats.shape[0]} feature rows")

@@ -517,6 +517,14 @@ def evaluate_dataset(
     size = {}
     for g in gts:
         size.setdefault(g.video, (g.width, g.height))
+    # `megavod detect clip.mp4` names a video by its file name; accept it for the GT video of that
+    # name (e.g. "ILSVRC2015_val_00000000" for "val/ILSVRC2015_val_00000000") when that is unambiguous.
+    by_name: dict[str, list[str]] = {}
+    for name in size:
+        by_name.setdefault(Path(name).name, []).append(name)
+    for v in videos:
+        if v.video not in size and len(by_name.get(v.video, [])) == 1:
+            v.video = by_name[v.video][0]
     dets: list[Detections | None] = [None] * len(gts)
     for v in videos:
         if v.video not in size:

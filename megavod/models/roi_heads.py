@@ -42,11 +42,12 @@ def _as_boxes(proposals: Sequence[Tensor | Proposals]) -> list[Tensor]:
     return [p.boxes if isinstance(p, Proposals) else p for p in proposals]
 
 
-class ResNetC5MLPFeatureExtractor(nn.Module):
-    """``ResNetConv52MLPFeatureExtractor``: res5 -> [conv+ReLU] -> RoIAlign 7x7 -> fc6 -> ReLU -> fc7 -> ReLU.
+class ResNetC5RoIPooler(nn.Module):
+    """res5 on the whole C4 map -> [1x1 reduce conv + ReLU] -> RoIAlign 7x7, flattened.
 
     RoIAlign is legacy (``aligned=False``), ``sampling_ratio=0`` (adaptive), scale 1/16, applied to the
-    res5 output of the whole image, not res5 applied to pooled C4 (spec §9).
+    res5 output of the whole image, not res5 applied to pooled C4 (spec §9). Every C4 box head (plain,
+    MEGA, RDN) starts with this; they differ in what follows the pooled features.
     """
 
     def __init__(
@@ -56,7 +57,6 @@ class ResNetC5MLPFeatureExtractor(nn.Module):
         resolution: int = 7,
         scale: float = 1.0 / 16,
         sampling_ratio: int = 0,
-        representation_size: int = 1024,
     ):
         super().__init__()
         self.head = res5
@@ -72,9 +72,7 @@ class ResNetC5MLPFeatureExtractor(nn.Module):
         self.scale = scale
         self.sampling_ratio = sampling_ratio
         self.map_channels = channels
-        self.fc6 = make_fc(channels * resolution * resolution, representation_size)
-        self.fc7 = make_fc(representation_size, representation_size)
-        self.out_channels = representation_size
+        self.pooled_features = channels * resolution * resolution
 
     def res5(self, c4: Tensor) -> Tensor:
         """The map RoIs are pooled from: res5 on C4 [B,1024,h,w], then the reduce conv + ReLU if any."""
@@ -85,10 +83,27 @@ class ResNetC5MLPFeatureExtractor(nn.Module):
 
     def pool(self, feature_map: Tensor, boxes: Sequence[Tensor | Proposals]) -> Tensor:
         """RoIAlign of ``boxes`` (one [N_i,4] tensor per image of the map's batch) -> [sum N_i, C*r*r]."""
-        # RoIs stay float32 (bf16 coordinates would be off by pixels); the map is pooled in float32 too
-        rois = [b.float() for b in _as_boxes(boxes)]
-        pooled = roi_align(feature_map.float(), rois, self.resolution, self.scale, self.sampling_ratio, aligned=False)
-        return pooled.flatten(1).to(feature_map.dtype)
+        rois = [b.to(feature_map.dtype) for b in _as_boxes(boxes)]
+        pooled = roi_align(feature_map, rois, self.resolution, self.scale, self.sampling_ratio, aligned=False)
+        return pooled.flatten(1)
+
+
+class ResNetC5MLPFeatureExtractor(ResNetC5RoIPooler):
+    """``ResNetConv52MLPFeatureExtractor``: res5 -> [conv+ReLU] -> RoIAlign 7x7 -> fc6 -> ReLU -> fc7 -> ReLU."""
+
+    def __init__(
+        self,
+        res5: ResNetHead,
+        reduce_channels: int | None = None,
+        resolution: int = 7,
+        scale: float = 1.0 / 16,
+        sampling_ratio: int = 0,
+        representation_size: int = 1024,
+    ):
+        super().__init__(res5, reduce_channels, resolution, scale, sampling_ratio)
+        self.fc6 = make_fc(self.pooled_features, representation_size)
+        self.fc7 = make_fc(representation_size, representation_size)
+        self.out_channels = representation_size
 
     def mlp(self, x: Tensor) -> Tensor:
         return F.relu(self.fc7(F.relu(self.fc6(x))))

@@ -46,6 +46,8 @@ class SingleFrameDetector(nn.Module):
         (``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``). Eval: one
         :class:`Detections` per image. ``image_sizes`` ((H, W) per image) defaults to the tensor's
         size; pass it when the batch is padded."""
+        if isinstance(images, (list, tuple)):  # the training engine's list of TrainSample
+            images, targets, image_sizes = batch_samples(images)
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must have shape [B, 3, H, W], got {tuple(images.shape)}")
         if self.training and targets is None:
@@ -70,6 +72,18 @@ class SingleFrameDetector(nn.Module):
         det = self(image[None])[0]
         h, w = image.shape[-2:]
         return det.scale(original_size[1] / w, original_size[0] / h)
+
+
+def batch_samples(samples: Sequence[Any]) -> tuple[Tensor, list[Any], list[tuple[int, int]]]:
+    """Training samples -> (images zero-padded at the bottom/right to one size [B,3,H,W], targets,
+    (H, W) of each image). Zero is the pixel mean after normalisation; with one image per process,
+    as the authors train, nothing is padded."""
+    sizes = [tuple(s.image.shape[-2:]) for s in samples]
+    h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    images = samples[0].image.new_zeros(len(samples), 3, h, w)
+    for image, s in zip(images, samples):
+        image[:, : s.image.shape[-2], : s.image.shape[-1]] = s.image
+    return images, [s.target for s in samples], sizes
 
 
 def build_single_frame_detector(cfg: Any) -> SingleFrameDetector:

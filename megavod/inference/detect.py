@@ -1,0 +1,243 @@
+"""``megavod detect``: run a detector over video files, frame folders and streams.
+
+Per input it writes ``<name>.json`` (the prediction file, see README), ``<name>.csv`` (one row per box)
+and ``<name>.mp4`` (annotated), each atomically (temporary file, then rename). An input whose three
+files exist is skipped, so an interrupted run resumes without losing or duplicating work. A bad input
+among many is reported in one line and the others go on; the exit code says whether any failed. Under
+``torchrun`` the inputs are sharded over the ranks.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from megavod.config import Config
+from megavod.data.classes import VID_CLASSES
+from megavod.data.predictions import FramePrediction, VideoPredictions, write_predictions
+from megavod.data.transforms import build_transform
+from megavod.data.video import RandomAccessFrames, draw_detections, list_frame_files, open_source, write_video
+from megavod.errors import MegavodError
+from megavod.inference.engine import detect_offline, detect_online, detect_single_frames
+from megavod.structures import Detections
+
+VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".m4v", ".flv", ".wmv"}
+
+
+@dataclass
+class DetectOptions:
+    mode: str = "offline"  # "offline" | "online"
+    postprocess: str = "none"  # "none" | "seqnms" | "blr"
+    score_thresh: float = 0.5  # boxes drawn on the video; the JSON and CSV keep every detection
+    device: str = "cpu"
+    progress: bool = True
+
+
+def expand_inputs(tokens: Sequence[str]) -> list[str]:
+    """Globs, folders of videos, frame folders, files and stream URLs -> a list of inputs."""
+    inputs: list[str] = []
+    for token in tokens:
+        if "://" in token:
+            inputs.append(token)
+        elif any(c in token for c in "*?["):
+            matches = sorted(glob.glob(token))
+            if not matches:
+                raise MegavodError(f"{token}: no file matches this pattern")
+            inputs.extend(matches)
+        elif Path(token).is_dir() and not list_frame_files(Path(token)):
+            videos = sorted(p for p in Path(token).iterdir() if p.suffix.lower() in VIDEO_EXTENSIONS)
+            if not videos:
+                raise MegavodError(f"{token}: folder holds neither frames nor videos")
+            inputs.extend(str(v) for v in videos)
+        else:
+            inputs.append(token)
+    return inputs
+
+
+def output_name(source: str) -> str:
+    """A file-name-safe name for an input's outputs."""
+    path = Path(source.rstrip("/"))
+    name = path.stem if "://" not in source else re.sub(r"[^A-Za-z0-9_.-]+", "_", source.split("://", 1)[1])
+    return name or "stream"
+
+
+def _outputs(out_dir: Path, name: str) -> dict[str, Path]:
+    return {ext: out_dir / f"{name}.{ext}" for ext in ("json", "csv", "mp4")}
+
+
+def write_csv(path: Path, video: VideoPredictions) -> None:
+    """One row per detection: video, frame, file, x1, y1, x2, y2, score, label, class (atomic)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video", "frame", "file", "x1", "y1", "x2", "y2", "score", "label", "class"])
+        for fp in video.frames:
+            d = fp.detections
+            for box, score, label in zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist()):
+                writer.writerow([video.video, fp.frame, fp.file or "", *(f"{v:.2f}" for v in box),
+                                 f"{score:.6f}", label, VID_CLASSES[label]])
+    os.replace(tmp, path)
+
+
+class Detector:
+    """A built model plus what it needs to turn frames into detections."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, device: str = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.cfg = cfg
+        self.device = device
+        self.transform = build_transform(cfg.input, train=False)
+
+    def prepare(self, frame: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """RGB uint8 frame -> (the model's input tensor, original (height, width))."""
+        image, _ = self.transform(Image.fromarray(frame))
+        return image.to(self.device), (frame.shape[0], frame.shape[1])
+
+    @torch.inference_mode()
+    def stream(self, source, mode: str) -> Iterator[tuple[int, Detections]]:
+        """Detections per frame (original pixels), in frame order."""
+        method = self.cfg.method
+        if method == "single":
+            frames = (self.prepare(f) for f in source)
+            yield from detect_single_frames(self.model, frames)
+        elif method == "mega" and mode == "online":
+            yield from detect_online(self.model, (self.prepare(f) for f in source), self.cfg)
+        elif method == "mega":
+            yield from detect_offline(self.model, lambda t: self.prepare(source[t]), len(source), self.cfg)
+        else:
+            raise MegavodError(f"method '{method}' cannot run in the streaming engine yet (see issue #7)")
+
+
+class _LastFrame:
+    """Iterates a frame source and remembers the frame it yielded last."""
+
+    def __init__(self, frames) -> None:
+        self.frames = frames
+        self.current: np.ndarray | None = None
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for frame in self.frames:
+            self.current = frame
+            yield frame
+
+
+def detect_one(detector: Detector, spec: str, out_dir: Path, options: DetectOptions) -> VideoPredictions:
+    """Detect on one input and write its three outputs."""
+    name = output_name(spec)
+    paths = _outputs(out_dir, name)
+    source = open_source(spec)
+    causal = options.mode == "online" or detector.cfg.method == "single"
+    if source.is_stream and not causal:
+        raise MegavodError(f"{spec}: a live stream can only run causally: use --mode online")
+    if options.postprocess != "none" and source.is_stream:
+        raise MegavodError(f"{spec}: --postprocess {options.postprocess} needs the whole video, not a live stream")
+    frames = source if causal and options.postprocess == "none" else RandomAccessFrames(source)
+    records: list[FramePrediction] = []
+    files = [p.name for p in source.files] if hasattr(source, "files") else None
+    bar = tqdm(total=source.num_frames, desc=name, unit="frame", disable=not options.progress, leave=False)
+    start = time.perf_counter()
+    size = [source.height, source.width]
+
+    def collect(frames) -> Iterator[tuple[int, Detections]]:
+        for k, dets in detector.stream(frames, options.mode):
+            records.append(FramePrediction(k, files[k] if files else None, dets.to("cpu")))
+            bar.update(1)
+            yield k, dets
+
+    def draw(frame: np.ndarray, d: Detections) -> np.ndarray:
+        return draw_detections(frame, d.boxes, d.labels, d.scores, VID_CLASSES, score_thresh=options.score_thresh)
+
+    try:
+        if frames is source:
+            # One causal pass: frame k's detections come out before frame k+1 is read, so the frame
+            # last read is the one to draw on.
+            tap = _LastFrame(source)
+            write_video(paths["mp4"], (draw(tap.current, d) for _, d in collect(tap)), fps=source.fps)
+        else:
+            for _ in collect(frames):
+                pass
+            if options.postprocess != "none":
+                from megavod.postprocess import apply_postprocess
+
+                records = apply_postprocess(records, options.postprocess)
+            write_video(paths["mp4"], (draw(frames[r.frame], r.detections) for r in records), fps=source.fps)
+    finally:
+        bar.close()
+        if frames is not source and hasattr(frames, "close"):
+            frames.close()
+        source.close()
+    if not records:
+        raise MegavodError(f"{spec}: no frames decoded")
+    elapsed = time.perf_counter() - start
+    video = VideoPredictions(name, size[1], size[0], records)
+    write_csv(paths["csv"], video)
+    write_predictions(paths["json"], [video])  # written last: its presence marks the input done
+    print(f"{spec}: {len(records)} frames, {sum(len(r.detections) for r in records)} detections, "
+          f"{1000 * elapsed / len(records):.1f} ms/frame -> {paths['json']}", file=sys.stderr)
+    return video
+
+
+def run_detect(
+    detector: Detector, inputs: Sequence[str], out_dir: Path, options: DetectOptions,
+    rank: int = 0, world_size: int = 1,
+) -> int:
+    """Detect on every input (this rank's share); returns the number of inputs that failed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names: dict[str, str] = {}
+    for spec in inputs:
+        name = output_name(spec)
+        if name in names:
+            raise MegavodError(f"{spec} and {names[name]} would write the same outputs ({name}.*)")
+        names[name] = spec
+    failed = 0
+    for i, spec in enumerate(inputs):
+        name = output_name(spec)
+        if i % world_size != rank:
+            continue
+        if all(p.exists() for p in _outputs(out_dir, name).values()):
+            print(f"{spec}: already done, skipped", file=sys.stderr)
+            continue
+        try:
+            detect_one(detector, spec, out_dir, options)
+        except MegavodError as e:
+            failed += 1
+            print(f"megavod detect: error: {e}", file=sys.stderr)
+    return failed
+
+
+def main(args) -> int:
+    from megavod.checkpoints.loading import load_model_weights
+    from megavod.models import build_detector
+
+    cfg: Config = args.cfg
+    mode = args.mode or ("online" if cfg.mega.online else "offline")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise MegavodError("--device cuda: no CUDA device is available")
+    inputs = expand_inputs(args.inputs)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = args.device
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    model = build_detector(cfg)
+    if args.weights is not None:
+        load_model_weights(model, args.weights, cfg, trust_pickle=args.trust_pickle)
+    else:
+        print("megavod detect: warning: no --weights given: the model is randomly initialised", file=sys.stderr)
+    options = DetectOptions(mode=mode, postprocess=args.postprocess, score_thresh=args.score_thresh, device=device)
+    failed = run_detect(Detector(model, cfg, device), inputs, args.out, options, rank, world)
+    if failed:
+        print(f"megavod detect: {failed} of {len(inputs)} inputs failed", file=sys.stderr)
+        return 1
+    return 0
