@@ -30,7 +30,7 @@ from megavod.data.predictions import FramePrediction, VideoPredictions, write_pr
 from megavod.data.transforms import build_transform
 from megavod.data.video import RandomAccessFrames, draw_detections, list_frame_files, open_source, write_video
 from megavod.errors import MegavodError
-from megavod.inference.engine import detect_offline, detect_online, detect_single_frames
+from megavod.inference.engine import StreamSettings, detect_offline, detect_online, detect_single_frames
 from megavod.structures import Detections
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".m4v", ".flv", ".wmv"}
@@ -112,10 +112,12 @@ class Detector:
         if method == "single":
             frames = (self.prepare(f) for f in source)
             yield from detect_single_frames(self.model, frames)
-        elif method == "mega" and mode == "online":
-            yield from detect_online(self.model, (self.prepare(f) for f in source), self.cfg)
-        elif method == "mega":
-            yield from detect_offline(self.model, lambda t: self.prepare(source[t]), len(source), self.cfg)
+        elif method in ("mega", "rdn") and mode == "online":
+            settings = StreamSettings.from_config(self.cfg)
+            yield from detect_online(self.model, (self.prepare(f) for f in source), settings)
+        elif method in ("mega", "rdn"):
+            settings = StreamSettings.from_config(self.cfg)
+            yield from detect_offline(self.model, lambda t: self.prepare(source[t]), len(source), settings)
         else:
             raise MegavodError(f"method '{method}' cannot run in the streaming engine yet (see issue #7)")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Protocol
 
@@ -29,6 +30,44 @@ from megavod.inference.feature_store import FeatureStore
 from megavod.inference.memory import LongRangeMemory
 from megavod.models.mega_head import RoiRows
 from megavod.structures import Detections, FrameFeatures
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """What the engine needs to know of a method: window, pool and memory sizes (paper symbols).
+
+    T_l: local window frames (key included); T_g: global pool frames (0: no global stage);
+    T_m: frames per memory level; memory_levels: N_l when the memory is on, else 0.
+    """
+
+    T_l: int
+    T_g: int = 0
+    T_m: int = 0
+    memory_levels: int = 0
+    feat_dim: int = 1024
+    global_shuffle: bool = True
+    seed: int = 0
+
+    @property
+    def tau(self) -> int:
+        return (self.T_l - 1) // 2
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "StreamSettings":
+        if cfg.method == "mega":
+            m = cfg.mega
+            uses_global = m.N_g + m.global_res_stages > 0
+            return cls(T_l=m.T_l, T_g=m.T_g if uses_global else 0, T_m=m.T_m,
+                       memory_levels=m.N_l if m.memory else 0, feat_dim=cfg.model.roi_head.representation_size,
+                       global_shuffle=m.global_shuffle, seed=cfg.seed)
+        if cfg.method == "rdn":
+            # RDN: the same window logic without global pool or memory (spec §6.4): 37 frames, key at 18.
+            return cls(T_l=cfg.rdn.max_offset - cfg.rdn.min_offset + 1, seed=cfg.seed,
+                       feat_dim=cfg.model.roi_head.representation_size)
+        raise ValueError(f"method {cfg.method!r} does not run on the relation streaming engine")
+
+    def new_memory(self) -> LongRangeMemory | None:
+        return LongRangeMemory(self.memory_levels, self.T_m, self.feat_dim) if self.memory_levels else None
 
 
 class VideoDetector(Protocol):
@@ -113,7 +152,7 @@ def detect_offline(
     model: VideoDetector,
     load_frame: Callable[[int], tuple[Tensor, tuple[int, int]]],
     num_frames: int,
-    cfg: Config,
+    settings: StreamSettings,
     store: FeatureStore[FrameFeatures] | None = None,
 ) -> Iterator[tuple[int, Detections]]:
     """Algorithm 1 (offline) over a video of ``num_frames`` frames.
@@ -121,13 +160,12 @@ def detect_offline(
     ``load_frame(t)`` returns frame t as the detector's input tensor and the frame's original
     (height, width); it is called once per frame.
     """
-    m = cfg.mega
+    s = settings
     if num_frames <= 0:
         return
-    order = global_order(num_frames, m.global_shuffle, cfg.seed)  # shuffle 1..T into S
-    uses_global = m.N_g + m.global_res_stages > 0
-    pools = list(offline_global_pools(num_frames, m.T_g if uses_global else 0, order))
-    last_use = _last_use(num_frames, m.tau, pools)
+    order = global_order(num_frames, s.global_shuffle, s.seed)  # shuffle 1..T into S
+    pools = list(offline_global_pools(num_frames, s.T_g, order))
+    last_use = _last_use(num_frames, s.tau, pools)
     release_after: dict[int, list[int]] = {}
     for frame, k in enumerate(last_use):
         release_after.setdefault(k, []).append(frame)
@@ -137,10 +175,10 @@ def detect_offline(
         return model.frame_features(image, t, original_size)
 
     store = store if store is not None else FeatureStore(compute)
-    memory = LongRangeMemory(m.N_l, m.T_m, cfg.model.roi_head.representation_size) if m.memory else None
+    memory = s.new_memory()  # M empty
     try:
         for k in range(num_frames):
-            local_window = [store.get(t) for t in offline_local_window(k, m.tau, num_frames)]
+            local_window = [store.get(t) for t in offline_local_window(k, s.tau, num_frames)]
             global_pool = [store.get(g) for g in pools[k]]
             # L^g = N_g(L, G); L^l = N_l(L^g, M); D_k = RCNN(key rows)
             detections, oldest = model.detect_key(store.get(k), local_window, global_pool, memory)
@@ -156,29 +194,28 @@ def detect_offline(
 def detect_online(
     model: VideoDetector,
     frames: Iterable[tuple[Tensor, tuple[int, int]]],
-    cfg: Config,
+    settings: StreamSettings,
 ) -> Iterator[tuple[int, Detections]]:
     """Algorithm 1 (online, causal): frame k's detections are yielded before frame k+1 is read.
 
-    Memory use is bounded whatever the stream's length: the store holds the T_l window frames and
-    the T_g global frames.
+    Memory use is bounded whatever the stream's length: the engine holds the T_l window frames, the
+    T_g global frames and T_m frames per memory level.
     """
-    m = cfg.mega
-    uses_global = m.N_g + m.global_res_stages > 0
-    pool = OnlineGlobalPool(m.T_g if uses_global else 0, cfg.seed)
-    memory = LongRangeMemory(m.N_l, m.T_m, cfg.model.roi_head.representation_size) if m.memory else None
+    s = settings
+    pool = OnlineGlobalPool(s.T_g, s.seed)
+    memory = s.new_memory()
     window: dict[int, FrameFeatures] = {}
     for k, (image, original_size) in enumerate(frames):
         window[k] = model.frame_features(image, k, original_size)
         pool.offer(k)
-        local_window = [window[t] for t in online_local_window(k, m.T_l)]
+        local_window = [window[t] for t in online_local_window(k, s.T_l)]
         global_pool = [window[g] for g in pool.frames]
         detections, oldest = model.detect_key(window[k], local_window, global_pool, memory)
         if memory is not None:
             memory.push(oldest)
         yield k, detections
         # Keep only what a later window or the pool can still use.
-        needed = set(pool.frames) | set(online_local_window(k + 1, m.T_l))
+        needed = set(pool.frames) | set(online_local_window(k + 1, s.T_l))
         for t in [t for t in window if t not in needed]:
             del window[t]
 
