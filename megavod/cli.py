@@ -133,12 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    # detect and train take trailing KEY=VALUE overrides among their positionals.
+    # argparse stops collecting positionals at the first option, so inputs and KEY=VALUE overrides
+    # written after options come back as extras: fold them in for the commands that take them.
+    args, extras = parser.parse_known_args(argv)
+    if extras and (args.command not in ("detect", "train") or any(t.startswith("-") for t in extras)):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command == "detect":
-        args.inputs, args.overrides = split_overrides(args.inputs)
+        args.inputs, args.overrides = split_overrides(args.inputs + extras)
         if not args.inputs:
             parser.error("detect: give at least one INPUT")
+    elif args.command == "train":
+        inputs, overrides = split_overrides(args.overrides + extras)
+        if inputs:
+            parser.error(f"train: not a KEY=VALUE override: {' '.join(inputs)}")
+        args.overrides = overrides
     try:
         if args.command in ("detect", "train"):
             # Config errors come first, whatever the command would do next.

@@ -79,7 +79,6 @@ class FeatureStore(Generic[T]):
     def clear(self) -> None:
         for frame in list(self._ram) + list(self._disk):
             self.release(frame)
-        self.computed.clear()
 
     def close(self) -> None:
         self.clear()
