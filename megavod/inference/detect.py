@@ -118,6 +118,18 @@ class Detector:
         elif method in ("mega", "rdn"):
             settings = StreamSettings.from_config(self.cfg)
             yield from detect_offline(self.model, lambda t: self.prepare(source[t]), len(source), settings)
+        elif method == "dff":  # causal by design: the same in both modes
+            from megavod.inference.flow_engine import detect_dff
+
+            yield from detect_dff(self.model, (self.prepare(f) for f in source))
+        elif method == "fgfa":
+            from megavod.inference.flow_engine import FGFAWindow, detect_fgfa_offline, detect_fgfa_online
+
+            window = FGFAWindow.from_config(self.cfg)
+            if mode == "online":
+                yield from detect_fgfa_online(self.model, (self.prepare(f) for f in source), window)
+            else:
+                yield from detect_fgfa_offline(self.model, lambda t: self.prepare(source[t]), len(source), window)
         else:
             raise MegavodError(f"method '{method}' cannot run in the streaming engine yet (see issue #7)")
 
@@ -140,7 +152,7 @@ def detect_one(detector: Detector, spec: str, out_dir: Path, options: DetectOpti
     name = output_name(spec)
     paths = _outputs(out_dir, name)
     source = open_source(spec)
-    causal = options.mode == "online" or detector.cfg.method == "single"
+    causal = options.mode == "online" or detector.cfg.method in ("single", "dff")  # DFF is causal by design
     if source.is_stream and not causal:
         raise MegavodError(f"{spec}: a live stream can only run causally: use --mode online")
     if options.postprocess != "none" and source.is_stream:
@@ -211,6 +223,8 @@ def run_detect(
         if all(p.exists() for p in _outputs(out_dir, name).values()):
             print(f"{spec}: already done, skipped", file=sys.stderr)
             continue
+        for stale in out_dir.glob(f".{name}.*"):  # temporary files of a run that was killed
+            stale.unlink(missing_ok=True)
         try:
             detect_one(detector, spec, out_dir, options)
         except MegavodError as e:
