@@ -64,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT [KEY=VALUE]",
                    help="video files, frame folders, globs or stream URLs, then optional dotted config "
                         "overrides such as mega.T_g=20")
-    p.add_argument("--config", default="mega_R_101", help="preset name or YAML path (default: mega_R_101)")
+    p.add_argument("--config", default=None,
+                   help="preset name or YAML path (default: the one --weights records or its keys show, "
+                        "else mega_R_101)")
     p.add_argument("--weights", type=Path, help="checkpoint: megavod's own or the authors' .pth")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a checkpoint that needs arbitrary unpickling (only for files you trust)")
@@ -148,11 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"train: not a KEY=VALUE override: {' '.join(inputs)}")
         args.overrides = overrides
     try:
-        if args.command in ("detect", "train"):
-            # Config errors come first, whatever the command would do next.
+        if args.command == "train" or (args.command == "detect" and args.weights is None):
+            # Config errors come first, whatever the command would do next. (With --weights, detect
+            # takes the config from the checkpoint when none is given.)
             from megavod.config import load_config
 
-            args.cfg = load_config(args.config, args.overrides)
+            args.cfg = load_config(args.config or "mega_R_101", args.overrides)
         return args.func(args)
     except MegavodError as e:
         print(f"megavod {args.command}: error: {e}", file=sys.stderr)

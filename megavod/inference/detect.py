@@ -234,10 +234,15 @@ def run_detect(
 
 
 def main(args) -> int:
-    from megavod.checkpoints.loading import load_model_weights
+    from megavod.checkpoints.loading import load_detector
     from megavod.models import build_detector
 
-    cfg: Config = args.cfg
+    if args.weights is not None:
+        model, cfg = load_detector(args.weights, args.config, args.overrides, trust_pickle=args.trust_pickle)
+    else:
+        cfg = args.cfg
+        model = build_detector(cfg)
+        print("megavod detect: warning: no --weights given: the model is randomly initialised", file=sys.stderr)
     mode = args.mode or ("online" if cfg.mega.online else "offline")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise MegavodError("--device cuda: no CUDA device is available")
@@ -246,11 +251,6 @@ def main(args) -> int:
     device = args.device
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    model = build_detector(cfg)
-    if args.weights is not None:
-        load_model_weights(model, args.weights, cfg, trust_pickle=args.trust_pickle)
-    else:
-        print("megavod detect: warning: no --weights given: the model is randomly initialised", file=sys.stderr)
     options = DetectOptions(mode=mode, postprocess=args.postprocess, score_thresh=args.score_thresh, device=device)
     failed = run_detect(Detector(model, cfg, device), inputs, args.out, options, rank, world)
     if failed:

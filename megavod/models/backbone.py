@@ -26,7 +26,6 @@ the buffers ``weight bias running_mean running_var``. Only the order of entries 
 from __future__ import annotations
 
 import functools
-import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,14 +273,9 @@ def _c2_to_torchvision_name(name: str) -> str | None:
 def _read_weights(path: Path) -> tuple[dict[str, Tensor], bool]:
     """Tensors by torchvision name, and whether BN statistics come with eps = 1e-5 (torchvision)."""
     if path.suffix == ".pkl":
-        try:
-            with open(path, "rb") as f:
-                data = pickle.load(f, encoding="latin1")  # the C2 files are Python 2 pickles
-        except (pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise MegavodError(f"{path}: cannot read Detectron weight pickle ({e})") from None
-        blobs = data.get("blobs", data) if isinstance(data, dict) else None
-        if not isinstance(blobs, dict):
-            raise MegavodError(f"{path}: not a Detectron weight pickle (expected a dict of blobs)")
+        from megavod.checkpoints.loading import read_detectron_pickle  # builds numpy arrays only
+
+        blobs = read_detectron_pickle(path)
         out = {}
         for k, v in blobs.items():
             name = _c2_to_torchvision_name(k)
