@@ -44,7 +44,7 @@ def _weights_getter(weights: RelationWeights | None, num_pairs: int) -> Callable
     return lambda t: weights[t]
 
 
-def blr(
+def box_linking_with_relations(
     records: Sequence[FramePrediction],
     relation_weights: RelationWeights | None = None,
     *,
@@ -65,8 +65,8 @@ def blr(
     video = VideoBoxes(records, score_thresh)
     get = _weights_getter(relation_weights, len(records) - 1)
 
-    def link_scores(t: int, iou: Tensor) -> Tensor:
-        scores = video.scores[t][:, None] + video.scores[t + 1][None, :] + iou
+    def link_scores(t: int, row: Tensor, col: Tensor, iou: Tensor) -> Tensor:
+        scores = video.scores[video.base[t] + row] + video.scores[video.base[t + 1] + col] + iou
         w = get(t)
         if w is None:
             return scores
@@ -78,7 +78,7 @@ def blr(
             raise ValueError(
                 f"relation weights of frame pair {t} must have shape {list(expected)}, got {list(w.shape)}"
             )
-        return scores + w[video.keep[t]][:, video.keep[t + 1]]
+        return scores + w[video.keep[t][row], video.keep[t + 1][col]]
 
     search = PathSearch(
         video, node_scores=False, edge_fn=link_scores, rescore="avg", link_iou=link_iou,
