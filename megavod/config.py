@@ -96,6 +96,11 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     rpn: RPNConfig = field(default_factory=RPNConfig)
     roi_head: ROIHeadConfig = field(default_factory=ROIHeadConfig)
+    # A whole-detector checkpoint (megavod's or the authors') loaded by build_detector before training:
+    # tensors it holds must match the model, the model's others keep their init, and nothing of the
+    # optimizer, schedule or iteration is taken (the authors' VID.IGNORE; RDN's second phase from
+    # RDN-base, spec §6.4). ``--resume`` and ``--weights`` load over it.
+    init_weights: str | None = None
 
 
 @dataclass
@@ -155,6 +160,8 @@ class FGFAConfig:
     min_offset: int = -9
     max_offset: int = 9
     train_refs: int = 2
+    flow_network: Literal["flownet_s", "raft_small"] = "flownet_s"  # raft_small: torchvision, random init
+    flownet_weights: str | None = None  # the authors' FLOWNET_WEIGHT (flownet.ckpt), local file
 
 
 @dataclass
@@ -164,6 +171,8 @@ class DFFConfig:
     key_interval: int = 10
     min_offset: int = -9
     max_offset: int = 0
+    flow_network: Literal["flownet_s", "raft_small"] = "flownet_s"  # raft_small has no scale map (scale 1)
+    flownet_weights: str | None = None  # the authors' FLOWNET_WEIGHT (flownet.ckpt), local file
 
 
 @dataclass
@@ -430,6 +439,12 @@ def validate(cfg: Config) -> None:
     _require(b.small_stem_channels >= 1, "model.backbone.small_stem_channels", ">= 1", b.small_stem_channels)
     if b.weights is not None and not Path(b.weights).is_file():
         raise ConfigError(f"config key 'model.backbone.weights': file not found: {b.weights}")
+    if cfg.model.init_weights is not None and not Path(cfg.model.init_weights).is_file():
+        raise ConfigError(f"config key 'model.init_weights': file not found: {cfg.model.init_weights}")
+    for name in ("fgfa", "dff"):
+        path = getattr(cfg, name).flownet_weights
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"config key '{name}.flownet_weights': file not found: {path}")
 
     _require(len(r.anchor_sizes) >= 1 and min(r.anchor_sizes) > 0, "model.rpn.anchor_sizes", "positive sizes", list(r.anchor_sizes))
     _require(len(r.aspect_ratios) >= 1 and min(r.aspect_ratios) > 0, "model.rpn.aspect_ratios", "positive ratios", list(r.aspect_ratios))

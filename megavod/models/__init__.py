@@ -2,20 +2,65 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from torch import nn
 
 from megavod.config import Config
-from megavod.errors import ConfigError
+from megavod.errors import ConfigError, MegavodError
 
 
 def build_detector(cfg: Config) -> nn.Module:
-    """The detector of ``cfg.method``, randomly initialised (plus ``model.backbone.weights`` if set)."""
+    """The detector of ``cfg.method``, randomly initialised (plus ``model.backbone.weights`` if set),
+    then filled from ``model.init_weights`` if set (:func:`load_initial_weights`)."""
     if cfg.method == "single":
-        from megavod.models.single_frame import build_single_frame_detector
+        from megavod.models.single_frame import build_single_frame_detector as build
+    elif cfg.method == "mega":
+        from megavod.models.mega import build_mega_detector as build
+    elif cfg.method == "rdn":
+        from megavod.models.rdn import build_rdn_detector as build
+    elif cfg.method == "fgfa":
+        from megavod.models.fgfa import build_fgfa_detector as build
+    elif cfg.method == "dff":
+        from megavod.models.dff import build_dff_detector as build
+    else:
+        raise ConfigError(f"config key 'method': unknown method '{cfg.method}'")
+    model = build(cfg)
+    if cfg.model.init_weights:
+        load_initial_weights(model, cfg.model.init_weights)
+    return model
 
-        return build_single_frame_detector(cfg)
-    if cfg.method == "mega":
-        from megavod.models.mega import build_mega_detector
 
-        return build_mega_detector(cfg)
-    raise ConfigError(f"config key 'method': '{cfg.method}' is not available yet (see issue #7)")
+def load_initial_weights(model: nn.Module, path: str | Path, verbose: bool = True) -> list[str]:
+    """Initialise ``model`` from a detector checkpoint (``model.init_weights``; the authors' ``MODEL.WEIGHT``
+    with ``VID.IGNORE``): any file ``--weights`` accepts (the authors', megavod's training checkpoints
+    and converted files); only the model state is read, never an optimizer, schedule or iteration.
+
+    Every tensor of the file must be a tensor of the model with the same shape (the authors' names are
+    mapped as for ``--weights``), otherwise nothing is loaded and one line names the mismatch. Model
+    tensors the file lacks keep their initialisation, e.g. RDN's ``fcs.2`` and relation modules 2 and 3
+    when RDN starts from RDN-base (spec §6.4). Returns the names of those tensors.
+    """
+    from megavod.checkpoints.loading import authors_to_megavod_keys, read_weights
+
+    sd = read_weights(path).state_dict
+    expected = model.state_dict()
+    rename = authors_to_megavod_keys(model)
+    mapped = {rename.get(k, k): v for k, v in sd.items()}
+    unexpected = [k for k in sd if rename.get(k, k) not in expected]
+    if unexpected:
+        more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
+        raise MegavodError(f"{path}: model.init_weights holds tensors this model does not have: "
+                           f"{', '.join(unexpected[:3])}{more}; wrong method, backbone or file?")
+    wrong = [f"{k} is {tuple(v.shape)}, expected {tuple(expected[k].shape)}"
+             for k, v in mapped.items() if v.shape != expected[k].shape]
+    if wrong:
+        raise MegavodError(f"{path}: model.init_weights shape mismatch: {'; '.join(wrong[:3])}")
+    model.load_state_dict(mapped, strict=False)
+    kept = [k for k in expected if k not in mapped]
+    if verbose:
+        listed = ", ".join(kept[:4]) + (", ..." if len(kept) > 4 else "")
+        note = f"; {len(kept)} model tensors keep their initialisation ({listed})" if kept else ""
+        print(f"model.init_weights: loaded {len(mapped)} tensors from {path}{note}", file=sys.stderr)
+    return kept

@@ -1,0 +1,105 @@
+"""DFF, deep feature flow (Zhu et al. 2017; spec §6.3).
+
+Only key frames go through the backbone; every frame's C4 is the last key frame's C4 warped by
+flow(frame, key) and multiplied by FlowNet's per-channel scale map (``Convolution5_scale`` + 1). The
+single-frame RPN and box head then run on it. DFF is causal by design: a frame needs only itself and the
+last key frame (:func:`megavod.inference.flow_engine.detect_dff`).
+
+As the authors' code (which says it departs slightly from the paper):
+
+* test: key frames are the frames whose number is a multiple of ``key_interval`` (10), per video; the
+  key frame itself also goes through the flow network, flow(key, key), and is warped and scaled;
+* training: one reference drawn from offsets [-9, 0] acts as the key frame; only it goes through the
+  backbone, and the current frame's ground truth supervises warp(C4_ref, flow(cur, ref)) x scale.
+
+State-dict names equal the authors' (``vid_R_101_C4_DFF_1x``: 582 entries, 194,950,377 elements).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from megavod.models.backbone import C4Backbone
+from megavod.models.fgfa import FlowDetectorBase, FlowFrame, single_sample, build_flow_parts
+from megavod.models.roi_heads import RoIBoxHead
+from megavod.models.rpn import RPN
+from megavod.models.warp import warp
+from megavod.structures import Detections
+
+
+class DFFDetector(FlowDetectorBase):
+    """DFF (see the module docstring).
+
+    Args:
+        backbone, rpn, box_head: the single-frame detector's parts.
+        flownet: :class:`~megavod.models.flownet.FlowNetS` with ``Convolution5_scale`` (or ``RAFTFlow``,
+            which has no scale map: scale 1).
+        key_interval: a key frame every this many frames (code: 10, hard-coded).
+        warp_align_corners: ``grid_sample``'s convention; False is the authors' (:mod:`megavod.models.warp`).
+    """
+
+    def __init__(self, backbone: C4Backbone, flownet: nn.Module, rpn: RPN, box_head: RoIBoxHead,
+                 key_interval: int = 10, warp_align_corners: bool = False) -> None:
+        super().__init__()
+        if key_interval < 1:
+            raise ValueError(f"key_interval must be >= 1, got {key_interval}")
+        self.backbone = backbone
+        self.flownet = flownet
+        self.rpn = rpn
+        self.roi_heads = nn.ModuleDict({"box": box_head})
+        self.key_interval = key_interval
+        self.warp_align_corners = warp_align_corners
+
+    def is_key_frame(self, index: int) -> bool:
+        """Frame ``index`` (its number in the video) is a key frame: index mod key_interval == 0."""
+        return index % self.key_interval == 0
+
+    def propagate(self, image: Tensor, key_image: Tensor, key_c4: Tensor) -> Tensor:
+        """The frame's C4 [B, C, h, w] from the key's: warp(C4_key, flow(frame, key)) x scale.
+
+        ``image``, ``key_image``: [B, 3, H, W]; ``key_c4``: [B, C, h, w]."""
+        out = self.flownet(image, key_image)
+        feats = warp(key_c4, out.flow, self.warp_align_corners)
+        return feats if out.scale is None else feats * out.scale
+
+    # -- test: the flow engine's entry points ----------------------------------------------------------
+
+    @torch.no_grad()
+    def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> FlowFrame:
+        """A key frame's pass: its C4 (the backbone runs on key frames only)."""
+        c4 = self.backbone(image[None])[0]
+        return FlowFrame(index, image, c4, None, tuple(image.shape[-2:]), original_size)
+
+    @torch.no_grad()
+    def detect_frame(self, image: Tensor, original_size: tuple[int, int], key: FlowFrame) -> Detections:
+        """Detections of frame ``image`` [3, H, W] (original-frame pixels) from key frame ``key``."""
+        size = tuple(image.shape[-2:])
+        if size != key.image_size:
+            raise ValueError(f"frame is {size} pixels but its key frame is {key.image_size}")
+        feats = self.propagate(image[None], key.image[None], key.c4[None])
+        return self.detect_on_features(feats, size, original_size)
+
+    # -- training (spec §6.3) --------------------------------------------------------------------------
+
+    def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
+        """Training losses for one :class:`~megavod.data.vid_dataset.TrainSample` whose ``refs["ref"]``
+        holds the one frame (offset in [-9, 0]) that plays the key frame."""
+        if not self.training:
+            raise ValueError("DFFDetector.forward computes training losses; use the flow engine to detect")
+        sample = single_sample(batch, "DFF")
+        refs = sample.refs.get("ref", [])
+        if len(refs) != 1:
+            raise ValueError(f"DFF trains with exactly one reference frame (refs['ref']), got {len(refs)}")
+        ref = refs[0][None]
+        feats = self.propagate(sample.image[None], ref, self.backbone(ref))
+        return self.losses_on_features(feats, sample.image_size, sample.target)
+
+
+def build_dff_detector(cfg: Any) -> DFFDetector:
+    """DFF from a :class:`megavod.config.Config` (``model``, ``dff``)."""
+    backbone, flownet, rpn, box_head = build_flow_parts(cfg, cfg.dff, scale=True)
+    return DFFDetector(backbone, flownet, rpn, box_head, key_interval=cfg.dff.key_interval)

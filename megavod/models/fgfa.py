@@ -1,0 +1,213 @@
+"""FGFA, flow-guided feature aggregation (Zhu et al. 2017; spec §6.2).
+
+The C4 maps of the frames around the key are warped onto the key frame by FlowNet's flow and averaged
+with per-pixel weights: the softmax over frames of the cosine similarity between each frame's warped
+embedding (:class:`EmbedNet`) and the key's. The single-frame RPN and box head then run on the
+aggregated map. Composition: the single-frame detector's ``backbone``, ``rpn`` and ``roi_heads.box``,
+plus ``flownet`` and ``embednet``. State-dict names equal the authors' (checkpoint
+``vid_R_101_C4_FGFA_1x``: 587 entries, 198,686,953 elements), so their checkpoints load key for key.
+
+Training (:meth:`FGFADetector.forward`, one key frame + the ``ref`` frames drawn from ±9): the key's own
+features are *not* in the sum; only the warped references are weighted (softmax over the references).
+Their embeddings are taken after warping, the key's from its unwarped C4, as the authors'.
+
+Test (:meth:`FGFADetector.detect_key`, driven by :mod:`megavod.inference.flow_engine`): every frame's C4
+and embedding are computed once (:meth:`FGFADetector.frame_features`); for each key frame the flow from
+the key to every window frame (the key itself included, flow(key, key)) warps [C4, embedding] together,
+and the weights are the softmax over the whole window (19 frames offline) of cos(warped E_j, warped E_key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megavod.models.backbone import C4Backbone, build_backbone, load_pretrained_resnet
+from megavod.models.flownet import build_flow_network, load_flownet_weights
+from megavod.models.roi_heads import RoIBoxHead, build_box_head
+from megavod.models.rpn import RPN, build_rpn
+from megavod.models.warp import warp
+from megavod.structures import Detections
+
+
+class EmbedNet(nn.Module):
+    """``embednet``: 1x1 C -> C/2, ReLU, 3x3 C/2 -> C/2, ReLU, 1x1 C/2 -> 2C (1024 -> 512 -> 512 -> 2048
+    for ResNet; kaiming_uniform(a=1), bias 0, as the authors')."""
+
+    def __init__(self, in_channels: int = 1024) -> None:
+        super().__init__()
+        hidden = in_channels // 2
+        self.embed_conv1 = nn.Conv2d(in_channels, hidden, 1)
+        self.embed_conv2 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.embed_conv3 = nn.Conv2d(hidden, 2 * in_channels, 1)
+        for layer in (self.embed_conv1, self.embed_conv2, self.embed_conv3):
+            nn.init.kaiming_uniform_(layer.weight, a=1)
+            nn.init.zeros_(layer.bias)
+        self.out_channels = 2 * in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embed_conv3(F.relu(self.embed_conv2(F.relu(self.embed_conv1(x)))))
+
+
+def aggregation_weights(embeds: Tensor, key_embed: Tensor) -> Tensor:
+    """Per-pixel weights [N, 1, h, w] of N frames: softmax over the frames of the cosine similarity
+    between each frame's embedding [N, D, h, w] and the key's [1, D, h, w] (norms + 1e-10, as the
+    authors'). They sum to 1 at every position."""
+    a = embeds / (embeds.norm(dim=1, keepdim=True) + 1e-10)
+    b = key_embed / (key_embed.norm(dim=1, keepdim=True) + 1e-10)
+    return F.softmax((a * b).sum(dim=1, keepdim=True), dim=0)
+
+
+@dataclass
+class FlowFrame:
+    """One frame's per-frame pass for the flow methods, computed once per frame.
+
+    image: [3, H, W] the normalised input (FlowNet reads it); c4: [C, h, w]; embed: [2C, h, w] FGFA's
+    embedding (None for DFF); image_size / original_size: (height, width) resized / of the frame.
+    """
+
+    index: int
+    image: Tensor
+    c4: Tensor
+    embed: Tensor | None
+    image_size: tuple[int, int]
+    original_size: tuple[int, int]
+
+
+class FlowDetectorBase(nn.Module):
+    """What FGFA and DFF share: the single-frame RPN and box head run on a (warped) C4 map."""
+
+    rpn: RPN
+
+    @property
+    def box_head(self) -> RoIBoxHead:
+        return self.roi_heads["box"]
+
+    def detect_on_features(self, feats: Tensor, image_size: tuple[int, int],
+                           original_size: tuple[int, int]) -> Detections:
+        """Detections (original-frame pixels) of a C4-like map [1, C, h, w] of an image of ``image_size``."""
+        proposals = self.rpn.proposals(feats, [image_size], "key")
+        det = self.box_head(feats, proposals, [image_size])[0]
+        (h, w), (oh, ow) = image_size, original_size
+        return det.scale(ow / w, oh / h)
+
+    def losses_on_features(self, feats: Tensor, image_size: tuple[int, int], target: Any) -> dict[str, Tensor]:
+        """The 4 single-frame losses with ``feats`` [1, C, h, w] standing for the key frame's C4."""
+        proposals, rpn_losses = self.rpn(feats, [image_size], [target])
+        return {**rpn_losses, **self.box_head(feats, proposals, [image_size], [target])}
+
+
+def single_sample(batch: Sequence[Any], method: str) -> Any:
+    if len(batch) != 1:
+        raise ValueError(f"{method} trains one key frame per process (spec §0), got {len(batch)}")
+    return batch[0]
+
+
+class FGFADetector(FlowDetectorBase):
+    """FGFA (see the module docstring).
+
+    Args:
+        backbone, rpn, box_head: the single-frame detector's parts (``roi_heads.box``).
+        flownet: :class:`~megavod.models.flownet.FlowNetS` (no scale layer) or ``RAFTFlow``.
+        embednet: :class:`EmbedNet`.
+        flow_batch: window frames per FlowNet call at test time (bounds memory; same numbers).
+        warp_align_corners: ``grid_sample``'s convention; False is the authors' (:mod:`megavod.models.warp`).
+    """
+
+    def __init__(self, backbone: C4Backbone, flownet: nn.Module, embednet: EmbedNet, rpn: RPN,
+                 box_head: RoIBoxHead, flow_batch: int = 19, warp_align_corners: bool = False) -> None:
+        super().__init__()
+        if flow_batch < 1:
+            raise ValueError(f"flow_batch must be >= 1, got {flow_batch}")
+        # Registration order = the authors' state-dict order (backbone, flownet, embednet, rpn, roi_heads).
+        self.backbone = backbone
+        self.flownet = flownet
+        self.embednet = embednet
+        self.rpn = rpn
+        self.roi_heads = nn.ModuleDict({"box": box_head})
+        self.flow_batch = flow_batch
+        self.warp_align_corners = warp_align_corners
+
+    # -- test: the flow engine's entry points ----------------------------------------------------------
+
+    @torch.no_grad()
+    def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> FlowFrame:
+        """C4 and embedding of one frame [3, H, W] (once per frame)."""
+        c4 = self.backbone(image[None])
+        return FlowFrame(index, image, c4[0], self.embednet(c4)[0], tuple(image.shape[-2:]), original_size)
+
+    @torch.no_grad()
+    def aggregate(self, window: Sequence[FlowFrame], key_index: int) -> tuple[Tensor, Tensor]:
+        """The key's aggregated C4 [1, C, h, w] and the per-pixel weights [N, 1, h, w] over ``window``
+        (N frames, the key at ``key_index``; copies of a frame at the video's edges count each time)."""
+        if not 0 <= key_index < len(window):
+            raise ValueError(f"key_index {key_index} outside a window of {len(window)} frames")
+        key = window[key_index]
+        c = key.c4.shape[0]
+        warped = []
+        for start in range(0, len(window), self.flow_batch):
+            part = window[start : start + self.flow_batch]
+            flow = self.flownet(key.image[None], torch.stack([f.image for f in part])).flow
+            stacked = torch.stack([torch.cat((f.c4, f.embed)) for f in part])
+            warped.append(warp(stacked, flow, self.warp_align_corners))
+        c4, embeds = torch.cat(warped).split([c, key.embed.shape[0]], dim=1)
+        weights = aggregation_weights(embeds, embeds[key_index : key_index + 1])
+        return (weights * c4).sum(dim=0, keepdim=True), weights
+
+    @torch.no_grad()
+    def detect_key(self, window: Sequence[FlowFrame], key_index: int) -> Detections:
+        """Detections of ``window[key_index]`` in the pixels of its original frame."""
+        feats, _ = self.aggregate(window, key_index)
+        key = window[key_index]
+        return self.detect_on_features(feats, key.image_size, key.original_size)
+
+    # -- training (spec §6.2) --------------------------------------------------------------------------
+
+    def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
+        """Training losses for one :class:`~megavod.data.vid_dataset.TrainSample` whose ``refs["ref"]``
+        holds the reference images (2, of the key's size and flip)."""
+        if not self.training:
+            raise ValueError("FGFADetector.forward computes training losses; use the flow engine to detect")
+        sample = single_sample(batch, "FGFA")
+        refs = sample.refs.get("ref", [])
+        if not refs:
+            raise ValueError("FGFA training needs at least one reference frame (refs['ref'], fgfa.train_refs)")
+        images = torch.stack([sample.image, *refs])
+        c4 = self.backbone(images)
+        flow = self.flownet(images[:1], images[1:]).flow
+        warped = warp(c4[1:], flow, self.warp_align_corners)
+        embeds = self.embednet(torch.cat([c4[:1], warped]))
+        weights = aggregation_weights(embeds[1:], embeds[:1])
+        feats = (weights * warped).sum(dim=0, keepdim=True)
+        return self.losses_on_features(feats, sample.image_size, sample.target)
+
+
+def build_flow_parts(cfg: Any, method_cfg: Any, scale: bool) -> tuple[C4Backbone, nn.Module, RPN, RoIBoxHead]:
+    """backbone, flow network (with DFF's scale layer when ``scale``), RPN and plain box head; loads
+    ``model.backbone.weights`` and ``<method>.flownet_weights`` when set."""
+    m = cfg.model
+    backbone = build_backbone(m.backbone)
+    scale_channels = backbone.out_channels if scale else None
+    flownet = build_flow_network(method_cfg.flow_network, scale_channels, cfg.input)
+    box_head = build_box_head(m)
+    if m.backbone.weights:
+        load_pretrained_resnet(m.backbone.weights, backbone.body, box_head.feature_extractor.head)
+    if method_cfg.flownet_weights:
+        if method_cfg.flow_network != "flownet_s":
+            from megavod.errors import ConfigError
+
+            raise ConfigError(f"config key '{cfg.method}.flownet_weights': only for flow_network 'flownet_s'")
+        load_flownet_weights(flownet, method_cfg.flownet_weights)
+    return backbone, flownet, build_rpn(m.rpn, backbone.out_channels), box_head
+
+
+def build_fgfa_detector(cfg: Any) -> FGFADetector:
+    """FGFA from a :class:`megavod.config.Config` (``model``, ``fgfa``)."""
+    backbone, flownet, rpn, box_head = build_flow_parts(cfg, cfg.fgfa, scale=False)
+    window = cfg.fgfa.max_offset - cfg.fgfa.min_offset + 1
+    return FGFADetector(backbone, flownet, EmbedNet(backbone.out_channels), rpn, box_head, flow_batch=window)

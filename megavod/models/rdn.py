@@ -1,0 +1,301 @@
+"""RDN, relation distillation networks (Deng et al. 2019; spec §3.6, §6.4): RDN-base and RDN.
+
+The key frame's proposals are enhanced by location-based relation modules (:mod:`megavod.models.relation`,
+no content bias) over the supportive proposals of a window of T = 37 frames (the key at 18, ±18 frames):
+
+* **basic stages** i < B (``rdn.basic_stages``, 2): X <- ReLU(fcs[i](X)) (fcs[0] is the raw RoI feature,
+  fc6), then X <- X + Rel_i(X, S), where S are the raw features ReLU(fcs[0](.)) of the 75 supportive
+  proposals of every window frame; S is not updated between basic stages.
+* **advanced stage** (RDN, ``rdn.advanced_stages`` A = 1): the advanced set D is the first
+  int(75 * ``rdn.ratio``) = 15 (highest-objectness) proposals of every frame; for a < A,
+  D <- ReLU(fcs[B+a](D + Rel_{B+a}(D, S))); finally X <- X + Rel_{B+A}(X, D).
+
+RDN-base (A = 0) has ``fcs[0..B-1]`` and relation modules 0..B-1; RDN (A > 0) has ``fcs[0..B+A-1]`` and
+modules 0..B+A. Two-phase training as the authors': RDN-base for 120k iterations, then RDN from its
+weights for 60k (``model.init_weights``: the new ``fcs.2`` and modules 2, 3 start random, nothing is
+frozen, optimizer and iteration start afresh).
+
+The detector holds no stream state: it runs on the relation streaming engine
+(:func:`megavod.inference.engine.detect_offline` / ``detect_online``) like MEGA without global pool or
+memory: :meth:`RDNDetector.frame_features` once per frame, :meth:`RDNDetector.detect_key` per key frame.
+A frame's 75 supportive proposals are the first 75 of its 300 test proposals (one RPN pass, as MEGA).
+
+Parameter names map one to one to the authors' ``roi_heads.box.feature_extractor.*`` keys
+(:meth:`RDNAggregator.authors_key_mapping`): ``aggregator.fcs.{i}`` -> ``fcs.{i}``,
+``aggregator.relations.{i}.W{g,q,k,v}`` -> ``W{g,q,k,v}s.{i}``. RDN-base R-101 has the authors' 551
+entries (162,374,887 elements), RDN R-101 569 (169,724,167).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megavod.config import Config
+from megavod.errors import ConfigError
+from megavod.models.backbone import C4Backbone, build_backbone, build_res5_head, load_pretrained_resnet
+from megavod.models.box_coder import BoxCoder
+from megavod.models.relation import RelationModule, make_fc_init
+from megavod.models.roi_heads import BoxPostProcessor, FastRCNNLossComputation, FPNPredictor, ResNetC5RoIPooler
+from megavod.models.rpn import RPN, build_rpn
+from megavod.structures import Detections, FrameFeatures
+
+
+def first_rows_index(counts: Sequence[int], n: int, device: torch.device | None = None) -> Tensor:
+    """Indices of the first ``n`` rows of every frame of rows laid out frame by frame (``counts`` each):
+    the advanced set D (the frames' highest-objectness proposals, since proposals are sorted)."""
+    index, start = [], 0
+    for count in counts:
+        index.append(torch.arange(start, start + min(n, count), device=device))
+        start += count
+    return torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)
+
+
+class RDNAggregator(nn.Module):
+    """RDN's relation distillation on RoI features (see the module docstring).
+
+    Args:
+        in_features: flattened pooled RoI size (2048*49 R-101, 256*49 with the reduce conv).
+        feat_dim: C (1024).
+        num_heads, embed_dim, wave_length: of every relation module (16, 64, 1000).
+        basic_stages: B (2).
+        advanced_stages: A (0: RDN-base; 1: RDN).
+        advanced_num: rows per frame in the advanced set D (int(75 * 0.2) = 15).
+    """
+
+    def __init__(self, in_features: int, feat_dim: int = 1024, num_heads: int = 16, embed_dim: int = 64, *,
+                 basic_stages: int = 2, advanced_stages: int = 0, advanced_num: int = 15,
+                 wave_length: float = 1000.0) -> None:
+        super().__init__()
+        if basic_stages < 1:
+            raise ValueError(f"basic_stages must be >= 1, got {basic_stages}")
+        if advanced_stages < 0:
+            raise ValueError(f"advanced_stages must be >= 0, got {advanced_stages}")
+        if advanced_num < 1:
+            raise ValueError(f"advanced_num must be >= 1, got {advanced_num}")
+        self.basic_stages, self.advanced_stages = basic_stages, advanced_stages
+        self.advanced_num = advanced_num
+        self.feat_dim = feat_dim
+        num_fcs = basic_stages + advanced_stages
+        num_relations = basic_stages + (advanced_stages + 1 if advanced_stages else 0)
+        self.fcs = nn.ModuleList(
+            [nn.Linear(in_features, feat_dim)] + [nn.Linear(feat_dim, feat_dim) for _ in range(num_fcs - 1)]
+        )
+        for fc in self.fcs:
+            make_fc_init(fc)
+        self.relations = nn.ModuleList(
+            RelationModule(feat_dim, num_heads, embed_dim, location_based=True, content_bias=False,
+                           wave_length=wave_length)
+            for _ in range(num_relations)
+        )
+
+    @classmethod
+    def from_config(cls, cfg: Config, in_features: int) -> RDNAggregator:
+        return cls(
+            in_features,
+            feat_dim=cfg.model.roi_head.representation_size,
+            num_heads=cfg.relation.num_heads,
+            embed_dim=cfg.relation.embed_dim,
+            basic_stages=cfg.rdn.basic_stages,
+            advanced_stages=cfg.rdn.advanced_stages,
+            # The authors' int(REF_POST_NMS_TOP_N * RATIO); the epsilon guards 0.29 * 100 = 28.999...
+            advanced_num=max(1, int(cfg.model.rpn.ref_post_nms_top_n * cfg.rdn.ratio + 1e-9)),
+            wave_length=cfg.relation.wave_length,
+        )
+
+    def embed(self, pooled: Tensor) -> Tensor:
+        """Raw RoI features ReLU(fcs[0](flatten(pooled))): [R, ...] -> [R, C] (the authors' ``_forward_ref``)."""
+        return F.relu(self.fcs[0](pooled.flatten(1)))
+
+    def advanced_stage(self, support: Tensor, support_boxes: Tensor, counts: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """The advanced set D (first ``advanced_num`` rows of every frame) after the A distillation
+        stages over all supportive rows: (features [D, C], boxes [D, 4])."""
+        index = first_rows_index(counts, self.advanced_num, support.device)
+        adv, adv_boxes = support[index], support_boxes[index]
+        for a in range(self.advanced_stages):
+            i = self.basic_stages + a
+            adv = adv + self.relations[i](adv, support, adv_boxes, support_boxes)
+            adv = F.relu(self.fcs[i](adv))
+        return adv, adv_boxes
+
+    def forward(self, key: Tensor, key_boxes: Tensor, support: Tensor, support_boxes: Tensor,
+                counts: Sequence[int]) -> Tensor:
+        """Enhanced key features [K, C] for the box predictor.
+
+        Args:
+            key: the key frame's raw RoI features [K, C] (:meth:`embed`); key_boxes: [K, 4].
+            support: raw features [S, C] of the supportive proposals, frame by frame; support_boxes: [S, 4].
+            counts: rows per supportive frame (sum = S), for the advanced set.
+        """
+        if sum(counts) != support.shape[0]:
+            raise ValueError(f"counts sum to {sum(counts)} but there are {support.shape[0]} supportive rows")
+        x = key
+        for i in range(self.basic_stages):
+            if i > 0:
+                x = F.relu(self.fcs[i](x))
+            x = x + self.relations[i](x, support, key_boxes, support_boxes)
+        if self.advanced_stages:
+            adv, adv_boxes = self.advanced_stage(support, support_boxes, counts)
+            x = x + self.relations[-1](x, adv, key_boxes, adv_boxes)
+        return x
+
+    def authors_key_mapping(self) -> dict[str, str]:
+        """{our parameter name: the authors' feature-extractor key}, e.g. ``relations.3.Wq.weight`` ->
+        ``Wqs.3.weight`` (spec §9)."""
+        mapping = {}
+        for name, _ in self.named_parameters():
+            m = re.match(r"^relations\.(\d+)\.(W[gqkv])\.(.+)$", name)
+            mapping[name] = f"{m.group(2)}s.{m.group(1)}.{m.group(3)}" if m else name
+        return mapping
+
+
+class RDNFeatureExtractor(ResNetC5RoIPooler):
+    """res5 -> [conv] -> RoIAlign -> the aggregator (``roi_heads.box.feature_extractor``)."""
+
+    def __init__(self, pooler_args: dict[str, Any], aggregator: RDNAggregator) -> None:
+        super().__init__(**pooler_args)
+        self.aggregator = aggregator
+
+    def raw_features(self, c4: Tensor, boxes: Sequence[Tensor]) -> Tensor:
+        """ReLU(fcs[0](RoIAlign(res5(C4)))) for the boxes of each image of ``c4``, concatenated."""
+        return self.aggregator.embed(self.pool(self.res5(c4), list(boxes)))
+
+
+class RDNBoxHead(nn.Module):
+    """``roi_heads.box``: feature extractor, predictor, and the Fast R-CNN loss / postprocess."""
+
+    def __init__(self, feature_extractor: RDNFeatureExtractor, predictor: FPNPredictor,
+                 loss: FastRCNNLossComputation, postprocessor: BoxPostProcessor) -> None:
+        super().__init__()
+        self.feature_extractor = feature_extractor
+        self.predictor = predictor
+        self.loss_computation = loss
+        self.postprocessor = postprocessor
+
+
+class RDNDetector(nn.Module):
+    """RDN-base / RDN detector.
+
+    Args:
+        backbone, rpn: as the single-frame detector.
+        box_head: :class:`RDNBoxHead`.
+        ref_proposals: supportive proposals per frame (code 75, ``REF_POST_NMS_TOP_N``).
+    """
+
+    def __init__(self, backbone: C4Backbone, rpn: RPN, box_head: RDNBoxHead, ref_proposals: int = 75) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = nn.ModuleDict({"box": box_head})
+        self.ref_proposals = ref_proposals
+
+    @property
+    def box_head(self) -> RDNBoxHead:
+        return self.roi_heads["box"]
+
+    @property
+    def aggregator(self) -> RDNAggregator:
+        return self.box_head.feature_extractor.aggregator
+
+    # -- inference: the relation streaming engine's entry points ---------------------------------------
+
+    @torch.no_grad()
+    def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> FrameFeatures:
+        """The per-frame pass, once per frame: C4, the 300 test proposals, their raw RoI features."""
+        size = (int(image.shape[-2]), int(image.shape[-1]))
+        c4 = self.backbone(image[None])
+        boxes = self.rpn.proposals(c4, [size], "key")[0].boxes
+        feats = self.box_head.feature_extractor.raw_features(c4, [boxes])
+        return FrameFeatures(index, boxes, feats, size, original_size)
+
+    @torch.no_grad()
+    def detect_key(self, key: FrameFeatures, local_window: Sequence[FrameFeatures],
+                   global_pool: Sequence[FrameFeatures] = (), memory: Any = None) -> tuple[Detections, list]:
+        """Detections of the key frame (original-frame pixels) with the T window frames' supportive
+        proposals (the key's own among them). RDN has no global pool and no memory: both must be empty,
+        and nothing is pushed to memory (second value: [])."""
+        if global_pool or memory is not None:
+            raise ValueError("RDN uses neither a global pool nor a memory (StreamSettings for 'rdn' has none)")
+        if not local_window:
+            raise ValueError("local_window must hold at least one frame")
+        n = self.ref_proposals
+        support = torch.cat([f.feats[:n] for f in local_window])
+        support_boxes = torch.cat([f.boxes[:n] for f in local_window])
+        counts = [min(n, len(f.boxes)) for f in local_window]
+        feats = self.aggregator(key.feats, key.boxes, support, support_boxes, counts)
+        class_logits, box_regression = self.box_head.predictor(feats)
+        detections = self.box_head.postprocessor(class_logits, box_regression, [key.boxes], [key.image_size])[0]
+        (h, w), (oh, ow) = key.image_size, key.original_size
+        return detections.scale(ow / w, oh / h), []
+
+    # -- training (spec §6.4) --------------------------------------------------------------------------
+
+    def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
+        """Training losses for one :class:`~megavod.data.vid_dataset.TrainSample` whose ``refs["ref"]``
+        holds the reference images (2 drawn from ±18, of the key's size and flip).
+
+        The key frame is also a supportive frame: its first 75 proposals, with the references' 75 each,
+        give 225 supportive rows (advanced set: 45)."""
+        if not self.training:
+            raise ValueError("RDNDetector.forward computes training losses; use the streaming engine to detect")
+        if len(batch) != 1:
+            raise ValueError(f"RDN trains one key frame per process (spec §0), got {len(batch)}")
+        sample = batch[0]
+        size, target = sample.image_size, sample.target
+        refs = sample.refs.get("ref", [])
+        extractor = self.box_head.feature_extractor
+        n = self.ref_proposals
+
+        c4 = self.backbone(torch.stack([sample.image, *refs]))
+        key_props, rpn_losses = self.rpn(c4[:1], [size], [target])
+        key_boxes = key_props[0].boxes
+        n_key_ref = len(key_boxes) - len(target["boxes"])  # the RPN's own proposals, before the GT
+        support_props = [key_boxes[: min(n, n_key_ref)]]
+        if refs:
+            support_props += [p.boxes for p in self.rpn.proposals(c4[1:], [size] * len(refs), "ref")]
+        sampled = self.box_head.loss_computation.subsample([key_boxes], [target])
+        # One RoIAlign per image: the key image holds its sampled RoIs and its own supportive rows.
+        raw = extractor.raw_features(c4, [torch.cat([sampled.boxes[0], support_props[0]]), *support_props[1:]])
+        key_feats, support = raw.split([len(sampled.boxes[0]), raw.shape[0] - len(sampled.boxes[0])])
+        feats = self.aggregator(key_feats, sampled.boxes[0], support, torch.cat(support_props),
+                                [len(p) for p in support_props])
+        class_logits, box_regression = self.box_head.predictor(feats)
+        return {**rpn_losses, **self.box_head.loss_computation.loss(class_logits, box_regression, sampled)}
+
+
+def build_rdn_detector(cfg: Config) -> RDNDetector:
+    """RDN-base / RDN from a config (``rdn.advanced_stages`` 0 / 1); loads ``model.backbone.weights``."""
+    m, h = cfg.model, cfg.model.roi_head
+    if m.rpn.ref_pre_nms_top_n != m.rpn.pre_nms_top_n_test:
+        raise ConfigError(
+            "config key 'model.rpn.ref_pre_nms_top_n': must equal model.rpn.pre_nms_top_n_test for RDN "
+            f"(supportive proposals are the first of each frame's test proposals), got "
+            f"{m.rpn.ref_pre_nms_top_n} and {m.rpn.pre_nms_top_n_test}"
+        )
+    backbone = build_backbone(m.backbone)
+    pooler_args = dict(
+        res5=build_res5_head(m.backbone),
+        reduce_channels=h.reduced_channels if h.reduce_channel else None,
+        resolution=h.pooler_resolution,
+        scale=h.pooler_scale,
+        sampling_ratio=h.sampling_ratio,
+    )
+    pooled = (pooler_args["reduce_channels"] or pooler_args["res5"].out_channels) * h.pooler_resolution**2
+    extractor = RDNFeatureExtractor(pooler_args, RDNAggregator.from_config(cfg, pooled))
+    box_coder = BoxCoder(tuple(h.bbox_reg_weights))
+    box_head = RDNBoxHead(
+        extractor,
+        FPNPredictor(h.representation_size, h.num_classes),
+        FastRCNNLossComputation(box_coder, h.fg_iou_thresh, h.bg_iou_thresh, h.batch_size_per_image,
+                                h.positive_fraction),
+        BoxPostProcessor(box_coder, h.score_thresh, h.nms_thresh, h.detections_per_img),
+    )
+    detector = RDNDetector(backbone, build_rpn(m.rpn, backbone.out_channels), box_head, m.rpn.ref_post_nms_top_n)
+    if m.backbone.weights:
+        load_pretrained_resnet(m.backbone.weights, backbone.body, extractor.head)
+    return detector
