@@ -18,7 +18,8 @@ from megavod.data.predictions import read_predictions
 from megavod.inference.detect import DetectOptions, Detector, run_detect
 from megavod.inference.engine import StreamSettings
 from megavod.models import build_detector, load_initial_weights
-from megavod.models.rdn import RDNAggregator, RDNDetector, first_rows_index
+from megavod.models.rdn import RDNAggregator, RDNDetector
+from megavod.models.relation import first_rows_index
 from megavod.structures import FrameFeatures
 
 SPEC = Path("/work/shared/spec")

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from megavod.data.classes import VID_CLASSES
 from megavod.data.image_sets import ImageSetEntry, write_image_set
 from megavod.data.predictions import FramePrediction, VideoPredictions, write_predictions
 from megavod.data.vid_xml import write_annotation

@@ -14,8 +14,6 @@ files are written to a temporary name and renamed.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from megavod.atomic import atomic_path, atomic_write_text
 from megavod.checkpoints.loading import (
     FORMAT,
     SAFETENSORS_SUFFIX,
@@ -117,20 +116,6 @@ def _plain_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _atomic_write(dst: Path, write: Any) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_converted(dst: str | Path, state: dict[str, Tensor], cfg: Any) -> None:
     """Write ``state`` (megavod names) and ``cfg`` to ``dst`` in megavod's format."""
     from megavod.config import dump_config, to_dict
@@ -142,11 +127,13 @@ def write_converted(dst: str | Path, state: dict[str, Tensor], cfg: Any) -> None
         text = dump_config(cfg)
         metadata = {"format": FORMAT, "version": str(VERSION), "config": text}
         tensors = _plain_tensors(state)
-        _atomic_write(dst, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-        _atomic_write(sidecar_path(dst), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        with atomic_path(dst) as tmp:
+            save_file(tensors, tmp, metadata=metadata)
+        atomic_write_text(sidecar_path(dst), text)
     else:
         record = {"format": FORMAT, "version": VERSION, "model": dict(state), "config": to_dict(cfg)}
-        _atomic_write(dst, lambda tmp: torch.save(record, tmp))
+        with atomic_path(dst) as tmp:
+            torch.save(record, tmp)
 
 
 def main(args: Any) -> int:

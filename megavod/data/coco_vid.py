@@ -49,7 +49,7 @@ from typing import Any, Sequence
 import torch
 
 from megavod.data.classes import VID_CLASSES, VID_WNIDS
-from megavod.data.vid_xml import atomic_write_bytes
+from megavod.atomic import atomic_write_bytes
 from megavod.errors import MegavodError
 from megavod.structures import FrameAnnotation
 

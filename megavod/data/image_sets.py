@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from megavod.data.vid_xml import atomic_write_bytes
+from megavod.atomic import atomic_write_bytes
 from megavod.errors import MegavodError
 
 IMAGE_EXT = ".JPEG"

@@ -55,7 +55,8 @@ from megavod.data.synthetic_render import (
     occluder_params,
     render_frame,
 )
-from megavod.data.vid_xml import atomic_write_bytes, write_annotation
+from megavod.atomic import atomic_write_bytes
+from megavod.data.vid_xml import write_annotation
 from megavod.errors import MegavodError
 from megavod.structures import FrameAnnotation
 

@@ -32,14 +32,13 @@ naming the file and the field. The decisions where the authors' code is silent:
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
 
+from megavod.atomic import atomic_write_bytes
 from megavod.data.classes import WNID_TO_LABEL, VID_WNIDS
 from megavod.errors import MegavodError
 from megavod.structures import FrameAnnotation
@@ -189,19 +188,6 @@ def annotation_to_xml(
             _sub(obj, "generated", str(int(bool(ann.generated[i]))))
     ET.indent(root, space="\t")
     return ET.tostring(root, encoding="utf-8") + b"\n"
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_annotation(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from megavod.data.predictions import atomic_write_text
+from megavod.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from megavod.evaluation.vid_eval import PRCurve, VIDEvalResult

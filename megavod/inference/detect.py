@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from megavod.atomic import atomic_path
 from megavod.config import Config
 from megavod.data.classes import VID_CLASSES
 from megavod.data.predictions import FramePrediction, VideoPredictions, write_predictions
@@ -79,8 +80,7 @@ def _outputs(out_dir: Path, name: str) -> dict[str, Path]:
 
 def write_csv(path: Path, video: VideoPredictions) -> None:
     """One row per detection: video, frame, file, x1, y1, x2, y2, score, label, class (atomic)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["video", "frame", "file", "x1", "y1", "x2", "y2", "score", "label", "class"])
         for fp in video.frames:
@@ -88,7 +88,6 @@ def write_csv(path: Path, video: VideoPredictions) -> None:
             for box, score, label in zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist()):
                 writer.writerow([video.video, fp.frame, fp.file or "", *(f"{v:.2f}" for v in box),
                                  f"{score:.6f}", label, VID_CLASSES[label]])
-    os.replace(tmp, path)
 
 
 class Detector:

@@ -16,7 +16,8 @@ Work the authors' code repeats and megavod does once (same numbers):
 
 State-dict names equal the authors' (spec §9) except inside the aggregator, whose names map one to one
 (:meth:`MEGAAggregator.authors_key_mapping`): ``roi_heads.box.feature_extractor.aggregator.fcs.0`` is
-their ``roi_heads.box.feature_extractor.l_fcs.0``.
+their ``roi_heads.box.feature_extractor.l_fcs.0``. The per-frame pass and the shared training rows are
+in :mod:`megavod.models.relation_detector`.
 """
 
 from __future__ import annotations
@@ -25,84 +26,38 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from megavod.config import Config
-from megavod.errors import ConfigError
 from megavod.inference.memory import LongRangeMemory
-from megavod.models.backbone import C4Backbone, build_backbone, build_res5_head, load_pretrained_resnet
-from megavod.models.box_coder import BoxCoder
+from megavod.models.backbone import C4Backbone
 from megavod.models.mega_head import MEGAAggregator, RoiRows
-from megavod.models.roi_heads import BoxPostProcessor, FastRCNNLossComputation, FPNPredictor, ResNetC5RoIPooler
-from megavod.models.rpn import RPN, build_rpn
+from megavod.models.relation_detector import RelationDetector, build_relation_detector
+from megavod.models.roi_heads import RoIBoxHead
+from megavod.models.rpn import RPN
 from megavod.structures import Detections, FrameFeatures
 
 
-class MEGAFeatureExtractor(ResNetC5RoIPooler):
-    """res5 -> [conv] -> RoIAlign -> the aggregator (whose ``fcs[0]`` is the authors' ``l_fcs[0]``)."""
-
-    def __init__(self, pooler_args: dict[str, Any], aggregator: MEGAAggregator) -> None:
-        super().__init__(**pooler_args)
-        self.aggregator = aggregator
-
-    def raw_features(self, c4: Tensor, boxes: Sequence[Tensor]) -> Tensor:
-        """Raw per-RoI features ReLU(l_fcs[0](RoIAlign(res5(C4)))) for boxes of each image of ``c4``."""
-        return self.aggregator.embed(self.pool(self.res5(c4), list(boxes)))
-
-
-class MEGABoxHead(nn.Module):
-    """``roi_heads.box``: feature extractor, predictor, and the Fast R-CNN loss / postprocess."""
-
-    def __init__(self, feature_extractor: MEGAFeatureExtractor, predictor: FPNPredictor,
-                 loss: FastRCNNLossComputation, postprocessor: BoxPostProcessor) -> None:
-        super().__init__()
-        self.feature_extractor = feature_extractor
-        self.predictor = predictor
-        self.loss_computation = loss
-        self.postprocessor = postprocessor
-
-
-class MEGADetector(nn.Module):
+class MEGADetector(RelationDetector):
     """MEGA (also the base model: the engine just runs it without memory).
 
     Args:
         backbone, rpn: as the single-frame detector.
-        box_head: :class:`MEGABoxHead`.
+        box_head: a box head whose feature extractor's aggregator is a :class:`MEGAAggregator`.
         ref_proposals: proposals per local/global/memory frame (code 75, ``REF_POST_NMS_TOP_N``).
         temporal_embedding: tag rows with their frame index (spec §13.7).
     """
 
-    def __init__(self, backbone: C4Backbone, rpn: RPN, box_head: MEGABoxHead, ref_proposals: int = 75,
+    def __init__(self, backbone: C4Backbone, rpn: RPN, box_head: RoIBoxHead, ref_proposals: int = 75,
                  temporal_embedding: bool = False) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.rpn = rpn
-        self.roi_heads = nn.ModuleDict({"box": box_head})
-        self.ref_proposals = ref_proposals
+        super().__init__(backbone, rpn, box_head, ref_proposals)
         self.temporal_embedding = temporal_embedding
-
-    @property
-    def box_head(self) -> MEGABoxHead:
-        return self.roi_heads["box"]
-
-    @property
-    def aggregator(self) -> MEGAAggregator:
-        return self.box_head.feature_extractor.aggregator
-
-    # -- inference: the streaming engine's entry points -----------------------------------------------
-
-    @torch.no_grad()
-    def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> FrameFeatures:
-        """The per-frame pass, once per frame: C4, the 300 test proposals, their raw RoI features."""
-        size = (int(image.shape[-2]), int(image.shape[-1]))
-        c4 = self.backbone(image[None])
-        boxes = self.rpn.proposals(c4, [size], "key")[0].boxes
-        feats = self.box_head.feature_extractor.raw_features(c4, [boxes])
-        return FrameFeatures(index, boxes, feats, size, original_size)
 
     def _rows(self, frame: FrameFeatures, n: int | None) -> RoiRows:
         rows = slice(0, n)
         return RoiRows.of_frame(frame.feats[rows], frame.boxes[rows], frame.index if self.temporal_embedding else None)
+
+    # -- inference: the streaming engine's entry point ------------------------------------------------
 
     @torch.no_grad()
     def detect_key(
@@ -122,10 +77,7 @@ class MEGADetector(nn.Module):
             global_pool=RoiRows.cat(pool) if pool else RoiRows(key.feats[:0], key.boxes[:0]),
             memory=memory.read_all() if memory is not None else None,
         )
-        class_logits, box_regression = self.box_head.predictor(out.features)
-        detections = self.box_head.postprocessor(class_logits, box_regression, [key.boxes], [key.image_size])[0]
-        (h, w), (oh, ow) = key.image_size, key.original_size
-        return detections.scale(ow / w, oh / h), out.memory_push
+        return self.predict(key, out.features), out.memory_push
 
     # -- training (spec §5.2) -------------------------------------------------------------------------
 
@@ -140,78 +92,39 @@ class MEGADetector(nn.Module):
         sample = batch[0]
         size = sample.image_size
         extractor = self.box_head.feature_extractor
-        n = self.ref_proposals
 
-        def ref_rows(images: Sequence[Tensor], grad: bool) -> list[RoiRows]:
+        def ref_rows(images: Sequence[Tensor]) -> list[RoiRows]:
             if not images:
                 return []
-            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-                c4 = self.backbone(torch.stack(list(images)))
-                props = [p.boxes for p in self.rpn.proposals(c4, [size] * len(images), "ref")]
-                feats = extractor.raw_features(c4, props).split([len(p) for p in props])
+            c4 = self.backbone(torch.stack(list(images)))
+            props = [p.boxes for p in self.rpn.proposals(c4, [size] * len(images), "ref")]
+            feats = extractor.raw_features(c4, props).split([len(p) for p in props])
             return [RoiRows(f, b) for f, b in zip(feats, props)]
 
-        # Memory frames: their own stack of stages under no_grad (stop-gradient, current weights).
-        global_rows = ref_rows(sample.refs.get("global", []), grad=True)
+        # Global frames: raw features, with gradient.
+        global_rows = ref_rows(sample.refs.get("global", []))
         global_pool = RoiRows.cat(global_rows) if global_rows else RoiRows(
-            sample.image.new_zeros(0, extractor.aggregator.feat_dim), sample.image.new_zeros(0, 4))
+            sample.image.new_zeros(0, self.aggregator.feat_dim), sample.image.new_zeros(0, 4))
+        # Memory frames: their own global and local stages under no_grad (stop-gradient, current weights).
         memory = None
         if sample.refs.get("memory"):
-            memory = self.aggregator.memory_from_frames(ref_rows(sample.refs["memory"], grad=False), global_pool)
-
-        # Key and local frames in one backbone batch; the key is also a local frame (its first 75).
-        local_images = sample.refs.get("local", [])
-        c4 = self.backbone(torch.stack([sample.image, *local_images]))
-        target = sample.target
-        key_props, rpn_losses = self.rpn(c4[:1], [size], [target])
-        key_boxes = key_props[0].boxes
-        n_key_ref = len(key_boxes) - len(target["boxes"])  # the RPN's own proposals, before the GT
-        local_props = [key_boxes[: min(n, n_key_ref)]]
-        if local_images:
-            local_props += [p.boxes for p in self.rpn.proposals(c4[1:], [size] * len(local_images), "ref")]
-        sampled = self.box_head.loss_computation.subsample([key_boxes], [target])
-        # One RoIAlign per image: the key image holds its sampled RoIs and its own 75 reference rows.
-        key_rois = torch.cat([sampled.boxes[0], local_props[0]])
-        raw = extractor.raw_features(c4, [key_rois, *local_props[1:]])
-        raw = raw.split([len(sampled.boxes[0])] + [len(p) for p in local_props])
+            with torch.no_grad():
+                memory_rows = ref_rows(sample.refs["memory"])
+            memory = self.aggregator.memory_from_frames(memory_rows, global_pool)
+        # Key and local frames; the key is also a local frame (its first 75 proposals).
+        parts = self.key_and_references(sample, sample.refs.get("local", []))
         out = self.aggregator(
-            key=RoiRows(raw[0], sampled.boxes[0]),
-            local_frames=[RoiRows(f, b) for f, b in zip(raw[1:], local_props)],
+            key=RoiRows(parts.key_feats, parts.sampled.boxes[0]),
+            local_frames=[RoiRows(f, b) for f, b in zip(parts.ref_feats, parts.ref_boxes)],
             global_pool=global_pool,
             memory=memory,
         )
-        class_logits, box_regression = self.box_head.predictor(out.features)
-        return {**rpn_losses, **self.box_head.loss_computation.loss(class_logits, box_regression, sampled)}
+        return self.losses(parts, out.features)
 
 
 def build_mega_detector(cfg: Config) -> MEGADetector:
     """MEGA from a config; loads ``model.backbone.weights`` (a local file) into the C4 body and res5."""
-    m, h = cfg.model, cfg.model.roi_head
-    if m.rpn.ref_pre_nms_top_n != m.rpn.pre_nms_top_n_test:
-        raise ConfigError(
-            "config key 'model.rpn.ref_pre_nms_top_n': must equal model.rpn.pre_nms_top_n_test for MEGA "
-            f"(reference proposals are the first of each frame's test proposals), got "
-            f"{m.rpn.ref_pre_nms_top_n} and {m.rpn.pre_nms_top_n_test}"
-        )
-    backbone = build_backbone(m.backbone)
-    pooler_args = dict(
-        res5=build_res5_head(m.backbone),
-        reduce_channels=h.reduced_channels if h.reduce_channel else None,
-        resolution=h.pooler_resolution,
-        scale=h.pooler_scale,
-        sampling_ratio=h.sampling_ratio,
+    return build_relation_detector(
+        cfg, MEGADetector, lambda pooled: MEGAAggregator.from_config(cfg, pooled),
+        temporal_embedding=cfg.relation.temporal_embedding,
     )
-    pooled = (pooler_args["reduce_channels"] or pooler_args["res5"].out_channels) * h.pooler_resolution**2
-    extractor = MEGAFeatureExtractor(pooler_args, MEGAAggregator.from_config(cfg, pooled))
-    box_coder = BoxCoder(tuple(h.bbox_reg_weights))
-    box_head = MEGABoxHead(
-        extractor,
-        FPNPredictor(h.representation_size, h.num_classes),
-        FastRCNNLossComputation(box_coder, h.fg_iou_thresh, h.bg_iou_thresh, h.batch_size_per_image, h.positive_fraction),
-        BoxPostProcessor(box_coder, h.score_thresh, h.nms_thresh, h.detections_per_img),
-    )
-    detector = MEGADetector(backbone, build_rpn(m.rpn, backbone.out_channels), box_head,
-                            m.rpn.ref_post_nms_top_n, cfg.relation.temporal_embedding)
-    if m.backbone.weights:
-        load_pretrained_resnet(m.backbone.weights, backbone.body, extractor.head)
-    return detector

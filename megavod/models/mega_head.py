@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megavod.models.relation import RelationModule, make_fc_init
+from megavod.models.relation import RelationModule, first_rows_index, make_fc_init
 
 
 @dataclass
@@ -103,15 +103,6 @@ class MEGAOutput:
 
     features: Tensor
     memory_push: list[RoiRows]
-
-
-def _distilled_index(counts: Sequence[int], advanced_num: int, device: torch.device) -> Tensor:
-    """Row indices of D: the first ``advanced_num`` (highest-objectness) rows of every frame."""
-    index, start = [], 0
-    for count in counts:
-        index.append(torch.arange(start, start + min(advanced_num, count), device=device))
-        start += count
-    return torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)
 
 
 class MEGAAggregator(nn.Module):
@@ -238,7 +229,7 @@ class MEGAAggregator(nn.Module):
         if self.N_l == 0:
             return key, []
         n_key = len(key)
-        queries = RoiRows.cat([key, local.select(_distilled_index(counts, self.advanced_num, local.feats.device))])
+        queries = RoiRows.cat([key, local.select(first_rows_index(counts, self.advanced_num, local.feats.device))])
         refs = local
         stage_refs = []
         for i, module in enumerate(self.local_stages):

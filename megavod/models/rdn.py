@@ -37,23 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megavod.config import Config
-from megavod.errors import ConfigError
-from megavod.models.backbone import C4Backbone, build_backbone, build_res5_head, load_pretrained_resnet
-from megavod.models.box_coder import BoxCoder
-from megavod.models.relation import RelationModule, make_fc_init
-from megavod.models.roi_heads import BoxPostProcessor, FastRCNNLossComputation, FPNPredictor, ResNetC5RoIPooler
-from megavod.models.rpn import RPN, build_rpn
+from megavod.models.relation import RelationModule, first_rows_index, make_fc_init
+from megavod.models.relation_detector import RelationDetector, build_relation_detector
 from megavod.structures import Detections, FrameFeatures
-
-
-def first_rows_index(counts: Sequence[int], n: int, device: torch.device | None = None) -> Tensor:
-    """Indices of the first ``n`` rows of every frame of rows laid out frame by frame (``counts`` each):
-    the advanced set D (the frames' highest-objectness proposals, since proposals are sorted)."""
-    index, start = [], 0
-    for count in counts:
-        index.append(torch.arange(start, start + min(n, count), device=device))
-        start += count
-    return torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)
 
 
 class RDNAggregator(nn.Module):
@@ -154,64 +140,13 @@ class RDNAggregator(nn.Module):
         return mapping
 
 
-class RDNFeatureExtractor(ResNetC5RoIPooler):
-    """res5 -> [conv] -> RoIAlign -> the aggregator (``roi_heads.box.feature_extractor``)."""
+class RDNDetector(RelationDetector):
+    """RDN-base / RDN detector: backbone, RPN and a box head whose aggregator is an :class:`RDNAggregator`.
 
-    def __init__(self, pooler_args: dict[str, Any], aggregator: RDNAggregator) -> None:
-        super().__init__(**pooler_args)
-        self.aggregator = aggregator
-
-    def raw_features(self, c4: Tensor, boxes: Sequence[Tensor]) -> Tensor:
-        """ReLU(fcs[0](RoIAlign(res5(C4)))) for the boxes of each image of ``c4``, concatenated."""
-        return self.aggregator.embed(self.pool(self.res5(c4), list(boxes)))
-
-
-class RDNBoxHead(nn.Module):
-    """``roi_heads.box``: feature extractor, predictor, and the Fast R-CNN loss / postprocess."""
-
-    def __init__(self, feature_extractor: RDNFeatureExtractor, predictor: FPNPredictor,
-                 loss: FastRCNNLossComputation, postprocessor: BoxPostProcessor) -> None:
-        super().__init__()
-        self.feature_extractor = feature_extractor
-        self.predictor = predictor
-        self.loss_computation = loss
-        self.postprocessor = postprocessor
-
-
-class RDNDetector(nn.Module):
-    """RDN-base / RDN detector.
-
-    Args:
-        backbone, rpn: as the single-frame detector.
-        box_head: :class:`RDNBoxHead`.
-        ref_proposals: supportive proposals per frame (code 75, ``REF_POST_NMS_TOP_N``).
+    ``ref_proposals``: supportive proposals per frame (code 75, ``REF_POST_NMS_TOP_N``).
     """
 
-    def __init__(self, backbone: C4Backbone, rpn: RPN, box_head: RDNBoxHead, ref_proposals: int = 75) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.rpn = rpn
-        self.roi_heads = nn.ModuleDict({"box": box_head})
-        self.ref_proposals = ref_proposals
-
-    @property
-    def box_head(self) -> RDNBoxHead:
-        return self.roi_heads["box"]
-
-    @property
-    def aggregator(self) -> RDNAggregator:
-        return self.box_head.feature_extractor.aggregator
-
-    # -- inference: the relation streaming engine's entry points ---------------------------------------
-
-    @torch.no_grad()
-    def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> FrameFeatures:
-        """The per-frame pass, once per frame: C4, the 300 test proposals, their raw RoI features."""
-        size = (int(image.shape[-2]), int(image.shape[-1]))
-        c4 = self.backbone(image[None])
-        boxes = self.rpn.proposals(c4, [size], "key")[0].boxes
-        feats = self.box_head.feature_extractor.raw_features(c4, [boxes])
-        return FrameFeatures(index, boxes, feats, size, original_size)
+    # -- inference: the relation streaming engine's entry point ----------------------------------------
 
     @torch.no_grad()
     def detect_key(self, key: FrameFeatures, local_window: Sequence[FrameFeatures],
@@ -227,11 +162,7 @@ class RDNDetector(nn.Module):
         support = torch.cat([f.feats[:n] for f in local_window])
         support_boxes = torch.cat([f.boxes[:n] for f in local_window])
         counts = [min(n, len(f.boxes)) for f in local_window]
-        feats = self.aggregator(key.feats, key.boxes, support, support_boxes, counts)
-        class_logits, box_regression = self.box_head.predictor(feats)
-        detections = self.box_head.postprocessor(class_logits, box_regression, [key.boxes], [key.image_size])[0]
-        (h, w), (oh, ow) = key.image_size, key.original_size
-        return detections.scale(ow / w, oh / h), []
+        return self.predict(key, self.aggregator(key.feats, key.boxes, support, support_boxes, counts)), []
 
     # -- training (spec §6.4) --------------------------------------------------------------------------
 
@@ -245,57 +176,12 @@ class RDNDetector(nn.Module):
             raise ValueError("RDNDetector.forward computes training losses; use the streaming engine to detect")
         if len(batch) != 1:
             raise ValueError(f"RDN trains one key frame per process (spec §0), got {len(batch)}")
-        sample = batch[0]
-        size, target = sample.image_size, sample.target
-        refs = sample.refs.get("ref", [])
-        extractor = self.box_head.feature_extractor
-        n = self.ref_proposals
-
-        c4 = self.backbone(torch.stack([sample.image, *refs]))
-        key_props, rpn_losses = self.rpn(c4[:1], [size], [target])
-        key_boxes = key_props[0].boxes
-        n_key_ref = len(key_boxes) - len(target["boxes"])  # the RPN's own proposals, before the GT
-        support_props = [key_boxes[: min(n, n_key_ref)]]
-        if refs:
-            support_props += [p.boxes for p in self.rpn.proposals(c4[1:], [size] * len(refs), "ref")]
-        sampled = self.box_head.loss_computation.subsample([key_boxes], [target])
-        # One RoIAlign per image: the key image holds its sampled RoIs and its own supportive rows.
-        raw = extractor.raw_features(c4, [torch.cat([sampled.boxes[0], support_props[0]]), *support_props[1:]])
-        key_feats, support = raw.split([len(sampled.boxes[0]), raw.shape[0] - len(sampled.boxes[0])])
-        feats = self.aggregator(key_feats, sampled.boxes[0], support, torch.cat(support_props),
-                                [len(p) for p in support_props])
-        class_logits, box_regression = self.box_head.predictor(feats)
-        return {**rpn_losses, **self.box_head.loss_computation.loss(class_logits, box_regression, sampled)}
+        parts = self.key_and_references(batch[0], batch[0].refs.get("ref", []))
+        feats = self.aggregator(parts.key_feats, parts.sampled.boxes[0], torch.cat(parts.ref_feats),
+                                torch.cat(parts.ref_boxes), [len(b) for b in parts.ref_boxes])
+        return self.losses(parts, feats)
 
 
 def build_rdn_detector(cfg: Config) -> RDNDetector:
     """RDN-base / RDN from a config (``rdn.advanced_stages`` 0 / 1); loads ``model.backbone.weights``."""
-    m, h = cfg.model, cfg.model.roi_head
-    if m.rpn.ref_pre_nms_top_n != m.rpn.pre_nms_top_n_test:
-        raise ConfigError(
-            "config key 'model.rpn.ref_pre_nms_top_n': must equal model.rpn.pre_nms_top_n_test for RDN "
-            f"(supportive proposals are the first of each frame's test proposals), got "
-            f"{m.rpn.ref_pre_nms_top_n} and {m.rpn.pre_nms_top_n_test}"
-        )
-    backbone = build_backbone(m.backbone)
-    pooler_args = dict(
-        res5=build_res5_head(m.backbone),
-        reduce_channels=h.reduced_channels if h.reduce_channel else None,
-        resolution=h.pooler_resolution,
-        scale=h.pooler_scale,
-        sampling_ratio=h.sampling_ratio,
-    )
-    pooled = (pooler_args["reduce_channels"] or pooler_args["res5"].out_channels) * h.pooler_resolution**2
-    extractor = RDNFeatureExtractor(pooler_args, RDNAggregator.from_config(cfg, pooled))
-    box_coder = BoxCoder(tuple(h.bbox_reg_weights))
-    box_head = RDNBoxHead(
-        extractor,
-        FPNPredictor(h.representation_size, h.num_classes),
-        FastRCNNLossComputation(box_coder, h.fg_iou_thresh, h.bg_iou_thresh, h.batch_size_per_image,
-                                h.positive_fraction),
-        BoxPostProcessor(box_coder, h.score_thresh, h.nms_thresh, h.detections_per_img),
-    )
-    detector = RDNDetector(backbone, build_rpn(m.rpn, backbone.out_channels), box_head, m.rpn.ref_post_nms_top_n)
-    if m.backbone.weights:
-        load_pretrained_resnet(m.backbone.weights, backbone.body, extractor.head)
-    return detector
+    return build_relation_detector(cfg, RDNDetector, lambda pooled: RDNAggregator.from_config(cfg, pooled))

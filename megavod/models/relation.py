@@ -22,6 +22,7 @@ authors' shapes (``Wv`` stays a [C, C, 1, 1] grouped-conv weight, ``Wg`` a [M_h,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -249,3 +250,14 @@ class RelationModule(nn.Module):
         if self.location_based:
             logits = logits + self.geometry_bias(x_boxes, ref_boxes, x_frames, ref_frames)
         return logits.softmax(dim=2)
+
+
+def first_rows_index(counts: Sequence[int], n: int, device: torch.device | None = None) -> Tensor:
+    """Indices of the first ``n`` rows of every frame of rows laid out frame by frame (``counts`` each):
+    MEGA's distilled and RDN's advanced set D (the frames' highest-objectness proposals, as
+    proposals are sorted by objectness)."""
+    index, start = [], 0
+    for count in counts:
+        index.append(torch.arange(start, start + min(n, count), device=device))
+        start += count
+    return torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)

@@ -16,7 +16,7 @@ and ``roi_heads.box.predictor.{cls_score, bbox_pred}`` (torchvision: ``roi_heads
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +110,20 @@ class ResNetC5MLPFeatureExtractor(ResNetC5RoIPooler):
 
     def forward(self, c4: Tensor, boxes: Sequence[Tensor | Proposals]) -> Tensor:
         return self.mlp(self.pool(self.res5(c4), boxes))
+
+
+class AggregatingFeatureExtractor(ResNetC5RoIPooler):
+    """res5 -> [conv] -> RoIAlign -> ``aggregator`` (MEGA, RDN), whose ``embed`` is the authors' fc6 + ReLU
+    giving each RoI's raw feature; the aggregation itself is called by the detector with other frames' rows."""
+
+    def __init__(self, res5: ResNetHead, aggregator: nn.Module, reduce_channels: int | None = None,
+                 resolution: int = 7, scale: float = 1.0 / 16, sampling_ratio: int = 0):
+        super().__init__(res5, reduce_channels, resolution, scale, sampling_ratio)
+        self.aggregator = aggregator
+
+    def raw_features(self, c4: Tensor, boxes: Sequence[Tensor | Proposals]) -> Tensor:
+        """Raw per-RoI features ReLU(fc6(RoIAlign(res5(C4)))) of the boxes of each image of ``c4``."""
+        return self.aggregator.embed(self.pool(self.res5(c4), boxes))
 
 
 class FPNPredictor(nn.Module):
@@ -275,8 +289,9 @@ class RoIBoxHead(nn.Module):
         return self.postprocessor(class_logits, box_regression, proposals, image_sizes)
 
 
-def build_box_head(model_cfg: Any) -> RoIBoxHead:
-    """Plain C4 box head from a ``megavod.config.ModelConfig`` (uses ``.backbone`` and ``.roi_head``)."""
+def build_box_head(model_cfg: Any, make_aggregator: Callable[[int], nn.Module] | None = None) -> RoIBoxHead:
+    """C4 box head from a ``megavod.config.ModelConfig`` (uses ``.backbone`` and ``.roi_head``): the plain
+    fc6/fc7 head, or with ``make_aggregator(pooled_features)`` an aggregating one (MEGA, RDN)."""
     from megavod.errors import ConfigError
 
     b, h = model_cfg.backbone, model_cfg.roi_head
@@ -284,14 +299,18 @@ def build_box_head(model_cfg: Any) -> RoIBoxHead:
         raise ConfigError("config key 'model.roi_head.pooler_scale': must be 1/32 when "
                           "model.backbone.res5_dilation is 1 (res5 then has stride 32)")
     box_coder = BoxCoder(tuple(h.bbox_reg_weights))
-    extractor = ResNetC5MLPFeatureExtractor(
-        build_res5_head(b),
+    pooler = dict(
         reduce_channels=h.reduced_channels if h.reduce_channel else None,
         resolution=h.pooler_resolution,
         scale=h.pooler_scale,
         sampling_ratio=h.sampling_ratio,
-        representation_size=h.representation_size,
     )
+    res5 = build_res5_head(b)
+    if make_aggregator is None:
+        extractor = ResNetC5MLPFeatureExtractor(res5, representation_size=h.representation_size, **pooler)
+    else:
+        pooled = (pooler["reduce_channels"] or res5.out_channels) * h.pooler_resolution**2
+        extractor = AggregatingFeatureExtractor(res5, make_aggregator(pooled), **pooler)
     return RoIBoxHead(
         extractor,
         FPNPredictor(h.representation_size, h.num_classes),
