@@ -84,13 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
             "megavod.train.engine", "main", 4)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.add_argument("--config", required=True, help="preset name or YAML path")
-    p.add_argument("--data", type=Path, required=True, help="dataset root in the ImageNet VID layout")
+    p.add_argument("--data", type=Path, required=True,
+                   help="dataset: a root in the ImageNet VID layout, or a COCO-VID .json (images relative to it)")
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder (default: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
     p = add("eval", "Evaluate predictions with the ImageNet VID protocol (mAP and mAP by motion speed).",
             "megavod.evaluation.cli", "main", 6)
-    p.add_argument("--data", type=Path, required=True, help="dataset root in the ImageNet VID layout")
+    p.add_argument("--data", type=Path, required=True,
+                   help="ground truth: a root in the ImageNet VID layout, or a COCO-VID .json")
     p.add_argument("--pred", type=Path, required=True, help="prediction file written by megavod detect")
     p.add_argument("--out", type=Path, default=None, help="folder for eval.json and PR curves")
     p.add_argument("--protocol", choices=("authors", "ilsvrc"), default="authors",

@@ -20,6 +20,14 @@ XML, a box outside the image, a ``name`` that is not a WordNet id (``vid_xml``),
 image is missing or whose video is shorter than its ``video_len`` column, an image whose size is not
 the XML's.
 
+The root can instead be a COCO-VID ``.json`` file (:mod:`megavod.data.coco_vid`, custom datasets):
+its key frames are the frames marked ``is_vid_train_frame`` when the file marks any (mmtracking's VID
+training, the same frames as ``VID_train_15frames``), else every frame; those without a box are
+dropped. A frame's number is its position in the video's ``frame_id`` order, the video length its
+number of images, and each frame's image is its ``file_name`` under the image root (default: the
+JSON's folder); ``data.train_sets`` does not apply. Errors name the file and the entry as for the
+lists (malformed JSON as :func:`read_coco_vid`, a missing image file, an image of another size).
+
 Each item is a :class:`TrainSample`: the key frame resized (short side 600, long side at most 1000)
 and normalised, its target boxes mapped into the resized image, and the reference images, all
 flipped together with the key (spec §1.5) and resized to the same size. All randomness of an item
@@ -41,6 +49,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from megavod.config import Config
+from megavod.data.coco_vid import CocoVidDataset, read_coco_vid
 from megavod.data.image_sets import IMAGE_EXT, read_image_set
 from megavod.data.sampling import ReferenceSampler, SampleKey, build_reference_sampler
 from megavod.data.transforms import FrameTransform, TransformDraw, build_transform
@@ -120,6 +129,7 @@ class FrameRecord:
     height: int
     boxes: np.ndarray  # float32 [N,4]
     labels: np.ndarray  # int64 [N]
+    files: tuple[Path, ...] | None = None  # COCO-VID: the image of each frame of the video, else None
 
     @property
     def is_video(self) -> bool:
@@ -175,12 +185,54 @@ def read_records(root: Path, image_set: str) -> tuple[list[FrameRecord], int]:
     return records, dropped
 
 
+def coco_vid_records(dataset: CocoVidDataset) -> tuple[list[FrameRecord], int]:
+    """Kept records of a COCO-VID file (module docstring) and how many key frames were dropped (no box)."""
+    marked = any(video.train_frames for video in dataset.videos)
+    records, dropped = [], 0
+    for video in dataset.videos:
+        # One tuple per video, shared by its records: references index it by frame position.
+        files = tuple(dataset.image_path(video, i) for i in range(len(video)))
+        train = set(video.train_frames)
+        for index, ann in enumerate(video.frames):
+            if marked and ann.frame not in train:
+                continue
+            if not len(ann):
+                dropped += 1  # no object: the authors drop it at build time
+                continue
+            # As the list path checks each listed image and each video's last frame.
+            for i in {index, len(video) - 1}:
+                if not files[i].is_file():
+                    raise MegavodError(
+                        f"{dataset.path}: image id {video.image_ids[i]} ({video.files[i]!r}): image file "
+                        f"not found: {files[i]}"
+                    )
+            boxes = ann.boxes.numpy().astype(np.float32).reshape(-1, 4)
+            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # clip_to_image(remove_empty)
+            records.append(
+                FrameRecord(
+                    image_set=dataset.path,
+                    subset="VID",
+                    image_id=video.files[index],
+                    video=video.name,
+                    frame=index,
+                    video_len=len(video),
+                    width=ann.width,
+                    height=ann.height,
+                    boxes=boxes[keep],
+                    labels=ann.labels.numpy().astype(np.int64)[keep],
+                    files=files,
+                )
+            )
+    return records, dropped
+
+
 class VIDTrainDataset(Dataset):
     """The concatenation of image sets (e.g. ``DET_train_30classes`` + ``VID_train_15frames``).
 
     ``ref_sampler`` is the method's (``None``: no references, the single-frame detector).
     Index with a :class:`SampleKey` (index + seed of the item's randomness) or a plain index (then the
-    index is the seed).
+    index is the seed). A ``root`` ending in ``.json`` is a COCO-VID file (``image_sets`` ignored,
+    ``image_root`` as :func:`read_coco_vid`'s).
     """
 
     def __init__(
@@ -189,16 +241,23 @@ class VIDTrainDataset(Dataset):
         image_sets: Sequence[str],
         transform: FrameTransform,
         ref_sampler: ReferenceSampler | None = None,
+        image_root: str | Path | None = None,
     ) -> None:
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise MegavodError(f"{self.root}: data folder not found")
-        if not image_sets:
-            raise ValueError("VIDTrainDataset: no image sets")
         self.transform = transform
         self.ref_sampler = ref_sampler
         self.records: list[FrameRecord] = []
         self.dropped: dict[str, int] = {}
+        if self.root.suffix.lower() == ".json":
+            dataset = read_coco_vid(self.root, image_root)
+            self.records, self.dropped[self.root.name] = coco_vid_records(dataset)
+            if not self.records:
+                raise MegavodError(f"{self.root}: no key frame has a box")
+            return
+        if not self.root.is_dir():
+            raise MegavodError(f"{self.root}: data folder not found")
+        if not image_sets:
+            raise ValueError("VIDTrainDataset: no image sets")
         for name in image_sets:
             records, dropped = read_records(self.root, name)
             self.records += records
@@ -212,6 +271,8 @@ class VIDTrainDataset(Dataset):
         return len(self.records)
 
     def image_path(self, record: FrameRecord, frame: int | None = None) -> Path:
+        if record.files is not None:
+            return record.files[record.frame if frame is None else frame]
         image_id = record.image_id if frame is None else f"{record.video}/{frame:06d}"
         return self.root / "Data" / record.subset / f"{image_id}{IMAGE_EXT}"
 
@@ -226,10 +287,13 @@ class VIDTrainDataset(Dataset):
         except OSError as exc:
             raise MegavodError(f"{path}: cannot read image ({exc})") from None
         if image.size != (record.width, record.height):
-            xml = self.root / "Annotations" / record.subset / f"{record.image_id}.xml"
+            if record.files is not None:
+                where = f"{record.image_set}: {record.image_id!r}: width x height"
+            else:
+                xml = self.root / "Annotations" / record.subset / f"{record.image_id}.xml"
+                where = f"{xml}: size/width x size/height"
             raise MegavodError(
-                f"{xml}: size/width x size/height is {record.width}x{record.height} but {path} is "
-                f"{image.size[0]}x{image.size[1]}"
+                f"{where} is {record.width}x{record.height} but {path} is {image.size[0]}x{image.size[1]}"
             )
         return image
 
@@ -276,11 +340,13 @@ class VIDTrainDataset(Dataset):
         return refs, frames
 
 
-def build_train_dataset(cfg: Config, root: str | Path) -> VIDTrainDataset:
-    """``cfg.data.train_sets`` under ``root`` with the method's references and the train transform."""
+def build_train_dataset(cfg: Config, root: str | Path, image_root: str | Path | None = None) -> VIDTrainDataset:
+    """``cfg.data.train_sets`` under ``root`` (or the COCO-VID file ``root``) with the method's
+    references and the train transform."""
     return VIDTrainDataset(
         root,
         cfg.data.train_sets,
         build_transform(cfg.input, train=True),
         build_reference_sampler(cfg),
+        image_root,
     )

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from megavod.data.classes import VID_CLASSES
+from megavod.data.coco_vid import read_coco_vid
 from megavod.data.image_sets import read_image_set
 from megavod.data.predictions import read_predictions
 from megavod.data.vid_xml import read_annotation
@@ -484,15 +485,18 @@ def evaluate_dataset(
     plots: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> VIDEvalResult:
-    """Evaluate a prediction file against an ILSVRC2015-layout directory (``megavod eval``).
+    """Evaluate a prediction file against an ILSVRC2015-layout folder or a COCO-VID file (``megavod eval``).
 
     Args:
-        data_dir: the dataset root holding ``Annotations/VID`` and ``ImageSets``.
+        data_dir: the dataset root holding ``Annotations/VID`` and ``ImageSets``, or a COCO-VID
+            ``.json`` file (``megavod.data.coco_vid``): then every image of the file is evaluated,
+            videos named as its ``videos[].name`` and frames numbered by its ``frame_id``.
         pred_file: a prediction file (``megavod.data.predictions``), boxes in original pixels.
         protocol: ``"authors"`` or ``"ilsvrc"`` (spec §13.10).
         out_dir: where ``eval.json``, ``result.txt`` and ``pr_curves/`` go (nothing written if None).
         image_set: the list of frames to evaluate, ``ImageSets/<image_set>.txt``. By default
-            ``VID_val_videos`` if present, else every XML under ``Annotations/VID/val``.
+            ``VID_val_videos`` if present, else every XML under ``Annotations/VID/val``. Not for a
+            COCO-VID file.
         plots: whether to draw ``pr_curves/<class>.png``.
         log: receives a progress line and then the terminal table (None: silent).
 
@@ -504,15 +508,25 @@ def evaluate_dataset(
     if protocol not in PROTOCOLS:
         raise MegavodError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     data_dir = Path(data_dir)
+    coco = data_dir.suffix.lower() == ".json"
     ann_root = data_dir / "Annotations" / "VID"
-    if not ann_root.is_dir():
+    if coco and image_set is not None:
+        raise MegavodError(
+            f"{data_dir}: a COCO-VID file is evaluated whole; image set {image_set!r} does not apply"
+        )
+    if not coco and not ann_root.is_dir():
         raise MegavodError(f"{data_dir}: no Annotations/VID folder (expected the ILSVRC2015 layout)")
     videos = read_predictions(pred_file)
-    frames, source = _gt_frames(data_dir, image_set)
-
-    if log is not None:
-        log(f"reading {len(frames)} annotations listed in {source}")
-    gts = [read_annotation(ann_root / v / f"{f:06d}.xml", v, f) for v, f in frames]
+    if coco:
+        gts, source = read_coco_vid(data_dir).annotations(), str(data_dir)
+        frames = [(g.video, g.frame) for g in gts]
+        if log is not None:
+            log(f"read {len(frames)} annotated frames from {source}")
+    else:
+        frames, source = _gt_frames(data_dir, image_set)
+        if log is not None:
+            log(f"reading {len(frames)} annotations listed in {source}")
+        gts = [read_annotation(ann_root / v / f"{f:06d}.xml", v, f) for v, f in frames]
     position = {key: i for i, key in enumerate(frames)}
     size = {}
     for g in gts:
