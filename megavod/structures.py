@@ -23,15 +23,42 @@ def _check_rows(name: str, boxes: Tensor, *others: tuple[str, Tensor]) -> None:
 
 
 @dataclass
+class RelationInputs:
+    """Per detection, its query row in the detector's last location-based relation module: the
+    feature row ``feats`` [N, C] and the proposal box ``boxes`` [N, 4] (resized-image pixels, as the
+    module saw it). BLR (spec §13.12) computes relation weights between adjacent frames from them."""
+
+    feats: Tensor
+    boxes: Tensor
+
+    def __post_init__(self) -> None:
+        _check_rows("RelationInputs", self.boxes, ("feats", self.feats))
+
+    def __getitem__(self, index: Tensor | slice) -> "RelationInputs":
+        return RelationInputs(self.feats[index], self.boxes[index])
+
+    def to(self, device: torch.device | str) -> "RelationInputs":
+        return RelationInputs(self.feats.to(device), self.boxes.to(device))
+
+
+@dataclass
 class Detections:
-    """Detections of one frame: boxes [N,4], scores [N], labels [N] (1..30, 0 is background)."""
+    """Detections of one frame: boxes [N,4], scores [N], labels [N] (1..30, 0 is background).
+
+    ``relation`` (optional, only when asked for, see ``RelationDetector.record_relation_inputs``):
+    each detection's relation-module input, row for row, for BLR."""
 
     boxes: Tensor
     scores: Tensor
     labels: Tensor
+    relation: RelationInputs | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_rows("Detections", self.boxes, ("scores", self.scores), ("labels", self.labels))
+        if self.relation is not None and len(self.relation.boxes) != len(self.boxes):
+            raise ValueError(
+                f"Detections.relation has {len(self.relation.boxes)} rows but boxes has {self.boxes.shape[0]}"
+            )
 
     @classmethod
     def empty(cls) -> "Detections":
@@ -41,15 +68,18 @@ class Detections:
         return int(self.boxes.shape[0])
 
     def __getitem__(self, index: Tensor | slice) -> "Detections":
-        return Detections(self.boxes[index], self.scores[index], self.labels[index])
+        relation = None if self.relation is None else self.relation[index]
+        return Detections(self.boxes[index], self.scores[index], self.labels[index], relation)
 
     def to(self, device: torch.device | str) -> "Detections":
-        return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device))
+        relation = None if self.relation is None else self.relation.to(device)
+        return Detections(self.boxes.to(device), self.scores.to(device), self.labels.to(device), relation)
 
     def scale(self, sx: float, sy: float) -> "Detections":
-        """Rescale boxes as the authors' ``BoxList.resize`` does: coordinates times the ratio, no +1."""
+        """Rescale boxes as the authors' ``BoxList.resize`` does: coordinates times the ratio, no +1.
+        ``relation`` is kept as is (its boxes are the relation module's own, in its pixels)."""
         factors = torch.tensor([sx, sy, sx, sy], dtype=self.boxes.dtype, device=self.boxes.device)
-        return Detections(self.boxes * factors, self.scores, self.labels)
+        return Detections(self.boxes * factors, self.scores, self.labels, self.relation)
 
 
 @dataclass

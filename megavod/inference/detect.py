@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,7 +33,10 @@ from megavod.data.transforms import build_transform
 from megavod.data.video import RandomAccessFrames, draw_detections, list_frame_files, open_source, write_video
 from megavod.errors import MegavodError
 from megavod.inference.engine import StreamSettings, detect_offline, detect_online, detect_single_frames
-from megavod.structures import Detections
+from megavod.structures import Detections, RelationInputs
+
+if TYPE_CHECKING:
+    from megavod.postprocess.blr import RelationWeights
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".m4v", ".flv", ".wmv"}
 
@@ -104,9 +108,36 @@ class Detector:
         image, _ = self.transform(Image.fromarray(frame))
         return image.to(self.device), (frame.shape[0], frame.shape[1])
 
+    def has_relation_module(self) -> bool:
+        """Whether the model has a location-based relation module whose weights BLR can use."""
+        module = getattr(self.model, "blr_relation_module", None)
+        return module is not None and module() is not None
+
+    def stream(self, source, mode: str, relation_inputs: bool = False) -> Iterator[tuple[int, Detections]]:
+        """Detections per frame (original pixels), in frame order; with ``relation_inputs`` (MEGA, RDN)
+        each carries its relation-module input (:attr:`Detections.relation`) for BLR."""
+        if not relation_inputs or not self.has_relation_module():
+            yield from self._stream(source, mode)
+            return
+        self.model.record_relation_inputs = True
+        try:
+            yield from self._stream(source, mode)
+        finally:
+            self.model.record_relation_inputs = False
+
+    def relation_weights(self, inputs: Sequence[RelationInputs], frames: Sequence[int]) -> RelationWeights | None:
+        """BLR's relation weights (spec §13.12) of adjacent frames t, t+1 as a function of t, computed
+        when BLR asks for them (one [n_t, n_{t+1}] at a time); ``inputs[t]`` is frame t's
+        :class:`~megavod.structures.RelationInputs`. None (w = 0) without relation inputs."""
+        if not inputs:
+            return None
+        if len(inputs) != len(frames):
+            raise ValueError(f"relation inputs for {len(inputs)} frames, but {len(frames)} frames")
+        inputs, frames = tuple(inputs), tuple(frames)
+        return lambda t: self.model.blr_relation_weights(inputs[t], inputs[t + 1], frames[t], frames[t + 1])
+
     @torch.inference_mode()
-    def stream(self, source, mode: str) -> Iterator[tuple[int, Detections]]:
-        """Detections per frame (original pixels), in frame order."""
+    def _stream(self, source, mode: str) -> Iterator[tuple[int, Detections]]:
         method = self.cfg.method
         if method == "single":
             frames = (self.prepare(f) for f in source)
@@ -163,8 +194,13 @@ def detect_one(detector: Detector, spec: str, out_dir: Path, options: DetectOpti
     start = time.perf_counter()
     size = [source.height, source.width]
 
+    relations: list[RelationInputs] = []  # BLR only: per frame, its detections' relation-module inputs (CPU)
+
     def collect(frames) -> Iterator[tuple[int, Detections]]:
-        for k, dets in detector.stream(frames, options.mode):
+        for k, dets in detector.stream(frames, options.mode, relation_inputs=options.postprocess == "blr"):
+            if dets.relation is not None:
+                relations.append(dets.relation.to("cpu"))
+                dets = Detections(dets.boxes, dets.scores, dets.labels)
             records.append(FramePrediction(k, files[k] if files else None, dets.to("cpu")))
             bar.update(1)
             yield k, dets
@@ -184,7 +220,14 @@ def detect_one(detector: Detector, spec: str, out_dir: Path, options: DetectOpti
             if options.postprocess != "none":
                 from megavod.postprocess import apply_postprocess
 
-                records = apply_postprocess(records, options.postprocess)
+                # BLR: the detector's relation weights between adjacent frames' detections (None for a
+                # detector without a relation module: w = 0, spec §13.12).
+                weights = None
+                if options.postprocess == "blr":
+                    weights = detector.relation_weights(relations, [r.frame for r in records])
+                records = apply_postprocess(records, options.postprocess, weights)
+                del weights  # frees the relation inputs before the video is written
+                relations.clear()
             write_video(paths["mp4"], (draw(frames[r.frame], r.detections) for r in records), fps=source.fps)
     finally:
         bar.close()

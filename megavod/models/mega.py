@@ -32,6 +32,7 @@ from megavod.config import Config
 from megavod.inference.memory import LongRangeMemory
 from megavod.models.backbone import C4Backbone
 from megavod.models.mega_head import MEGAAggregator, RoiRows
+from megavod.models.relation import RelationModule
 from megavod.models.relation_detector import RelationDetector, build_relation_detector
 from megavod.models.roi_heads import RoIBoxHead
 from megavod.models.rpn import RPN
@@ -66,18 +67,29 @@ class MEGADetector(RelationDetector):
         local_window: Sequence[FrameFeatures],
         global_pool: Sequence[FrameFeatures],
         memory: LongRangeMemory | None,
+        *,
+        relation_inputs: bool | None = None,
     ) -> tuple[Detections, list[RoiRows]]:
         """Detections of the key frame (original-frame pixels) and the memory push of the oldest window
-        frame (level 0: its rows after the global stage; level i: its distilled rows after stage i-1)."""
+        frame (level 0: its rows after the global stage; level i: its distilled rows after stage i-1).
+
+        ``relation_inputs`` (default :attr:`record_relation_inputs`): attach to the detections their
+        query rows in the last local stage (for BLR, spec §13.12); the detections are the same."""
         n = self.ref_proposals
         pool = [self._rows(g, n) for g in global_pool]
-        out = self.aggregator(
-            key=self._rows(key, None),
-            local_frames=[self._rows(f, n) for f in local_window],
-            global_pool=RoiRows.cat(pool) if pool else RoiRows(key.feats[:0], key.boxes[:0]),
-            memory=memory.read_all() if memory is not None else None,
-        )
-        return self.predict(key, out.features), out.memory_push
+        with self.capture_relation_query(relation_inputs) as tap:
+            out = self.aggregator(
+                key=self._rows(key, None),
+                local_frames=[self._rows(f, n) for f in local_window],
+                global_pool=RoiRows.cat(pool) if pool else RoiRows(key.feats[:0], key.boxes[:0]),
+                memory=memory.read_all() if memory is not None else None,
+            )
+        return self.predict(key, out.features, tap.inputs), out.memory_push
+
+    def blr_relation_module(self) -> RelationModule | None:
+        """The last local stage (its queries are the key rows); None without local stages (N_l = 0)."""
+        stages = self.aggregator.local_stages
+        return stages[-1] if len(stages) else None
 
     # -- training (spec §5.2) -------------------------------------------------------------------------
 

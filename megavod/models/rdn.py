@@ -150,10 +150,14 @@ class RDNDetector(RelationDetector):
 
     @torch.no_grad()
     def detect_key(self, key: FrameFeatures, local_window: Sequence[FrameFeatures],
-                   global_pool: Sequence[FrameFeatures] = (), memory: Any = None) -> tuple[Detections, list]:
+                   global_pool: Sequence[FrameFeatures] = (), memory: Any = None, *,
+                   relation_inputs: bool | None = None) -> tuple[Detections, list]:
         """Detections of the key frame (original-frame pixels) with the T window frames' supportive
         proposals (the key's own among them). RDN has no global pool and no memory: both must be empty,
-        and nothing is pushed to memory (second value: [])."""
+        and nothing is pushed to memory (second value: []).
+
+        ``relation_inputs`` (default :attr:`record_relation_inputs`): attach to the detections their
+        query rows in the last relation module (for BLR, spec §13.12); the detections are the same."""
         if global_pool or memory is not None:
             raise ValueError("RDN uses neither a global pool nor a memory (StreamSettings for 'rdn' has none)")
         if not local_window:
@@ -162,7 +166,14 @@ class RDNDetector(RelationDetector):
         support = torch.cat([f.feats[:n] for f in local_window])
         support_boxes = torch.cat([f.boxes[:n] for f in local_window])
         counts = [min(n, len(f.boxes)) for f in local_window]
-        return self.predict(key, self.aggregator(key.feats, key.boxes, support, support_boxes, counts)), []
+        with self.capture_relation_query(relation_inputs) as tap:
+            feats = self.aggregator(key.feats, key.boxes, support, support_boxes, counts)
+        return self.predict(key, feats, tap.inputs), []
+
+    def blr_relation_module(self) -> RelationModule:
+        """The last relation module (RDN-base: basic stage B-1; RDN: the key over the advanced set);
+        its queries are the key rows."""
+        return self.aggregator.relations[-1]
 
     # -- training (spec §6.4) --------------------------------------------------------------------------
 

@@ -7,11 +7,19 @@ runs once (C4, the 300 test proposals, their raw features); a frame met as a ref
 pass and NMS order, so ``rpn.ref_pre_nms_top_n`` must equal ``rpn.pre_nms_top_n_test``). In training,
 the key image and its local references share one backbone batch and the key is also a reference
 frame (its first 75 proposals, spec §5.2 / §6.4): :meth:`RelationDetector.key_and_references`.
+
+For BLR (spec §13.12) the detector can also hand back, per detection, its query row in the last
+location-based relation module (:attr:`RelationDetector.record_relation_inputs`, set by ``megavod
+detect --postprocess blr``): a forward pre-hook on that module reads the key rows it is given (no
+change to the aggregation or its numbers), and :meth:`RelationDetector.predict` keeps the rows of the
+proposals the kept detections came from. :meth:`RelationDetector.blr_relation_weights` then gives
+the relation weights between two frames' detections.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +29,10 @@ from torch import Tensor, nn
 from megavod.config import Config
 from megavod.errors import ConfigError
 from megavod.models.backbone import C4Backbone, build_backbone, load_pretrained_resnet
+from megavod.models.relation import RelationModule
 from megavod.models.roi_heads import RoIBoxHead, SampledRoIs, build_box_head
 from megavod.models.rpn import RPN, build_rpn
-from megavod.structures import Detections, FrameFeatures
+from megavod.structures import Detections, FrameFeatures, RelationInputs
 
 
 @dataclass
@@ -36,6 +45,20 @@ class KeyAndReferences:
     ref_boxes: list[Tensor]
     ref_feats: list[Tensor]
     rpn_losses: dict[str, Tensor]
+
+
+class RelationQueryTap:
+    """A forward pre-hook for a :class:`RelationModule`: keeps the queries ``x`` and ``x_boxes`` of the
+    module's last call as :class:`RelationInputs` (the aggregation itself is untouched)."""
+
+    _ARGS = ("x", "refs", "x_boxes")
+
+    def __init__(self) -> None:
+        self.inputs: RelationInputs | None = None
+
+    def hook(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        given = {**dict(zip(self._ARGS, args)), **kwargs}
+        self.inputs = RelationInputs(given["x"], given["x_boxes"])
 
 
 class RelationDetector(nn.Module):
@@ -65,12 +88,70 @@ class RelationDetector(nn.Module):
         feats = self.box_head.feature_extractor.raw_features(c4, [boxes])
         return FrameFeatures(index, boxes, feats, size, original_size)
 
-    def predict(self, key: FrameFeatures, features: Tensor) -> Detections:
-        """Box predictor and test-time postprocess on the key's aggregated features, in original pixels."""
+    def predict(self, key: FrameFeatures, features: Tensor, relation_query: RelationInputs | None = None) -> Detections:
+        """Box predictor and test-time postprocess on the key's aggregated features, in original pixels.
+
+        With ``relation_query`` (the last location-based relation module's query rows and boxes, one per
+        key proposal, see :meth:`capture_relation_query`) the detections carry, row for row, the query
+        of the proposal each came from (:attr:`Detections.relation`); the detections are the same."""
         class_logits, box_regression = self.box_head.predictor(features)
-        detections = self.box_head.postprocessor(class_logits, box_regression, [key.boxes], [key.image_size])[0]
+        args = (class_logits, box_regression, [key.boxes], [key.image_size])
+        if relation_query is None:
+            detections = self.box_head.postprocessor(*args)[0]
+        else:
+            if len(relation_query.boxes) != len(key.boxes):
+                raise ValueError(f"the relation module's queries have {len(relation_query.boxes)} rows, the key "
+                                 f"frame {len(key.boxes)} proposals")
+            (detections,), (rows,) = self.box_head.postprocessor(*args, return_indices=True)
+            detections.relation = relation_query[rows]
         (h, w), (oh, ow) = key.image_size, key.original_size
         return detections.scale(ow / w, oh / h)
+
+    # -- BLR's relation weights (spec §13.12) -----------------------------------------------------------
+
+    #: Make ``detect_key`` attach :class:`RelationInputs` to its detections (for BLR). A plain
+    #: attribute, not in the state dict: the streaming engine calls ``detect_key`` without it.
+    record_relation_inputs: bool = False
+
+    def blr_relation_module(self) -> RelationModule | None:
+        """The last location-based relation module, whose queries give BLR's relation weights; None
+        when the detector has none (BLR then uses w = 0)."""
+        return None
+
+    @contextmanager
+    def capture_relation_query(self, enabled: bool | None = None) -> Iterator[RelationQueryTap]:
+        """Within the block, a forward pre-hook on :meth:`blr_relation_module` keeps the query rows and
+        boxes of its last call in the yielded tap's ``inputs`` (left None when not ``enabled``, default
+        :attr:`record_relation_inputs`, or when there is no such module)."""
+        tap = RelationQueryTap()
+        module = self.blr_relation_module() if (self.record_relation_inputs if enabled is None else enabled) else None
+        if module is None:
+            yield tap
+            return
+        handle = module.register_forward_pre_hook(tap.hook, with_kwargs=True)
+        try:
+            yield tap
+        finally:
+            handle.remove()
+
+    @torch.inference_mode()
+    def blr_relation_weights(self, a: RelationInputs, b: RelationInputs, frame_a: int, frame_b: int) -> Tensor:
+        """Relation weights [n_a, n_b] between the detections of two frames (spec §13.12): the last
+        location-based module's softmax weights of ``a``'s query rows over ``b``'s, mean over heads;
+        on the CPU. ``frame_a``/``frame_b`` tag the rows for the temporal embedding (spec §13.7)."""
+        module = self.blr_relation_module()
+        if module is None:
+            raise ValueError(f"{type(self).__name__} has no location-based relation module")
+        n, m = len(a.boxes), len(b.boxes)
+        if n == 0 or m == 0:
+            return torch.zeros(n, m)
+        device = next(module.parameters()).device
+        frames = {}
+        if module.temporal_embedding:
+            frames = {"x_frames": torch.full((n,), frame_a, device=device),
+                      "ref_frames": torch.full((m,), frame_b, device=device)}
+        a, b = a.to(device), b.to(device)
+        return module.attention_weights(a.feats, b.feats, a.boxes, b.boxes, **frames).mean(0).float().cpu()
 
     def key_and_references(self, sample: Any, ref_images: Sequence[Tensor]) -> KeyAndReferences:
         """The key image and ``ref_images`` in one backbone batch: key-mode RPN (300 + GT) with its

@@ -230,29 +230,36 @@ class BoxPostProcessor:
         box_regression: Tensor,
         proposals: Sequence[Tensor | Proposals],
         image_sizes: Sequence[tuple[int, int]],
-    ) -> list[Detections]:
+        return_indices: bool = False,
+    ) -> list[Detections] | tuple[list[Detections], list[Tensor]]:
+        """Detections per image. With ``return_indices`` also, per image, the index [N] of the proposal
+        (row of that image's proposals) each detection was decoded from, e.g. to find a detection's
+        relation-module input for BLR (spec §13.12); the detections are the same either way."""
         boxes_list = _as_boxes(proposals)
         probs = F.softmax(class_logits.float(), -1)
         num_classes = probs.shape[1]
         decoded = self.box_coder.decode(box_regression, torch.cat(boxes_list))
-        out = []
+        out, indices = [], []
         for prob, boxes, image_size in zip(
             probs.split([len(b) for b in boxes_list]), decoded.split([len(b) for b in boxes_list]), image_sizes
         ):
             boxes = clip_boxes(boxes, image_size).reshape(-1, num_classes, 4)[:, 1:].reshape(-1, 4)
             scores = prob[:, 1:].reshape(-1)
             labels = torch.arange(1, num_classes, device=prob.device).repeat(prob.shape[0])
+            # Proposal row of each (proposal, class) entry of the flattened arrays.
+            rows = torch.arange(prob.shape[0], device=prob.device).repeat_interleave(num_classes - 1)
             keep = torch.nonzero(scores > self.score_thresh).squeeze(1)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            boxes, scores, labels, rows = boxes[keep], scores[keep], labels[keep], rows[keep]
             keep = batched_nms(boxes, scores, labels, self.nms_thresh)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            boxes, scores, labels, rows = boxes[keep], scores[keep], labels[keep], rows[keep]
             n = scores.numel()
             if n > self.detections_per_img > 0:
                 thresh, _ = torch.kthvalue(scores.cpu(), n - self.detections_per_img + 1)
                 keep = torch.nonzero(scores >= thresh.item()).squeeze(1)
-                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+                boxes, scores, labels, rows = boxes[keep], scores[keep], labels[keep], rows[keep]
             out.append(Detections(boxes, scores, labels))
-        return out
+            indices.append(rows)
+        return (out, indices) if return_indices else out
 
 
 class RoIBoxHead(nn.Module):
