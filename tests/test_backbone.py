@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,8 +21,9 @@ from megavod.models.backbone import (
     resnet_spec,
 )
 from megavod.models.single_frame import build_single_frame_detector
+from _spec import CHECKPOINT_KEYS
 
-KEYS_DIR = Path("/work/shared/spec/checkpoint_keys")
+KEYS_DIR = CHECKPOINT_KEYS
 
 
 def _authors_keys(name: str) -> tuple[int, int, dict[str, tuple[int, ...]]]:

@@ -39,9 +39,9 @@ from megavod.config import load_config
 from megavod.errors import ConfigError, MegavodError
 from megavod.models import build_detector
 from megavod.models.rpn import legacy_cell_anchors
+from _spec import CHECKPOINT_KEYS
 
-_HERE = Path(__file__).parent / "data" / "checkpoint_keys"
-KEYS_DIR = _HERE if _HERE.is_dir() else Path("/work/shared/spec/checkpoint_keys")
+KEYS_DIR = CHECKPOINT_KEYS
 FE = "roi_heads.box.feature_extractor."
 
 # listing -> (preset, description, tensors renamed by the mapping). Only the aggregators of MEGA and

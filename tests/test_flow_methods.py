@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +19,9 @@ from megavod.models.dff import DFFDetector
 from megavod.models.fgfa import FGFADetector, aggregation_weights
 from megavod.models.flownet import FlowNetS, RAFTFlow, load_flownet_weights
 from megavod.models.warp import flow_grid, warp
+from _spec import CHECKPOINT_KEYS
 
-KEYS = Path("/work/shared/spec/checkpoint_keys")
+KEYS = CHECKPOINT_KEYS
 # The synthetic preset's small detector at 64-pixel frames.
 SMALL = ["input.min_size_train=[64]", "input.max_size_train=96", "input.min_size_test=64",
          "input.max_size_test=96", "data.train_sets=[DET_train_30classes, VID_train_15frames]"]

@@ -3,15 +3,15 @@ pipeline against the spec's stage table written out, memory push, ablations, tra
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from megavod.models.mega_head import MEGAAggregator, RoiRows
+from _spec import CHECKPOINT_KEYS
 
-KEY_LISTINGS = Path("/work/shared/spec/checkpoint_keys")
+KEY_LISTINGS = CHECKPOINT_KEYS
 PREFIX = "roi_heads.box.feature_extractor."
 
 # Small sizes for the behaviour tests: C = 32, 4 heads, 16-d geometry, 5 rows per frame, D = 2 per frame.

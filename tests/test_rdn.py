@@ -5,7 +5,6 @@ detection end to end on the synthetic set."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from megavod.models.rdn import RDNAggregator, RDNDetector
 from megavod.models.relation import first_rows_index
 from megavod.structures import FrameFeatures
 
-SPEC = Path("/work/shared/spec")
+from _spec import SPEC  # noqa: E402
 EXTRACTOR = "roi_heads.box.feature_extractor."
 # The synthetic preset's small detector at 64-pixel frames, RDN's window cut to 5 frames (tau = 2).
 SMALL = ["relation.num_heads=8", "rdn.min_offset=-2", "rdn.max_offset=2", "input.min_size_train=[64]",

@@ -4,7 +4,6 @@ hand-computed examples, parameter layout."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from megavod.models import relation as relation_mod
 from megavod.models.relation import RelationModule, box_geometry_embedding, relative_box_geometry
 
-VECTORS = Path("/work/shared/spec/vectors")
+from _spec import VECTORS  # noqa: E402
 
 
 def plain_relation(module: RelationModule, x, refs, x_boxes=None, ref_boxes=None, x_frames=None, ref_frames=None):

@@ -18,8 +18,9 @@ from megavod.errors import MegavodError
 from megavod.evaluation.motion import bucket_shares, motion_ious_for_video
 from megavod.evaluation.vid_eval import evaluate_dataset, evaluate_vid
 from megavod.structures import Detections, FrameAnnotation
+from _spec import VECTORS
 
-CASE = Path("/work/shared/spec/vectors/vid_eval_case.json")
+CASE = VECTORS / "vid_eval_case.json"
 
 
 def gt(boxes, labels, video="v", frame=0, tracks=None, size=(640, 480)) -> FrameAnnotation:
