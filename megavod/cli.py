@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=30, help="frames per run (default: 30)")
     p.add_argument("--size", type=int, default=600, help="shorter side of the frames (default: 600)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per config; the median is reported (default: 1)")
+    p.add_argument("--warmup", type=int, default=2, help="frames of the untimed warm-up video (default: 2)")
 
     p = add("synth", "Write the synthetic benchmark in the ImageNet VID layout.",
             "megavod.data.synthetic", "main", 3)

@@ -1,0 +1,232 @@
+"""Multiply-adds per frame of the single-frame detector, the base model and MEGA (steady state).
+
+Usage::
+
+    python benchmarks/flops.py [--config single_R_101 --config base_R_101 --config mega_R_101] [--size 600]
+
+Counts come from ``torch.utils.flop_counter.FlopCounterMode`` on a real forward pass (random weights,
+FrozenBN calibrated on the frame, so the RPN keeps its full 300 proposals) over one synthetic frame of
+S x round(5S/3) pixels (600 x 1000 by default). Multiply-adds = counted FLOPs / 2. Counted: convolutions,
+matrix products (linear layers, the geometry term's projection) and attention (PyTorch has no formula
+for the CPU attention kernel ``_scaled_dot_product_flash_attention_for_cpu``; the script registers the
+standard one: two batched products). Not counted (no multiply-add formula, small): RoIAlign, NMS,
+element-wise ops, and the sin/cos/log of the geometry embedding, which on a CPU cost far more time
+than their share of multiply-adds (see ``profile_mega.py``).
+
+Per frame at steady state:
+
+* single frame: one ``detect_frame``.
+* MEGA / base: one per-frame pass (``frame_features``: backbone, RPN, res5, RoIAlign, fc6; the engine
+  runs it exactly once per frame) plus one ``detect_key`` with T_l window frames, T_g global frames and,
+  for MEGA, every memory level holding T_m frames. The window, pool and memory frames all reuse the
+  frame's own rows (the cost depends only on the row counts: 300 key, 75 per frame, 15 distilled).
+
+``--authors`` adds an estimate of what the authors' test code spends per frame on the same model
+(spec §4.3 "Compute per frame": C4 of 2 images, res5 and RPN head 3 times, fc6 on 300 + 2 x 75 rows,
+the global stage also on the 375 distilled rows, and relation modules that aggregate the raw 1024-d
+references per head before a grouped 1x1 conv, i.e. M_h = 16 times the multiply-adds of the weighted
+sum); the CNN parts are the counted ones, the relation modules use the closed-form counts below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megavod.bench import bench_config, calibrate, synthetic_frames
+from megavod.inference.detect import Detector
+from megavod.inference.engine import StreamSettings
+from megavod.models import build_detector
+
+# FlopCounterMode names modules by path from the outermost module called (e.g. ``C4Backbone.body`` when
+# ``frame_features`` calls the backbone, ``SingleFrameDetector.backbone`` inside ``detect_frame``).
+# Report groups: (label, pattern); a module is assigned to the first pattern it matches unless one of
+# its enclosing modules already was.
+GROUPS = [
+    ("backbone (C4)", r"(^C4Backbone|\.backbone)$"),
+    ("RPN head", r"(^RPNHead|\.rpn)$"),
+    ("res5 (full map)", r"(^ResNetHead|feature_extractor\.head)$"),
+    ("reduce conv", r"(^Conv2d|feature_extractor\.conv)$"),
+    ("fc6", r"(^Linear|feature_extractor\.fc6)$"),
+    ("fc7", r"feature_extractor\.fc7$"),
+    ("global stage {0}", r"global_stages\.(\d+)$"),
+    ("local stage {0}", r"local_stages\.(\d+)$"),
+    ("fc after local stage {0}", r"aggregator\.fcs\.(\d+)$|^MEGAAggregator\.fcs\.(\d+)$"),
+    ("predictor", r"(^FPNPredictor|\.predictor)$"),
+]
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)  # q k^T, then weights v
+
+
+def counter() -> FlopCounterMode:
+    cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    mapping = {cpu_attention: _cpu_attention_flops} if cpu_attention is not None else {}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def grouped(fc: FlopCounterMode) -> dict[str, float]:
+    """G multiply-adds per report group (see ``GROUPS``), plus ``other`` (whatever no group holds)."""
+    counts = fc.get_flop_counts()
+    total = sum(counts.get("Global", {}).values())
+    out: dict[str, float] = defaultdict(float)
+    taken: list[str] = []
+    for name in sorted((n for n in counts if n != "Global"), key=len):
+        if any(name.startswith(t + ".") for t in taken):
+            continue
+        for label, pattern in GROUPS:
+            m = re.search(pattern, name)
+            if m:
+                index = next((g for g in m.groups() if g and g.isdigit()), None)
+                if label == "fc after local stage {0}":
+                    index = str(int(index) - 1)  # fcs[i + 1] follows local stage i
+                out[label.format(index)] += sum(counts[name].values()) / 2e9
+                taken.append(name)
+                break
+    out["other"] = total / 2e9 - sum(out.values())
+    return dict(out)
+
+
+def _group_order(label: str) -> tuple[int, int]:
+    for i, (template, _) in enumerate(GROUPS):
+        prefix = template.split("{")[0]
+        if label == template or ("{" in template and label.startswith(prefix)):
+            tail = label[len(prefix):]
+            return i, int(tail) if tail.isdigit() else 0
+    return len(GROUPS), 0
+
+
+def count(fn) -> tuple[float, dict[str, float]]:
+    with counter() as fc:
+        fn()
+    return fc.get_total_flops() / 2e9, grouped(fc)
+
+
+def relation_macs(n: int, m: int, c: int = 1024, heads: int = 16, geometry: bool = False,
+                  authors: bool = False, embed: int = 64) -> float:
+    """Closed-form multiply-adds of one relation module with N queries and M references:
+    Wq N C^2, Wk M C^2, logits N M C, geometry N M E M_h; weighted sum + Wv: ours M C^2 + N M C (value
+    projection first), the authors' N M C M_h (raw references per head) + N C^2 (grouped conv)."""
+    macs = n * c * c + m * c * c + n * m * c
+    macs += n * m * embed * heads if geometry else 0
+    macs += n * m * c * heads + n * c * c if authors else m * c * c + n * m * c
+    return macs
+
+
+def steady_state_sizes(cfg, s: StreamSettings, key: int, authors: bool) -> list[tuple[int, int, bool]]:
+    """(queries, references, location-based) of every relation module at steady state (spec §4.3) for
+    frames of ``key`` proposals (300 unless the RPN keeps fewer)."""
+    ref = min(key, cfg.model.rpn.ref_post_nms_top_n)
+    dis = min(ref, max(1, int(cfg.model.rpn.ref_post_nms_top_n * cfg.mega.distill_ratio + 1e-9)))
+    local, local_dis = s.T_l * ref, s.T_l * dis
+    mem0, mem = (s.T_m * ref, s.T_m * dis) if s.memory_levels else (0, 0)
+    pool = s.T_g * ref
+    sizes = []
+    for _ in range(cfg.mega.N_g):  # the authors also run the global stage on the 375 distilled rows
+        sizes.append((key + local + (local_dis if authors else 0), pool, cfg.mega.location_based_global))
+    n_l = cfg.mega.N_l
+    for i in range(n_l):
+        queries = key if i == n_l - 1 else key + local_dis
+        refs = local + mem0 if i == 0 else local_dis + mem
+        sizes.append((queries, refs, True))
+    for _ in range(cfg.mega.global_res_stages):
+        sizes.append((key, pool, cfg.mega.location_based_global))
+    return sizes
+
+
+def measure(name: str, size: int, authors: bool) -> dict:
+    cfg = bench_config(name, size)
+    torch.manual_seed(cfg.seed)
+    detector = Detector(build_detector(cfg), cfg, "cpu")
+    model = detector.model
+    frame = synthetic_frames(1, size)[0]
+    image, hw = detector.prepare(frame)
+    calibrate(model, image)
+    result: dict = {"name": name, "method": cfg.method}
+    with torch.inference_mode():
+        if cfg.method == "single":
+            total, groups = count(lambda: model.detect_frame(image, hw))
+            result.update(total=total, groups=groups)
+            return result
+        s = StreamSettings.from_config(cfg)
+        box: dict = {}
+        pass_total, pass_groups = count(lambda: box.setdefault("f", model.frame_features(image, 0, hw)))
+        f = box["f"]
+        window, pool = [f] * s.T_l, [f] * s.T_g
+        memory = s.new_memory()
+        if memory is not None:
+            _, push = model.detect_key(f, window, pool, None)
+            for _ in range(s.T_m):
+                memory.push(push)
+        key_total, key_groups = count(lambda: model.detect_key(f, window, pool, memory))
+    groups = defaultdict(float)
+    for g in (pass_groups, key_groups):
+        for k, v in g.items():
+            groups[k] += v
+    result.update(total=pass_total + key_total, groups=dict(groups), pass_total=pass_total, key_total=key_total,
+                  rows=int(f.boxes.shape[0]), settings=s)
+    if authors:
+        # Their per frame: C4 of 2 images, RPN head and res5 of 3, fc6 of 300 + 75 + 75 rows.
+        g = pass_groups
+        rows = int(f.boxes.shape[0])
+        ref = min(rows, cfg.model.rpn.ref_post_nms_top_n)
+        cnn = (2 * g["backbone (C4)"] + 3 * g["RPN head"] + 3 * g["res5 (full map)"]
+               + g.get("reduce conv", 0.0) * 3 + g["fc6"] / rows * (rows + 2 * ref))
+        dims = {"c": cfg.model.roi_head.representation_size, "heads": cfg.relation.num_heads,
+                "embed": cfg.relation.embed_dim}
+        rel = sum(relation_macs(n, m, geometry=geo, authors=True, **dims)
+                  for n, m, geo in steady_state_sizes(cfg, s, rows, True))
+        ours = sum(relation_macs(n, m, geometry=geo, **dims) for n, m, geo in steady_state_sizes(cfg, s, rows, False))
+        other = sum(v for k, v in key_groups.items() if k.startswith("fc after") or k == "predictor")
+        result.update(authors_total=cnn + rel / 1e9 + other, authors_relation=rel / 1e9,
+                      ours_relation_closed_form=ours / 1e9)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", action="append", default=None, help="repeat (default: single/base/mega R-101)")
+    p.add_argument("--size", type=int, default=600, help="short side; frames are S x round(5S/3) (default 600)")
+    p.add_argument("--authors", action="store_true", help="also estimate the authors' code's multiply-adds")
+    args = p.parse_args(argv)
+    names = args.config or ["single_R_101", "base_R_101", "mega_R_101"]
+    results = []
+    for name in names:
+        print(f"counting {name} ...", file=sys.stderr, flush=True)
+        results.append(measure(name, args.size, args.authors))
+    h, w = bench_config(names[0], args.size).input.min_size_test, bench_config(names[0], args.size).input.max_size_test
+    print(f"G multiply-adds per frame at {h}x{w} (steady state; FlopCounterMode FLOPs / 2)")
+    groups = sorted({g for r in results for g in r["groups"] if g != "other"}, key=_group_order) + ["other"]
+    print(f"{'':<28s}" + "".join(f"{r['name']:>16s}" for r in results))
+    for g in groups:
+        cells = (f"{round(r['groups'][g], 2) + 0.0:16.2f}" if g in r["groups"] else f"{'-':>16s}" for r in results)
+        print(f"{g:<28s}" + "".join(cells))
+    print(f"{'total':<28s}" + "".join(f"{r['total']:16.2f}" for r in results))
+    reference = next((r for r in results if r["method"] == "single"), results[0])
+    ratios = "".join(f"{r['total'] / reference['total']:16.3f}" for r in results)
+    print(f"{'ratio to ' + reference['name']:<28s}" + ratios)
+    for r in results:
+        if "pass_total" in r:
+            s = r["settings"]
+            print(f"{r['name']}: per-frame pass {r['pass_total']:.2f} G + key frame {r['key_total']:.2f} G "
+                  f"(T_l={s.T_l}, T_g={s.T_g}, T_m={s.T_m if s.memory_levels else 0}, {r['rows']} proposals)")
+        if "authors_total" in r:
+            counted = sum(v for k, v in r["groups"].items() if k.startswith(("global stage", "local stage")))
+            print(f"{r['name']}: authors' code, estimated: {r['authors_total']:.1f} G per frame "
+                  f"(their relation modules {r['authors_relation']:.1f} G; ours {counted:.1f} G counted, "
+                  f"{r['ours_relation_closed_form']:.1f} G in closed form); ratio to {reference['name']} "
+                  f"{r['authors_total'] / reference['total']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""Where MEGA's time per frame goes: the key-frame aggregation at steady state, and the per-frame pass.
+
+Usage::
+
+    python benchmarks/profile_mega.py [--config mega_R_101] [--keys 3] [--threads N] [--ops]
+                                      [--pass-size S [--single single_R_101]] [--geometry-sweep [CHUNK ...]]
+
+MEGA's cost per frame is (a) the per-frame pass (backbone, RPN, res5, RoIAlign, fc6), which the
+streaming engine runs once per frame and which equals the single-frame detector's minus fc7 and its box
+predictor, plus (b) :meth:`MEGADetector.detect_key`: the global stage, the N_l local stages over the
+window and the Long Range Memory, the global residual stage, the predictor and the test-time
+postprocess. (b) does not depend on the input size, only on the row counts: 300 key rows, 75 per
+window/global/memory frame, 15 distilled. It is timed here at steady state (T_l window frames, T_g
+global frames, every memory level holding T_m frames) on synthetic rows: random boxes inside a
+600x1000 image and ReLU'd random features (values do not change the cost, except the postprocess NMS,
+which sees ~uniform class scores from the random predictor: 300 x 30 candidates, like the
+single-frame detector's). Each relation module's time is split into its geometry term
+(:meth:`RelationModule.geometry_bias`) and the rest (projections + attention); ``--ops`` adds the
+profiler's top operators.
+
+``--pass-size S`` (> 0) also times the per-frame pass at S x round(5S/3) pixels (real frames, FrozenBN
+calibrated) and the single-frame detector's whole frame (``--single``), so the two add up to a
+steady-state estimate of MEGA/single without running a whole video.
+
+``--geometry-sweep`` times local stage 0's geometry term (675 x 3750 pairs) at several chunk sizes of
+``megavod.models.relation._GEOMETRY_CHUNK_ELEMENTS`` (patched for the run only; the result is checked
+to be identical) and the attention with the geometry bias as returned (a permuted view) or contiguous.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megavod.config import load_config
+from megavod.inference.engine import StreamSettings
+from megavod.models import build_detector
+from megavod.models.relation import RelationModule
+from megavod.structures import FrameFeatures
+
+
+class Timers:
+    """Wall time per label, accumulated by wrapping bound methods of live objects (nothing is edited)."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self.shapes: dict[str, tuple[int, int]] = {}
+
+    def wrap(self, obj, attr: str, label: str, record_shape: bool = False) -> None:
+        own = obj.__dict__.get(attr)  # else a method, looked up on the class at call time (what_if patches it)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = own(*args, **kwargs) if own is not None else getattr(type(obj), attr)(obj, *args, **kwargs)
+            self.total[label] += time.perf_counter() - start
+            self.calls[label] += 1
+            if record_shape:
+                self.shapes[label] = (int(args[0].shape[0]), int(args[1].shape[0]))
+            return out
+
+        setattr(obj, attr, timed)
+
+    def reset(self) -> None:
+        self.total.clear()
+        self.calls.clear()
+
+
+class _Callable:
+    """Holds a plain callable so its ``__call__`` can be wrapped (the postprocessor is not a Module)."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def random_frame(index: int, rows: int, feat_dim: int, size: tuple[int, int], g: torch.Generator) -> FrameFeatures:
+    h, w = size
+    xy = torch.rand(rows, 2, generator=g) * torch.tensor([w * 0.8, h * 0.8])
+    wh = 16 + torch.rand(rows, 2, generator=g) * torch.tensor([w * 0.4, h * 0.4])
+    boxes = torch.cat([xy, (xy + wh).minimum(torch.tensor([w - 1.0, h - 1.0]))], 1)
+    feats = torch.randn(rows, feat_dim, generator=g).relu()
+    return FrameFeatures(index, boxes, feats, size, size)
+
+
+def steady_state_inputs(model, settings: StreamSettings, rows: int, size=(600, 1000)):
+    """Key, T_l window frames, T_g global frames and a memory filled to T_m frames per level."""
+    g = torch.Generator().manual_seed(0)
+    dim = settings.feat_dim
+    key = random_frame(100, rows, dim, size, g)
+    window = [random_frame(100 - settings.tau + i, rows, dim, size, g) for i in range(settings.T_l)]
+    pool = [random_frame(200 + i, rows, dim, size, g) for i in range(settings.T_g)]
+    memory = settings.new_memory()
+    if memory is not None:
+        _, push = model.detect_key(key, window, pool, None)
+        for _ in range(settings.T_m):
+            memory.push(push)
+    return key, window, pool, memory
+
+
+def instrument(model, timers: Timers) -> None:
+    agg = model.aggregator
+    timers.wrap(model, "detect_key", "detect_key (total)")
+    timers.wrap(agg, "forward", "aggregator")
+    timers.wrap(agg, "global_stage", "global stage")
+    timers.wrap(agg, "local_stage", "local stages")
+    timers.wrap(agg, "global_residual_stage", "global residual stage")
+    n_g = agg.N_g
+    for i, module in enumerate(agg.global_stages):
+        name = f"global[{i}]" if i < n_g else f"global_res[{i - n_g}]"
+        timers.wrap(module, "forward", name, record_shape=True)
+    for i, module in enumerate(agg.local_stages):
+        timers.wrap(module, "forward", f"local[{i}]", record_shape=True)
+        timers.wrap(module, "geometry_bias", f"local[{i}] geometry")
+    for i, fc in enumerate(agg.fcs[1:], start=1):
+        timers.wrap(fc, "forward", f"fcs[{i}]")
+    head = model.box_head
+    timers.wrap(head.predictor, "forward", "predictor")
+    head.postprocessor = _Callable(head.postprocessor)
+    timers.wrap(head.postprocessor, "fn", "postprocess (softmax, decode, NMS)")
+
+
+@contextlib.contextmanager
+def what_if():
+    """Two bit-identical changes to :mod:`megavod.models.relation`, applied for the run only: geometry
+    chunks of 2**18 elements (cache-sized) instead of 2**24, and a contiguous geometry bias for the
+    attention kernel (a permuted view makes the CPU kernel far slower)."""
+    from megavod.models import relation
+
+    chunk, original = relation._GEOMETRY_CHUNK_ELEMENTS, RelationModule.geometry_bias
+
+    def contiguous_bias(self, *args, **kwargs):
+        return original(self, *args, **kwargs).contiguous()
+
+    relation._GEOMETRY_CHUNK_ELEMENTS = 1 << 18
+    RelationModule.geometry_bias = contiguous_bias
+    try:
+        yield
+    finally:
+        relation._GEOMETRY_CHUNK_ELEMENTS = chunk
+        RelationModule.geometry_bias = original
+
+
+def _print_key_table(ms: dict[str, float], shapes: dict[str, tuple[int, int]]) -> None:
+    order = ["detect_key (total)", "aggregator", "global stage", "local stages", "global residual stage",
+             "predictor", "postprocess (softmax, decode, NMS)"]
+    extra = sorted(k for k in ms if k not in order)
+    for label in order + extra:
+        if label not in ms:
+            continue
+        shape = shapes.get(label)
+        where = f"  (queries {shape[0]} x refs {shape[1]})" if shape else ""
+        print(f"  {label:<38s} {ms[label]:9.1f} ms{where}")
+    geometry = sum(v for k, v in ms.items() if k.endswith("geometry"))
+    total = ms["detect_key (total)"]
+    print(f"  geometry terms, all local stages       {geometry:9.1f} ms ({100 * geometry / total:.0f}% of detect_key)")
+
+
+def profile_key(config: str, keys: int, ops: bool = False, with_what_if: bool = False) -> dict[str, float]:
+    """Time ``detect_key`` at steady state (mean of ``keys`` calls after one warm-up), by part."""
+    cfg = load_config(config)
+    torch.manual_seed(0)
+    model = build_detector(cfg).eval()
+    settings = StreamSettings.from_config(cfg)
+    rows = cfg.model.rpn.post_nms_top_n_test
+    timers = Timers()
+    with torch.inference_mode():
+        key, window, pool, memory = steady_state_inputs(model, settings, rows)
+        expected = model.detect_key(key, window, pool, memory)  # also the warm-up
+        instrument(model, timers)
+        for _ in range(keys):
+            model.detect_key(key, window, pool, memory)
+        if ops:
+            from torch.profiler import profile
+
+            with profile() as prof:
+                model.detect_key(key, window, pool, memory)
+    ms = {label: 1000 * t / keys for label, t in timers.total.items()}
+    mem_frames = [memory.num_frames(i) for i in range(memory.num_levels)] if memory is not None else []
+    print(f"{config}: detect_key at steady state: key {rows} rows, T_l={settings.T_l} window frames, "
+          f"T_g={settings.T_g} global frames, memory frames per level {mem_frames} "
+          f"(mean of {keys} calls, torch threads: {torch.get_num_threads()})")
+    _print_key_table(ms, timers.shapes)
+    if ops:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    if with_what_if:
+        timers.reset()
+        with torch.inference_mode(), what_if():
+            model.detect_key(key, window, pool, memory)  # warm-up
+            timers.reset()
+            for _ in range(keys):
+                got = model.detect_key(key, window, pool, memory)
+        same = all(torch.equal(getattr(got[0], f), getattr(expected[0], f)) for f in ("boxes", "scores", "labels"))
+        same = same and all(torch.equal(a.feats, b.feats) for a, b in zip(got[1], expected[1]))
+        print(f"what-if (geometry chunks of 2**18 elements, contiguous geometry bias): detections and memory "
+              f"pushes {'bit-identical' if same else 'DIFFERENT'}")
+        _print_key_table({label: 1000 * t / keys for label, t in timers.total.items()}, timers.shapes)
+    return ms
+
+
+class _Laps:
+    """Consecutive wall-time laps by name."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def __call__(self, name: str, value=None):
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
+        return value
+
+
+def _pass_parts(model, image: torch.Tensor, hw: tuple[int, int]) -> dict[str, float]:
+    """MEGA's ``frame_features`` step by step (same calls), seconds per part."""
+    lap = _Laps()
+    c4 = lap("backbone", model.backbone(image[None]))
+    boxes = lap("rpn", model.rpn.proposals(c4, [hw], "key")[0].boxes)
+    extractor = model.box_head.feature_extractor
+    feature_map = lap("res5", extractor.res5(c4))
+    pooled = lap("roi_align", extractor.pool(feature_map, [boxes]))
+    lap("fc6", extractor.aggregator.embed(pooled))
+    return lap.laps
+
+
+def profile_frame_pass(config: str, single: str, size: int, frames: int) -> tuple[float, float]:
+    """ms of MEGA's per-frame pass (by part) and of the single-frame detector's whole frame at ``size``,
+    the two models taking turns frame by frame (so that load on the machine hits both alike)."""
+    from megavod.bench import bench_config, calibrate, share_weights, synthetic_frames
+    from megavod.inference.detect import Detector
+
+    detectors = []
+    for name in (single, config):
+        cfg = bench_config(name, size)
+        torch.manual_seed(cfg.seed)
+        detector = Detector(build_detector(cfg), cfg, "cpu")
+        if detectors:
+            share_weights(detectors[0].model, detector.model)  # same proposals
+        detectors.append(detector)
+    image, hw = detectors[0].prepare(synthetic_frames(1, size)[0])
+    parts: list[dict[str, float]] = [defaultdict(float), defaultdict(float)]
+    with torch.inference_mode():
+        for detector in detectors:
+            calibrate(detector.model, image)
+        for i in range(frames + 1):  # the first is warm-up
+            for detector, acc in zip(detectors, parts):
+                model = detector.model
+                if detector.cfg.method == "single":
+                    start = time.perf_counter()
+                    model.detect_frame(image, hw)
+                    laps = {"whole frame": time.perf_counter() - start}
+                else:
+                    laps = _pass_parts(model, image, hw)
+                for k, v in laps.items():
+                    acc[k] += 1000 * v / frames if i > 0 else 0.0
+    totals = []
+    for name, detector, acc in zip((single, config), detectors, parts):
+        total = sum(acc.values())
+        what = "detect_frame" if detector.cfg.method == "single" else "per-frame pass"
+        desc = ", ".join(f"{k} {v:.0f}" for k, v in acc.items())
+        print(f"{name} at {hw[0]}x{hw[1]}: {what} {total:.0f} ms ({desc}; mean of {frames})")
+        totals.append(total)
+    return totals[1], totals[0]
+
+
+def geometry_sweep(n: int, m: int, chunks: list[int], repeats: int = 2) -> None:
+    """Time local stage 0's geometry term (n queries x m references, default sizes of MEGA R-101) with
+    several values of ``relation._GEOMETRY_CHUNK_ELEMENTS`` (the result is identical: chunks split the
+    query rows), and the attention with that bias as given (permuted) and made contiguous."""
+    import torch.nn.functional as F
+
+    from megavod.models import relation
+
+    g = torch.Generator().manual_seed(0)
+    module = RelationModule(location_based=True, content_bias=True).eval()
+    torch.nn.init.normal_(module.Wg.weight, std=0.1, generator=g)  # non-trivial relu pattern
+    frame = random_frame(0, n + m, 1024, (600, 1000), g)
+    qb, rb = frame.boxes[:n], frame.boxes[n:]
+    default = relation._GEOMETRY_CHUNK_ELEMENTS
+    reference = None
+    with torch.inference_mode():
+        for chunk in chunks:
+            relation._GEOMETRY_CHUNK_ELEMENTS = chunk
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                bias = module.geometry_bias(qb, rb)
+                times.append(time.perf_counter() - start)
+            reference = bias if reference is None else reference
+            same = torch.equal(bias, reference)
+            mark = " (current)" if chunk == default else ""
+            print(f"  geometry {n}x{m}, chunk {chunk:>9d} elements{mark}: {1000 * min(times):7.1f} ms, "
+                  f"{'identical' if same else 'DIFFERENT'}")
+        relation._GEOMETRY_CHUNK_ELEMENTS = default
+        h, d = module.num_heads, module.head_dim
+        q, k, v = (torch.randn(h, x, d, generator=g) for x in (n, m, m))
+        for name, mask in (("permuted bias (as geometry_bias returns it)", reference),
+                           ("contiguous bias", reference.contiguous()), ("no bias", None)):
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                times.append(time.perf_counter() - start)
+            print(f"  attention {n}x{m}, {name}: {1000 * min(times):7.1f} ms")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="mega_R_101")
+    p.add_argument("--single", default="single_R_101", help="single-frame config for --pass-size")
+    p.add_argument("--keys", type=int, default=3, help="detect_key calls timed (default 3)")
+    p.add_argument("--pass-size", type=int, default=0, help="also time the per-frame pass at this short side")
+    p.add_argument("--pass-frames", type=int, default=2, help="frames timed for --pass-size (plus 1 warm-up)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    p.add_argument("--geometry-sweep", type=int, nargs="*", default=None, metavar="CHUNK",
+                   help="time local stage 0's geometry term at these chunk sizes (elements; default "
+                        "16777216 1048576 262144) and the attention with a permuted/contiguous bias")
+    p.add_argument("--what-if", action="store_true",
+                   help="also time detect_key with two bit-identical changes to relation.py (see what_if)")
+    p.add_argument("--ops", action="store_true", help="print the profiler's top operators of one detect_key")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    key_ms = profile_key(args.config, args.keys, args.ops, args.what_if)["detect_key (total)"]
+    if args.geometry_sweep is not None:
+        geometry_sweep(675, 3750, args.geometry_sweep or [1 << 24, 1 << 20, 1 << 18])
+    if args.pass_size > 0:
+        pass_ms, single_ms = profile_frame_pass(args.config, args.single, args.pass_size, args.pass_frames)
+        mega = pass_ms + key_ms
+        print(f"steady-state estimate: {args.config} {mega:.0f} ms/frame (pass {pass_ms:.0f} + key {key_ms:.0f}), "
+              f"{args.single} {single_ms:.0f} ms/frame, ratio {mega / single_ms:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

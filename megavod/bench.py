@@ -1,0 +1,296 @@
+"""``megavod bench``: time detectors on the same synthetic frames, through the engine users run.
+
+Every config is built once with random weights; the backbone, RPN and res5 weights of the first config
+are copied into the others (:func:`share_weights`: same proposals, so the row counts match) and the
+FrozenBN statistics are calibrated on one frame (a random deep ResNet with identity FrozenBN explodes,
+:func:`calibrate_frozen_bn`). All configs then run over the same N synthetic frames of S x round(5S/3)
+pixels (600 x 1000 at S = 600, the authors' largest test input; rendered by
+:mod:`megavod.data.synthetic_render`, a new scene every 100 frames), each as one offline video:
+single-frame configs through ``detect_single_frames``, MEGA and its base model through
+``detect_offline`` with the config's :class:`StreamSettings`, both via :meth:`Detector.stream`, frame
+preprocessing included. Before timing, each model runs one warm-up
+video of ``warmup`` frames (not counted). With ``repeats`` > 1 the configs take turns (so a busy
+machine slows them alike) and each column is the median over the runs.
+
+Columns (ms per frame):
+
+* ``video``: wall time of the video / N, what a user sees on an N-frame video.
+* ``steady``: the same at steady state: (wall - time in ``detect_key``) / N plus the mean
+  ``detect_key`` time of the key frames at steady state. Each frame's per-frame pass runs exactly once
+  (the engine's :class:`FeatureStore`), so the first part does not depend on N; the key cost grows
+  while MEGA's memory fills: key frame k reads min(k, T_m) memory frames per level, so the steady keys
+  are k >= T_m (the base model, without memory, is steady from k = 0). Needs N > T_m.
+* ``pass`` / ``key``: the per-frame pass (``frame_features``) and the steady key frame (``detect_key``).
+
+Ratios are steady (or, where a config has no steady key frame, video) ms/frame over the first
+single-frame config's.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from megavod.config import Config, load_config
+from megavod.errors import MegavodError
+from megavod.inference.detect import Detector
+from megavod.inference.engine import StreamSettings
+
+DEFAULT_CONFIGS = ("single_R_101", "base_R_101", "mega_R_101")
+SCENE_FRAMES = 100  # frames per rendered scene; longer runs cut to a new scene
+
+
+def frame_shape(size: int) -> tuple[int, int]:
+    """(height, width) of a bench frame: short side ``size``, aspect 5:3 (600 -> 600 x 1000)."""
+    return size, round(size * 5 / 3)
+
+
+def synthetic_frames(num_frames: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """``num_frames`` RGB uint8 frames [H, W, 3] of moving objects (a new scene every 100 frames)."""
+    from megavod.data.synthetic_render import make_scene, render_frame
+
+    height, width = frame_shape(size)
+    rng = np.random.default_rng(seed)
+    frames: list[np.ndarray] = []
+    while len(frames) < num_frames:
+        n = min(SCENE_FRAMES, num_frames - len(frames))
+        scene = make_scene(rng, max(n, 2), width, height)
+        frames.extend(render_frame(scene, t) for t in range(n))
+    return frames
+
+
+def bench_config(name: str, size: int) -> Config:
+    """The config ``name`` with its test input set to the bench frames' size (no resizing)."""
+    height, width = frame_shape(size)
+    return load_config(name, [f"input.min_size_test={height}", f"input.max_size_test={width}"])
+
+
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, image: torch.Tensor) -> None:
+    """Calibrate the FrozenBN of the C4 body, then of res5 on the calibrated C4 (``image`` [3, H, W])."""
+    from megavod.models.backbone import calibrate_frozen_bn
+
+    calibrate_frozen_bn(model.backbone, image[None])
+    calibrate_frozen_bn(model.box_head.feature_extractor.head, model.backbone(image[None]))
+
+
+@dataclass
+class VideoTiming:
+    """One timed video: wall seconds, and the seconds of every ``frame_features`` / ``detect_key`` call."""
+
+    frames: int
+    wall_s: float
+    pass_s: list[float] = field(default_factory=list)
+    key_s: list[float] = field(default_factory=list)
+
+
+@dataclass
+class BenchResult:
+    name: str
+    method: str
+    settings: StreamSettings | None
+    videos: list[VideoTiming]
+
+    @property
+    def steady_from(self) -> int | None:
+        """First key frame at steady state (None: single frame, no key pass)."""
+        if self.settings is None:
+            return None
+        return self.settings.T_m if self.settings.memory_levels else 0
+
+    def _median(self, per_video: Callable[[VideoTiming], float | None]) -> float | None:
+        values = [v for v in map(per_video, self.videos) if v is not None]
+        return 1000 * statistics.median(values) if values else None
+
+    @property
+    def video_ms(self) -> float:
+        return self._median(lambda v: v.wall_s / v.frames)
+
+    @property
+    def pass_ms(self) -> float | None:
+        return self._median(lambda v: sum(v.pass_s) / len(v.pass_s) if v.pass_s else None)
+
+    @property
+    def key_ms(self) -> float | None:
+        def steady_key(v: VideoTiming) -> float | None:
+            keys = v.key_s[self.steady_from:] if self.steady_from is not None else []
+            return sum(keys) / len(keys) if keys else None
+
+        return self._median(steady_key)
+
+    @property
+    def steady_ms(self) -> float | None:
+        if self.settings is None:
+            return self.video_ms
+
+        def steady(v: VideoTiming) -> float | None:
+            keys = v.key_s[self.steady_from:]
+            if not keys:
+                return None
+            return (v.wall_s - sum(v.key_s)) / v.frames + sum(keys) / len(keys)
+
+        return self._median(steady)
+
+    @property
+    def ms(self) -> float:
+        """The figure ratios use: steady ms/frame where there is one, else video ms/frame."""
+        steady = self.steady_ms
+        return steady if steady is not None else self.video_ms
+
+
+def _timed(fn: Callable, record: Callable[[float], None], sync: Callable[[], None]) -> Callable:
+    def wrapper(*args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        sync()
+        record(time.perf_counter() - start)
+        return out
+
+    return wrapper
+
+
+def share_weights(src: torch.nn.Module, dst: torch.nn.Module) -> int:
+    """Copy every parameter/buffer of ``src`` that ``dst`` has under the same name and shape (backbone,
+    RPN, res5: the names are the authors' in every detector), so that both find the same proposals.
+    Returns the number of tensors copied."""
+    dst_state = dst.state_dict()
+    shared = {k: v for k, v in src.state_dict().items() if k in dst_state and dst_state[k].shape == v.shape}
+    dst.load_state_dict(shared, strict=False)
+    return len(shared)
+
+
+class BenchModel:
+    """A built, calibrated detector whose ``frame_features`` / ``detect_key`` calls are timed.
+
+    With ``share_from``, the backbone, RPN and res5 weights are that model's (same proposals)."""
+
+    def __init__(self, name: str, cfg: Config, device: str, calibration_frame: np.ndarray,
+                 share_from: torch.nn.Module | None = None) -> None:
+        from megavod.models import build_detector
+
+        self.name, self.cfg, self.device = name, cfg, device
+        torch.manual_seed(cfg.seed)
+        self.detector = Detector(build_detector(cfg), cfg, device)
+        model = self.detector.model
+        if share_from is not None:
+            share_weights(share_from, model)
+        calibrate(model, self.detector.prepare(calibration_frame)[0])
+        # Per-frame pass / key-frame timings for the relation engine's methods; FGFA and DFF get the
+        # whole-video figure only.
+        self.settings = StreamSettings.from_config(cfg) if cfg.method in ("mega", "rdn") else None
+        self._current: VideoTiming | None = None
+        if self.settings is not None:
+            sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+            model.frame_features = _timed(model.frame_features, lambda s: self._current.pass_s.append(s), sync)
+            model.detect_key = _timed(model.detect_key, lambda s: self._current.key_s.append(s), sync)
+
+    def run(self, frames: Sequence[np.ndarray]) -> VideoTiming:
+        """Detect on ``frames`` as one offline video; the detections are consumed and dropped."""
+        self._current = timing = VideoTiming(len(frames), 0.0)
+        start = time.perf_counter()
+        count = sum(1 for _ in self.detector.stream(frames, "offline"))
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        timing.wall_s = time.perf_counter() - start
+        if count != len(frames):
+            raise RuntimeError(f"{self.name}: {count} detections for {len(frames)} frames")
+        self._current = None
+        return timing
+
+
+def run_bench(
+    configs: Sequence[str],
+    num_frames: int,
+    size: int,
+    device: str = "cpu",
+    repeats: int = 1,
+    warmup: int = 2,
+    log: Callable[[str], None] = lambda s: None,
+) -> list[BenchResult]:
+    """Time each config over the same ``num_frames`` frames (see the module docstring)."""
+    if num_frames < 1:
+        raise MegavodError(f"--frames must be >= 1, got {num_frames}")
+    if repeats < 1:
+        raise MegavodError(f"--repeats must be >= 1, got {repeats}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MegavodError("--device cuda: no CUDA device is available")
+    cfgs = [bench_config(name, size) for name in configs]  # config errors before any work
+    frames = synthetic_frames(num_frames + warmup, size)
+    timed, warm = frames[:num_frames], frames[num_frames:]
+    models = []
+    for name, cfg in zip(configs, cfgs):
+        log(f"building {name}")
+        models.append(BenchModel(name, cfg, device, timed[0], models[0].detector.model if models else None))
+    with torch.inference_mode():
+        for m in models:
+            if warm:
+                log(f"warm-up {m.name} ({len(warm)} frames)")
+                m.run(warm)
+        videos: list[list[VideoTiming]] = [[] for _ in models]
+        for r in range(repeats):
+            for m, runs in zip(models, videos):  # take turns, so that load on the machine hits all alike
+                runs.append(m.run(timed))
+                log(f"run {r + 1}/{repeats} {m.name}: {1000 * runs[-1].wall_s / num_frames:.0f} ms/frame")
+    return [BenchResult(m.name, m.cfg.method, m.settings, runs) for m, runs in zip(models, videos)]
+
+
+def _fmt(ms: float | None) -> str:
+    return f"{ms:.1f}" if ms is not None else "-"
+
+
+def format_report(results: Sequence[BenchResult], num_frames: int, size: int, device: str,
+                  repeats: int, warmup: int) -> str:
+    """The table, the ratios and the notes ``megavod bench`` prints."""
+    h, w = frame_shape(size)
+    threads = f", torch threads: {torch.get_num_threads()}" if device == "cpu" else ""
+    lines = [
+        (f"megavod bench: {num_frames} synthetic frames of {h}x{w} (5:3), {device}{threads}, random weights "
+         f"(FrozenBN calibrated), warm-up {warmup} frames, median of {repeats} run(s); ms per frame"),
+        f"{'config':<28s} {'T_l':>4s} {'T_g':>4s} {'T_m':>4s} {'video':>9s} {'steady':>9s} {'pass':>9s} {'key':>9s}",
+    ]
+    for r in results:
+        s = r.settings
+        win = [str(s.T_l), str(s.T_g), str(s.T_m if s.memory_levels else 0)] if s else ["-"] * 3
+        lines.append(f"{r.name:<28s} {win[0]:>4s} {win[1]:>4s} {win[2]:>4s} {_fmt(r.video_ms):>9s} "
+                     f"{_fmt(r.steady_ms):>9s} {_fmt(r.pass_ms):>9s} {_fmt(r.key_ms):>9s}")
+    reference = next((r for r in results if r.method == "single"), results[0])
+    if len(results) > 1:
+        others = [r for r in results if r is not reference]
+        ratios = ", ".join(f"{r.name}/{reference.name} {r.ms / reference.ms:.2f}" for r in others)
+        lines.append(f"ratios (steady ms/frame): {ratios}")
+    notes = []
+    for r in results:
+        s = r.settings
+        if s is None:
+            continue
+        if r.steady_ms is None:
+            notes.append(f"{r.name}: no key frame at steady state: MEGA's memory fills after T_m = {s.T_m} key "
+                         f"frames, use --frames > {s.T_m} (e.g. {s.T_m + 15}); its ratio uses video ms/frame")
+        short = [f"the local window (T_l = {s.T_l})"] if num_frames < s.T_l else []
+        short += [f"the global pool (T_g = {s.T_g})"] if num_frames < s.T_g else []
+        if short:
+            notes.append(f"{r.name}: the video is shorter than {' and '.join(short)}: frames repeat in them "
+                         f"(same row counts, so the key cost is that of a longer video)")
+    if device == "cpu" and any(r.method == "mega" for r in results):
+        notes.append("the per-key cost (relation modules) does not depend on the input size, the per-frame pass "
+                     "does: at a reduced --size MEGA/single is higher than at 600")
+    lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    configs = list(args.config) if args.config else list(DEFAULT_CONFIGS)
+    repeats = int(getattr(args, "repeats", 1) or 1)
+    warmup = int(getattr(args, "warmup", 2))
+    device = getattr(args, "device", "cpu")
+    results = run_bench(configs, args.frames, args.size, device, repeats, warmup,
+                        log=lambda s: print(f"megavod bench: {s}", file=sys.stderr, flush=True))
+    print(format_report(results, args.frames, args.size, device, repeats, warmup))
+    return 0

@@ -1,0 +1,184 @@
+"""``megavod bench`` and the benchmark scripts: smoke runs on tiny configs, and the arithmetic of the
+reported figures (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megavod import bench
+from megavod.bench import (
+    BenchResult,
+    VideoTiming,
+    format_report,
+    frame_shape,
+    run_bench,
+    synthetic_frames,
+)
+from megavod.cli import main as cli_main
+from megavod.errors import MegavodError
+from megavod.inference.engine import StreamSettings
+from megavod.models.relation import RelationModule
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- frames --------------------------------------------------------------------------------------------
+
+
+def test_frame_shape_is_5_by_3():
+    assert frame_shape(600) == (600, 1000)
+    assert frame_shape(300) == (300, 500)
+    assert frame_shape(64) == (64, 107)
+
+
+def test_synthetic_frames_span_scenes(monkeypatch):
+    monkeypatch.setattr(bench, "SCENE_FRAMES", 2)  # 5 frames = 3 scenes
+    frames = synthetic_frames(5, 48)
+    assert len(frames) == 5
+    assert all(f.shape == (48, 80, 3) and f.dtype == np.uint8 for f in frames)
+    assert not np.array_equal(frames[0], frames[1])  # objects move
+    again = synthetic_frames(5, 48)
+    assert all(np.array_equal(a, b) for a, b in zip(frames, again))  # seeded
+
+
+# -- the reported figures, by hand ---------------------------------------------------------------------
+
+
+MEGA = StreamSettings(T_l=3, T_g=2, T_m=2, memory_levels=1)
+BASE = StreamSettings(T_l=3, T_g=2)
+
+
+def test_steady_state_uses_keys_after_memory_is_full():
+    # 4 frames, 1.0 s wall, key frames 0.1 0.1 0.2 0.2 s: memory is full from key frame T_m = 2, so
+    # steady = (1.0 - 0.6) / 4 + mean(0.2, 0.2) = 0.3 s; video = 1.0 / 4.
+    v = VideoTiming(4, 1.0, pass_s=[0.05] * 4, key_s=[0.1, 0.1, 0.2, 0.2])
+    r = BenchResult("mega", "mega", MEGA, [v])
+    assert r.video_ms == pytest.approx(250.0)
+    assert r.steady_ms == pytest.approx(300.0)
+    assert r.key_ms == pytest.approx(200.0)
+    assert r.pass_ms == pytest.approx(50.0)
+    assert r.ms == r.steady_ms
+
+
+def test_base_model_is_steady_from_the_first_key_and_single_has_no_key():
+    v = VideoTiming(4, 1.0, key_s=[0.1, 0.1, 0.2, 0.2])
+    base = BenchResult("base", "mega", BASE, [v])
+    assert base.steady_ms == pytest.approx(base.video_ms)  # no memory to fill
+    single = BenchResult("single", "single", None, [VideoTiming(4, 0.4)])
+    assert single.steady_ms == pytest.approx(100.0) and single.key_ms is None and single.pass_ms is None
+
+
+def test_median_over_runs_and_no_steady_state_when_video_is_too_short():
+    runs = [VideoTiming(2, w, key_s=[0.1, 0.1]) for w in (0.2, 0.4, 1.0)]
+    r = BenchResult("mega", "mega", MEGA, runs)
+    assert r.video_ms == pytest.approx(200.0)  # median of 100, 200, 500
+    assert r.steady_ms is None and r.ms == r.video_ms  # 2 frames <= T_m = 2: memory never full
+
+
+def test_report_ratios_and_notes():
+    single = BenchResult("single_x", "single", None, [VideoTiming(4, 0.4)])
+    mega = BenchResult("mega_x", "mega", MEGA, [VideoTiming(4, 1.0, key_s=[0.1, 0.1, 0.2, 0.2])])
+    short = BenchResult("mega_short", "mega", MEGA, [VideoTiming(2, 0.4, key_s=[0.1, 0.1])])
+    text = format_report([single, mega, short], 4, 300, "cpu", 1, 2)
+    assert "300x500" in text
+    assert "mega_x/single_x 3.00" in text  # 300 ms / 100 ms
+    assert "mega_short/single_x 2.00" in text  # video ms/frame, no steady state
+    assert "mega_short: no key frame at steady state" in text
+    assert "shorter than" not in text  # 4 frames >= T_l = 3 and T_g = 2
+    text = format_report([single, short], 2, 300, "cpu", 1, 2)
+    assert "mega_short: the video is shorter than the local window (T_l = 3): frames repeat" in text
+
+
+# -- smoke runs -------------------------------------------------------------------------------------------
+
+
+def test_run_bench_single_and_mega_on_the_same_frames():
+    results = run_bench(["synthetic_single", "synthetic_mega"], num_frames=3, size=48, warmup=1)
+    single, mega = results
+    assert single.method == "single" and single.settings is None
+    assert len(single.videos) == 1 and single.videos[0].frames == 3 and single.videos[0].wall_s > 0
+    v = mega.videos[0]
+    # the engine runs each frame's pass exactly once, and one key pass per frame
+    assert len(v.pass_s) == 3 and len(v.key_s) == 3
+    assert sum(v.pass_s) + sum(v.key_s) <= v.wall_s
+    assert mega.settings.T_m == 9 and mega.steady_ms is None  # 3 frames: memory never full
+
+
+def test_cli_bench_prints_table(capsys):
+    assert cli_main(["bench", "--config", "synthetic_single", "--frames", "2", "--size", "48"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic_single" in out and "48x80" in out
+
+
+def test_cli_bench_rejects_bad_input(capsys):
+    assert cli_main(["bench", "--config", "synthetic_single", "--frames", "0", "--size", "48"]) != 0
+    assert "--frames" in capsys.readouterr().err
+    assert cli_main(["bench", "--config", "no_such_preset", "--frames", "2", "--size", "48"]) != 0
+    assert "no_such_preset" in capsys.readouterr().err
+    with pytest.raises(MegavodError):
+        run_bench(["synthetic_single"], num_frames=2, size=48, repeats=0)
+
+
+# -- benchmarks/ scripts -----------------------------------------------------------------------------------
+
+
+def test_flop_count_of_a_relation_module_matches_the_closed_form():
+    flops = _script("flops")
+    n, m, c, heads, embed = 5, 7, 32, 4, 16
+    g = torch.Generator().manual_seed(0)
+    boxes = lambda k: torch.cat([torch.rand(k, 2, generator=g) * 50, 60 + torch.rand(k, 2, generator=g) * 50], 1)
+    for geometry in (False, True):
+        module = RelationModule(c, heads, embed, location_based=geometry, content_bias=True).eval()
+        with torch.no_grad(), flops.counter() as fc:
+            module(torch.randn(n, c), torch.randn(m, c), boxes(n), boxes(m))
+        expected = flops.relation_macs(n, m, c, heads, geometry=geometry, embed=embed)
+        assert fc.get_total_flops() / 2 == expected
+
+
+def test_flops_script_counts_single_and_mega():
+    flops = _script("flops")
+    single = flops.measure("synthetic_single", 48, authors=False)
+    mega = flops.measure("synthetic_mega", 48, authors=True)
+    # the CNN parts do not depend on the proposals, so MEGA's per-frame pass counts them as single frame
+    for group in ("backbone (C4)", "RPN head", "res5 (full map)", "reduce conv"):
+        assert mega["groups"][group] == pytest.approx(single["groups"][group], rel=1e-9)
+    assert "fc7" in single["groups"] and "fc7" not in mega["groups"]
+    assert mega["total"] > single["total"]
+    counted = sum(v for k, v in mega["groups"].items() if k.startswith(("global stage", "local stage")))
+    assert counted == pytest.approx(mega["ours_relation_closed_form"], rel=1e-6)
+    assert mega["authors_relation"] > mega["ours_relation_closed_form"]
+
+
+def test_memory_script_reads_peak_rss_on_an_online_stream():
+    memory = _script("bench_memory")
+    rows = memory.run("synthetic_mega", 48, [2, 4], log=lambda s: None)
+    assert [r["frames"] for r in rows] == [2, 4]
+    assert rows[1]["VmHWM"] >= rows[0]["VmHWM"] > 0 and rows[1]["VmRSS"] > 0
+
+
+def test_share_weights_gives_the_same_proposals():
+    from megavod.config import load_config
+    from megavod.models import build_detector
+
+    torch.manual_seed(0)
+    single = build_detector(load_config("synthetic_single")).eval()
+    torch.manual_seed(1)
+    mega = build_detector(load_config("synthetic_mega")).eval()
+    assert bench.share_weights(single, mega) > 0
+    image = torch.randn(3, 64, 96) * 40
+    with torch.no_grad():
+        expected = single.rpn.proposals(single.backbone(image[None]), [(64, 96)], "key")[0].boxes
+        got = mega.frame_features(image, 0, (64, 96)).boxes
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
