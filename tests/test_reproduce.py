@@ -12,6 +12,7 @@ import torch
 from megavod.config import load_config
 from megavod.demo import build_demo_model
 from megavod.errors import MegavodError
+from megavod.train.checkpoint import load_checkpoint
 from megavod.reproduce import (
     METHODS,
     ReproduceSettings,
@@ -115,6 +116,16 @@ def test_tiny_reproduction_writes_table_plot_and_results_then_resumes(tmp_path, 
     with pytest.raises(MegavodError, match="other settings"):
         reproduce_synthetic(out, ReproduceSettings(**{**TINY, "iterations": 3}), progress=False)
 
+    # The methods trained side by side in their own processes (--jobs) end with the same weights.
+    parallel = tmp_path / "parallel"
+    capsys.readouterr()
+    reproduce_synthetic(parallel, ReproduceSettings(**TINY), progress=False, jobs=3)
+    assert "3 at a time" in capsys.readouterr().out
+    for key, _, _ in METHODS:
+        mine = load_checkpoint(parallel / "runs" / key / "model_final.pth")["model"]
+        theirs = load_checkpoint(out / "runs" / key / "model_final.pth")["model"]
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), key
+
 
 def test_main_reads_budget_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MEGAVOD_REPRODUCE_ITERATIONS", "zero")
@@ -123,6 +134,9 @@ def test_main_reads_budget_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("MEGAVOD_REPRODUCE_ITERATIONS", "0")
     with pytest.raises(MegavodError, match="iterations must be >= 1"):
         main(Namespace(experiment="synthetic", out=tmp_path / "x"))
+    monkeypatch.setenv("MEGAVOD_REPRODUCE_ITERATIONS", "2")
+    with pytest.raises(MegavodError, match="jobs must be >= 1"):
+        main(Namespace(experiment="synthetic", out=tmp_path / "x", jobs=0))
     assert not (tmp_path / "x").exists()
 
 
