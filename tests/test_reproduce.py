@@ -64,11 +64,12 @@ def test_budget_overrides_scale_the_schedule():
 def test_format_table_gains_over_the_row_above():
     rows = [
         {"name": "A", "map": {"all": 50.0, "slow": 60.0, "medium": 50.0, "fast": 40.0}, "timing": {"ms_per_frame": 10.0}},
-        {"name": "B", "map": {"all": 54.25, "slow": 61.0, "medium": None, "fast": 45.0}, "timing": {"ms_per_frame": 20.0}},
+        {"name": "B", "map": {"all": 54.25, "slow": 61.0, "medium": None, "fast": 45.0, "cue_hidden": 30.5,
+                                "cue_visible": 70.0}, "timing": {"ms_per_frame": 20.0}},
     ]
     lines = format_table(rows).splitlines()
-    assert lines[2] == "| A | 50.0 |  | 60.0 | 50.0 | 40.0 | 10.0 |"
-    assert lines[3] == "| B | 54.2 | +4.2 | 61.0 | – | 45.0 | 20.0 |"
+    assert lines[2] == "| A | 50.0 |  | 60.0 | 50.0 | 40.0 | – | – | 10.0 |"
+    assert lines[3] == "| B | 54.2 | +4.2 | 61.0 | – | 45.0 | 30.5 | 70.0 | 20.0 |"
 
 
 def test_settings_split_like_megavod_synth():
@@ -186,3 +187,54 @@ def test_calibration_normalises_the_random_backbone(one_thread):
     # Raw: the activations' scale is whatever the init gives; calibrated: roughly unit scale.
     assert not 0.3 < float(before.std()) < 3.0
     assert 0.3 < float(after.std()) < 3.0
+
+
+def _cue_dataset(root: Path) -> list:
+    """Two val videos of 4 frames, one object each: video 0 is an airplane whose cue is hidden in
+    frames 2-3, video 1 an antelope always visible."""
+    from megavod.data.image_sets import ImageSetEntry, write_image_set
+    from megavod.data.vid_xml import write_annotation
+    from megavod.structures import FrameAnnotation
+
+    anns, entries = [], []
+    for v in range(2):
+        video = f"val/ILSVRC2015_val_{v:08d}"
+        for f in range(4):
+            ann = FrameAnnotation(
+                video, f, 320, 240, torch.tensor([[10.0 + 50 * v, 20, 110 + 50 * v, 120]]), torch.tensor([v + 1]),
+                torch.tensor([0]), occluded=torch.tensor([v == 0 and f >= 2]),
+            )
+            write_annotation(root / "Annotations" / "VID" / video / f"{f:06d}.xml", ann, video, f"{f:06d}")
+            anns.append(ann)
+            entries.append(ImageSetEntry(video, f, 4, len(entries) + 1))
+    (root / "ImageSets").mkdir(parents=True)
+    write_image_set(root / "ImageSets" / "VID_val_videos.txt", entries)
+    return anns
+
+
+def test_cue_visibility_map_splits_hidden_from_visible_boxes(tmp_path):
+    from megavod.data.predictions import FramePrediction, VideoPredictions, write_predictions
+    from megavod.reproduce import cue_visibility_maps
+    from megavod.structures import Detections
+
+    anns = _cue_dataset(tmp_path / "data")
+    pred = tmp_path / "pred.json"
+
+    def write(label_of_hidden: int) -> None:
+        videos = {}
+        for a in anns:
+            hidden = bool(a.occluded[0])
+            label = torch.tensor([label_of_hidden]) if hidden else a.labels
+            score = torch.tensor([0.5 if hidden else 0.9])
+            videos.setdefault(a.video, VideoPredictions(a.video, 320, 240, [])).frames.append(
+                FramePrediction(a.frame, None, Detections(a.boxes, score, label)))
+        write_predictions(pred, list(videos.values()))
+
+    # Hidden airplanes called antelopes (a single frame's guess): no hidden box is found (airplane AP 0
+    # on them, antelope has no hidden box), while on the visible boxes both classes are perfect (the
+    # wrong antelopes rank below every true one).
+    write(label_of_hidden=2)
+    assert cue_visibility_maps(tmp_path / "data", pred) == {"cue_hidden": 0.0, "cue_visible": 100.0}
+    # Called right, every subset is perfect.
+    write(label_of_hidden=1)
+    assert cue_visibility_maps(tmp_path / "data", pred) == {"cue_hidden": 100.0, "cue_visible": 100.0}

@@ -507,6 +507,36 @@ def evaluate_dataset(
     """
     if protocol not in PROTOCOLS:
         raise MegavodError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    gts, preds, missing = load_for_evaluation(data_dir, pred_file, image_set=image_set, log=log)
+    by_video: dict[str, list[int]] = {}
+    for i, g in enumerate(gts):
+        by_video.setdefault(g.video, []).append(i)
+    motion: list[Tensor] = [torch.zeros(0)] * len(gts)
+    for idx in by_video.values():
+        for i, m in zip(idx, motion_ious_for_video([gts[i] for i in idx])):
+            motion[i] = m
+
+    result = evaluate_vid(gts, preds, motion, protocol)
+    result.frames_without_predictions = missing
+    if out_dir is not None:
+        table = write_report(result, out_dir, plots=plots)
+    else:
+        table = format_table(result)
+    if log is not None:
+        log(table)
+    return result
+
+
+def load_for_evaluation(
+    data_dir: str | Path,
+    pred_file: str | Path,
+    *,
+    image_set: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[FrameAnnotation], list[Detections], int]:
+    """The ground truth of every evaluated frame and the predictions aligned with it, index by index
+    (see :func:`evaluate_dataset` for the arguments and the checks); also the number of listed frames
+    the prediction file has no entry for (they get no detections)."""
     data_dir = Path(data_dir)
     coco = data_dir.suffix.lower() == ".json"
     ann_root = data_dir / "Annotations" / "VID"
@@ -558,21 +588,4 @@ def evaluate_dataset(
             dets[i] = fp.detections
     missing = sum(d is None for d in dets)
     preds = [Detections.empty() if d is None else d for d in dets]
-
-    by_video: dict[str, list[int]] = {}
-    for i, g in enumerate(gts):
-        by_video.setdefault(g.video, []).append(i)
-    motion: list[Tensor] = [torch.zeros(0)] * len(gts)
-    for idx in by_video.values():
-        for i, m in zip(idx, motion_ious_for_video([gts[i] for i in idx])):
-            motion[i] = m
-
-    result = evaluate_vid(gts, preds, motion, protocol)
-    result.frames_without_predictions = missing
-    if out_dir is not None:
-        table = write_report(result, out_dir, plots=plots)
-    else:
-        table = format_table(result)
-    if log is not None:
-        log(table)
-    return result
+    return gts, preds, missing
