@@ -103,3 +103,19 @@ def test_bad_inputs_are_one_line(tmp_path):
     assert proc.returncode == 1 and "no file matches" in proc.stderr
     proc = _run([tmp_path / "x.mp4", "--out", tmp_path / "o", "--config", "synthetic_single", "mega.T_m=-1"])
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "mega.T_m" in proc.stderr
+
+
+def test_ranks_share_the_inputs_like_torchrun(tmp_path):
+    """Under torchrun (RANK / WORLD_SIZE in the environment) each rank detects every world_size-th
+    input; together they cover all of them once."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i, name in enumerate("abc"):
+        _clip(videos / f"{name}.mp4", 3, i)
+    written = {}
+    for rank in (0, 1):
+        out = tmp_path / f"out{rank}"
+        proc = _run([videos, "--out", out, *TINY], env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"})
+        assert proc.returncode == 0, proc.stderr
+        written[rank] = sorted(p.stem for p in out.glob("*.json"))
+    assert written == {0: ["a", "c"], 1: ["b"]}
