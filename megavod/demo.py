@@ -64,19 +64,10 @@ def shipped_weights() -> tuple[Path | None, Path]:
 
 
 def load_weights_file(model: torch.nn.Module, path: Path, cfg) -> None:
-    """Fill ``model`` from a ``.safetensors`` state dict or a megavod ``.pth`` checkpoint."""
-    from megavod.checkpoints.loading import load_model_weights, match_state_dict
+    """Fill ``model`` from any file ``megavod detect --weights`` accepts (the shipped ``.safetensors``)."""
+    from megavod.checkpoints.loading import load_model_weights
 
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for a bad header
-            raise MegavodError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
-        model.load_state_dict(match_state_dict(model, state, path), strict=True)
-    else:
-        load_model_weights(model, path, cfg)
+    load_model_weights(model, path, cfg)
 
 
 def build_demo_model(weights: Path | None = None, config: str | Path | None = None):

@@ -298,6 +298,7 @@ def export_weights(cfg, checkpoint: Path, dst_dir: Path, dtype: torch.dtype = to
     """
     from safetensors.torch import save_file
 
+    from megavod.checkpoints import convert
     from megavod.checkpoints.loading import read_checkpoint, state_dict_of
     from megavod.config import dump_config
     from megavod.data.predictions import atomic_write_text
@@ -307,8 +308,11 @@ def export_weights(cfg, checkpoint: Path, dst_dir: Path, dtype: torch.dtype = to
     dst_dir.mkdir(parents=True, exist_ok=True)
     path = dst_dir / f"{cfg.name}.safetensors"
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "megavod.weights", "config": cfg.name,
-                                           "method": cfg.method, "iterations": str(cfg.solver.max_iter)})
+    # megavod's converted format (``megavod convert``): the whole config travels in the file, so
+    # ``megavod detect --weights FILE`` needs no --config.
+    metadata = {"format": convert.FORMAT, "version": str(convert.VERSION), "config": dump_config(cfg),
+                "iterations": str(cfg.solver.max_iter)}
+    save_file(tensors, str(tmp), metadata=metadata)
     os.chmod(tmp, 0o644)  # a file to ship, readable like the package's other files
     os.replace(tmp, path)
     atomic_write_text(dst_dir / f"{cfg.name}.yaml", dump_config(cfg))

@@ -40,6 +40,18 @@ def test_shipped_weights_are_small_and_fill_the_model_exactly():
     assert not torch.allclose(trained, fresh.roi_heads.box.predictor.cls_score.weight)
 
 
+def test_shipped_weights_load_like_any_checkpoint():
+    """`megavod detect --weights megavod/weights/synthetic_mega.safetensors` needs no --config: the
+    file records its whole config, equal to the YAML beside it."""
+    from megavod.checkpoints.loading import load_detector
+    from megavod.config import load_config
+
+    weights, config = demo.shipped_weights()
+    model, cfg = load_detector(weights)
+    assert cfg == load_config(str(config))
+    assert model.roi_heads.box.predictor.cls_score.weight.dtype == torch.float32
+
+
 def test_demo_writes_video_predictions_and_summary(tmp_path, one_thread):
     s = demo.run_demo(tmp_path, frames=8, width=192, height=144, progress=False)
     assert set(s.outputs) == {"mp4", "json", "csv"}

@@ -13,6 +13,7 @@ from megavod.config import load_config
 from megavod.demo import build_demo_model
 from megavod.errors import MegavodError
 from megavod.train.checkpoint import load_checkpoint
+from megavod.checkpoints.loading import load_detector
 from megavod.reproduce import (
     METHODS,
     ReproduceSettings,
@@ -99,6 +100,7 @@ def test_tiny_reproduction_writes_table_plot_and_results_then_resumes(tmp_path, 
     for _, preset, _ in METHODS:  # each model exported as megavod/weights/ ships it, and loadable
         cfg, _, used = build_demo_model(out / "weights" / f"{preset}.safetensors", out / "weights" / f"{preset}.yaml")
         assert cfg.name == preset and used is not None
+        assert load_detector(used)[1] == cfg  # the file records its config: `detect --weights` alone
     table = (out / "table.md").read_text()
     assert all(name in table for _, _, name in METHODS)
     assert results["rows"][2]["map"] == saved["rows"][2]["map"]
