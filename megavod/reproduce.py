@@ -252,7 +252,9 @@ def train_method(
     """Train (or finish training) one preset from ``init``; returns (config, final checkpoint, seconds now)."""
     from megavod.config import load_config
 
-    cfg = load_config(preset, budget_overrides(settings.iterations))
+    cfg = load_config(preset)
+    if settings.iterations != cfg.solver.max_iter:  # the preset's own schedule when its budget is asked for
+        cfg = load_config(preset, budget_overrides(settings.iterations))
     started = time.perf_counter()
     final = _train(cfg, data, run_dir, init, progress)
     return cfg, final, time.perf_counter() - started
