@@ -270,9 +270,11 @@ def train_methods_concurrently(data: Path, out: Path, settings: ReproduceSetting
                                jobs: int) -> None:
     """Train the methods side by side, ``jobs`` processes at a time, the CPU threads split between them.
 
-    The models are small: on a 2-core machine two single-threaded processes train about 1.5x as many
-    iterations per second in all as one process with two threads. Each run is the same as a sequential
-    one (same seed, same samples; resumable); the main loop then finds them finished.
+    The synthetic models are small, and small operators gain little from a second thread (and lose
+    much when threads spin-wait on busy cores, benchmarks/README.md "CPU threads"), so on a 2-core
+    machine one single-threaded process per method keeps both cores doing useful work; the video
+    methods' longer runs start first. Each run is the same as a sequential one (same seed, same
+    samples; resumable; tested bit for bit); the main loop then finds them finished.
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
