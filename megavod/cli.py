@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output folder")
     p.add_argument("--jobs", type=int, default=None,
                    help="methods trained at once, each in its own process with a share of the CPU threads "
-                        "(default: 1; 2 is faster on a 2-core machine)")
+                        "(default: 1; 3 runs one process per method)")
 
     p = add("bench", "Time detectors on the same frames (ms/frame and ratios).", "megavod.bench", "main", 5)
     p.add_argument("--config", action="append", default=None, metavar="NAME|PATH",

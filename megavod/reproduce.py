@@ -364,18 +364,20 @@ def detect_method(cfg, weights: Path, data: Path, pred_file: Path, progress: boo
 def evaluate_method(data: Path, pred_file: Path, eval_dir: Path) -> dict[str, float]:
     """mAP (%) overall, by motion speed (slow / medium / fast) and by cue visibility (``cue_hidden``,
     ``cue_visible``: see :func:`cue_visibility_maps`) with the authors' protocol."""
-    from megavod.evaluation.vid_eval import evaluate_dataset
+    from megavod.evaluation.vid_eval import evaluate_loaded, load_for_evaluation
 
-    result = evaluate_dataset(data, pred_file, "authors", eval_dir, plots=False, log=None)
+    gts, preds, missing = load_for_evaluation(data, pred_file)  # read once for both evaluations
+    result = evaluate_loaded(gts, preds, missing, "authors", eval_dir, plots=False, log=None)
     maps = {name: 100.0 * result.ranges[name].map for name in ("all", *SPEEDS) if name in result.ranges}
-    maps.update(cue_visibility_maps(data, pred_file))
+    maps.update(cue_visibility_maps(gts, preds))
     # A bucket without ground truth has no mAP: None (null in results.json), never NaN.
     return {name: (None if value != value else value) for name, value in maps.items()}
 
 
-def cue_visibility_maps(data: Path, pred_file: Path) -> dict[str, float]:
+def cue_visibility_maps(gts: list, preds: list) -> dict[str, float]:
     """mAP (%) on the ground-truth boxes whose class cue is hidden (the benchmark's XML ``occluded``
-    flag) and on those where it is visible.
+    flag) and on those where it is visible; ``gts`` / ``preds`` as
+    :func:`~megavod.evaluation.vid_eval.load_for_evaluation` returns them.
 
     Each subset is evaluated exactly as the authors evaluate a motion bucket (spec §8): the other
     boxes are ignored, a detection matching one of them counts neither way, and an unmatched detection
@@ -383,9 +385,8 @@ def cue_visibility_maps(data: Path, pred_file: Path) -> dict[str, float]:
     frame cannot classify; the gap between the methods there is what temporal context buys.
     """
     from megavod.evaluation.motion import MOTION_RANGES
-    from megavod.evaluation.vid_eval import evaluate_vid, load_for_evaluation
+    from megavod.evaluation.vid_eval import evaluate_vid
 
-    gts, preds, _ = load_for_evaluation(data, pred_file)
     # The bucket machinery keys on a value per box: hidden -> the "fast" range, visible -> "slow".
     hidden_value, visible_value = MOTION_RANGES["fast"][0], MOTION_RANGES["slow"][1]
     values = [torch.where(g.occluded, hidden_value, visible_value).double() for g in gts]

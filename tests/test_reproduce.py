@@ -216,6 +216,7 @@ def _cue_dataset(root: Path) -> list:
 
 def test_cue_visibility_map_splits_hidden_from_visible_boxes(tmp_path):
     from megavod.data.predictions import FramePrediction, VideoPredictions, write_predictions
+    from megavod.evaluation.vid_eval import load_for_evaluation
     from megavod.reproduce import cue_visibility_maps
     from megavod.structures import Detections
 
@@ -236,7 +237,7 @@ def test_cue_visibility_map_splits_hidden_from_visible_boxes(tmp_path):
     # on them, antelope has no hidden box), while on the visible boxes both classes are perfect (the
     # wrong antelopes rank below every true one).
     write(label_of_hidden=2)
-    assert cue_visibility_maps(tmp_path / "data", pred) == {"cue_hidden": 0.0, "cue_visible": 100.0}
+    assert cue_visibility_maps(*load_for_evaluation(tmp_path / "data", pred)[:2]) == {"cue_hidden": 0.0, "cue_visible": 100.0}
     # Called right, every subset is perfect.
     write(label_of_hidden=1)
-    assert cue_visibility_maps(tmp_path / "data", pred) == {"cue_hidden": 100.0, "cue_visible": 100.0}
+    assert cue_visibility_maps(*load_for_evaluation(tmp_path / "data", pred)[:2]) == {"cue_hidden": 100.0, "cue_visible": 100.0}

@@ -508,6 +508,21 @@ def evaluate_dataset(
     if protocol not in PROTOCOLS:
         raise MegavodError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
     gts, preds, missing = load_for_evaluation(data_dir, pred_file, image_set=image_set, log=log)
+    return evaluate_loaded(gts, preds, missing, protocol, out_dir, plots=plots, log=log)
+
+
+def evaluate_loaded(
+    gts: list[FrameAnnotation],
+    preds: list[Detections],
+    missing: int,
+    protocol: str = "authors",
+    out_dir: str | Path | None = None,
+    *,
+    plots: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> VIDEvalResult:
+    """The second half of :func:`evaluate_dataset`, on what :func:`load_for_evaluation` returned:
+    motion IoU from the annotations' tracks, AP in every bucket, the report."""
     by_video: dict[str, list[int]] = {}
     for i, g in enumerate(gts):
         by_video.setdefault(g.video, []).append(i)
