@@ -283,7 +283,9 @@ _DDP_SCRIPT = textwrap.dedent(
         torch.nn.init.zeros_(model.fc.weight)
     path = train(tiny_cfg(max_iter=6), model, TinyDataset(), {out!r}, progress=False, info=info, log_period=2)
     torch.save(model.state_dict(), {out!r} + f"/rank{{info.rank}}.pt")
-    print("final", info.rank, info.world_size, path)
+    # One write per line: both ranks share the pipe, and print's separate writes can interleave.
+    sys.stdout.write(f"final {{info.rank}} {{info.world_size}} {{path}}\\n")
+    sys.stdout.flush()
     cleanup()
     """
 )
