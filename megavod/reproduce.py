@@ -379,19 +379,18 @@ def cue_visibility_maps(gts: list, preds: list) -> dict[str, float]:
     flag) and on those where it is visible; ``gts`` / ``preds`` as
     :func:`~megavod.evaluation.vid_eval.load_for_evaluation` returns them.
 
-    Each subset is evaluated exactly as the authors evaluate a motion bucket (spec §8): the other
-    boxes are ignored, a detection matching one of them counts neither way, and an unmatched detection
-    is a false positive weighted by the subset's share of the boxes. Hidden boxes are what a single
-    frame cannot classify; the gap between the methods there is what temporal context buys.
+    Each subset is evaluated exactly as the authors evaluate a motion bucket (``evaluate_vid``'s
+    ``subsets``): the other boxes are ignored, a detection matching one of them counts neither way,
+    and an unmatched detection is a false positive weighted by the subset's share of the boxes. Hidden
+    boxes are what a single frame cannot classify; the gap between the methods there is what temporal
+    context buys.
     """
-    from megavod.evaluation.motion import MOTION_RANGES
     from megavod.evaluation.vid_eval import evaluate_vid
 
-    # The bucket machinery keys on a value per box: hidden -> the "fast" range, visible -> "slow".
-    hidden_value, visible_value = MOTION_RANGES["fast"][0], MOTION_RANGES["slow"][1]
-    values = [torch.where(g.occluded, hidden_value, visible_value).double() for g in gts]
-    result = evaluate_vid(gts, preds, values, "authors")
-    return {"cue_hidden": 100.0 * result.ranges["fast"].map, "cue_visible": 100.0 * result.ranges["slow"].map}
+    hidden = [g.occluded for g in gts]
+    result = evaluate_vid(gts, preds, None, "authors",
+                          subsets={"cue_hidden": hidden, "cue_visible": [~h for h in hidden]})
+    return {name: 100.0 * result.ranges[name].map for name in ("cue_hidden", "cue_visible")}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -109,6 +109,38 @@ def test_hand_computed_motion_buckets_fractional_false_positives():
     assert math.isnan(r.ranges["medium"].map)
 
 
+def test_hand_computed_subsets_by_mask():
+    # The motion-bucket case above, with subsets given by mask instead of motion IoU: a subset's FP
+    # weight is its share of the GT boxes (1 of 2 here; the empty frame adds no entry, unlike a bucket).
+    gts = [gt([[0, 0, 99, 99], [200, 0, 299, 99]], [1, 1]), gt([], [], frame=1)]
+    preds = [
+        det([[0, 0, 29, 99], [500, 300, 550, 350], [0, 0, 99, 99], [200, 0, 299, 99]],
+            [0.99, 0.95, 0.85, 0.80], [1, 1, 1, 1]),
+        det([[10, 10, 50, 50]], [0.9], [1]),
+    ]
+    none = torch.zeros(0, dtype=torch.bool)
+    r = evaluate_vid(gts, preds, subsets={
+        "a": [torch.tensor([True, False]), none],
+        "b": [np.array([False, True]), none],
+        "everything": [torch.tensor([True, True]), none],
+    })
+    assert list(r.ranges) == ["all", "a", "b", "everything"]
+    assert r.ranges["a"].empty_weight == pytest.approx(0.5) and r.ranges["a"].low is None
+    # a (b ignored): p5 FP 1, p3 FP 1/2 (tie at IoU 0), p4 FP 1/2, p1 TP, p2 on the ignored b.
+    assert r.ranges["a"].ap[1] == pytest.approx(1 / 3, abs=1e-12)
+    # b (a ignored): p5 and p1 on the ignored a, p3 FP 1/2, p4 FP 1/2, p2 TP.
+    assert r.ranges["b"].ap[1] == pytest.approx(1 / 2, abs=1e-12)
+    # A subset holding every box is "all" (share 1 read as 0: full FPs).
+    assert r.ranges["everything"].empty_weight == 0.0
+    assert r.ranges["everything"].ap[1] == pytest.approx(r.ranges["all"].ap[1], abs=1e-12)
+    with pytest.raises(ValueError, match="subset 'a' has 1 frames"):
+        evaluate_vid(gts, preds, subsets={"a": [torch.tensor([True, False])]})
+    with pytest.raises(ValueError, match=r"subset 'a'\[0\] has 1 values"):
+        evaluate_vid(gts, preds, subsets={"a": [torch.tensor([True]), none]})
+    with pytest.raises(ValueError, match="taken by a motion range"):
+        evaluate_vid(gts, preds, subsets={"fast": [torch.tensor([True, False]), none]})
+
+
 def test_equal_iou_prefers_non_ignored_ground_truth():
     # Two identical GTs; the first is slow, the second fast. One prediction on them.
     gts = [gt([[10, 10, 60, 60], [10, 10, 60, 60]], [3, 3])]
