@@ -24,13 +24,13 @@ steady-state estimate of MEGA/single without running a whole video.
 
 ``--geometry-sweep`` times local stage 0's geometry term (675 x 3750 pairs) at several chunk sizes of
 ``megavod.models.relation._GEOMETRY_CHUNK_ELEMENTS`` (patched for the run only; the result is checked
-to be identical) and the attention with the geometry bias as returned (a permuted view) or contiguous.
+to be identical), the whole-embedding formula it replaced, and the attention with the geometry bias as
+returned (contiguous) or permuted.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import time
 from collections import defaultdict
@@ -56,7 +56,7 @@ class Timers:
         self.shapes: dict[str, tuple[int, int]] = {}
 
     def wrap(self, obj, attr: str, label: str, record_shape: bool = False) -> None:
-        own = obj.__dict__.get(attr)  # else a method, looked up on the class at call time (what_if patches it)
+        own = obj.__dict__.get(attr)  # else a method, looked up on the class at call time
 
         def timed(*args, **kwargs):
             start = time.perf_counter()
@@ -130,27 +130,6 @@ def instrument(model, timers: Timers) -> None:
     timers.wrap(head.postprocessor, "fn", "postprocess (softmax, decode, NMS)")
 
 
-@contextlib.contextmanager
-def what_if():
-    """Two bit-identical changes to :mod:`megavod.models.relation`, applied for the run only: geometry
-    chunks of 2**18 elements (cache-sized) instead of 2**24, and a contiguous geometry bias for the
-    attention kernel (a permuted view makes the CPU kernel far slower)."""
-    from megavod.models import relation
-
-    chunk, original = relation._GEOMETRY_CHUNK_ELEMENTS, RelationModule.geometry_bias
-
-    def contiguous_bias(self, *args, **kwargs):
-        return original(self, *args, **kwargs).contiguous()
-
-    relation._GEOMETRY_CHUNK_ELEMENTS = 1 << 18
-    RelationModule.geometry_bias = contiguous_bias
-    try:
-        yield
-    finally:
-        relation._GEOMETRY_CHUNK_ELEMENTS = chunk
-        RelationModule.geometry_bias = original
-
-
 def _print_key_table(ms: dict[str, float], shapes: dict[str, tuple[int, int]]) -> None:
     order = ["detect_key (total)", "aggregator", "global stage", "local stages", "global residual stage",
              "predictor", "postprocess (softmax, decode, NMS)"]
@@ -166,7 +145,7 @@ def _print_key_table(ms: dict[str, float], shapes: dict[str, tuple[int, int]]) -
     print(f"  geometry terms, all local stages       {geometry:9.1f} ms ({100 * geometry / total:.0f}% of detect_key)")
 
 
-def profile_key(config: str, keys: int, ops: bool = False, with_what_if: bool = False) -> dict[str, float]:
+def profile_key(config: str, keys: int, ops: bool = False) -> dict[str, float]:
     """Time ``detect_key`` at steady state (mean of ``keys`` calls after one warm-up), by part."""
     cfg = load_config(config)
     torch.manual_seed(0)
@@ -176,7 +155,7 @@ def profile_key(config: str, keys: int, ops: bool = False, with_what_if: bool = 
     timers = Timers()
     with torch.inference_mode():
         key, window, pool, memory = steady_state_inputs(model, settings, rows)
-        expected = model.detect_key(key, window, pool, memory)  # also the warm-up
+        model.detect_key(key, window, pool, memory)  # warm-up
         instrument(model, timers)
         for _ in range(keys):
             model.detect_key(key, window, pool, memory)
@@ -193,18 +172,6 @@ def profile_key(config: str, keys: int, ops: bool = False, with_what_if: bool = 
     _print_key_table(ms, timers.shapes)
     if ops:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    if with_what_if:
-        timers.reset()
-        with torch.inference_mode(), what_if():
-            model.detect_key(key, window, pool, memory)  # warm-up
-            timers.reset()
-            for _ in range(keys):
-                got = model.detect_key(key, window, pool, memory)
-        same = all(torch.equal(getattr(got[0], f), getattr(expected[0], f)) for f in ("boxes", "scores", "labels"))
-        same = same and all(torch.equal(a.feats, b.feats) for a, b in zip(got[1], expected[1]))
-        print(f"what-if (geometry chunks of 2**18 elements, contiguous geometry bias): detections and memory "
-              f"pushes {'bit-identical' if same else 'DIFFERENT'}")
-        _print_key_table({label: 1000 * t / keys for label, t in timers.total.items()}, timers.shapes)
     return ms
 
 
@@ -277,7 +244,9 @@ def profile_frame_pass(config: str, single: str, size: int, frames: int) -> tupl
 def geometry_sweep(n: int, m: int, chunks: list[int], repeats: int = 2) -> None:
     """Time local stage 0's geometry term (n queries x m references, default sizes of MEGA R-101) with
     several values of ``relation._GEOMETRY_CHUNK_ELEMENTS`` (the result is identical: chunks split the
-    query rows), and the attention with that bias as given (permuted) and made contiguous."""
+    query rows), the whole-embedding formula it replaces (N x M x 64 sin/cos, then Wg; what
+    ``geometry_bias`` computed before the w/h terms were factored), and the attention with the bias as
+    returned (contiguous) and as a permuted copy."""
     import torch.nn.functional as F
 
     from megavod.models import relation
@@ -303,10 +272,24 @@ def geometry_sweep(n: int, m: int, chunks: list[int], repeats: int = 2) -> None:
             print(f"  geometry {n}x{m}, chunk {chunk:>9d} elements{mark}: {1000 * min(times):7.1f} ms, "
                   f"{'identical' if same else 'DIFFERENT'}")
         relation._GEOMETRY_CHUNK_ELEMENTS = default
+        weight = module.Wg.weight.view(module.num_heads, -1)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            whole = qb.new_empty(module.num_heads, n, m)
+            rows = max(1, default // (m * weight.shape[1]))
+            for i in range(0, n, rows):
+                embedding = relation.box_geometry_embedding(qb[i : i + rows], rb)
+                whole[:, i : i + rows] = (F.relu(F.linear(embedding, weight, module.Wg.bias)) + 1e-6).log().permute(2, 0, 1)
+            times.append(time.perf_counter() - start)
+        clear = whole > -5  # relu(logit) > ~7e-3, where the log is well-conditioned
+        print(f"  geometry {n}x{m}, whole-embedding formula: {1000 * min(times):7.1f} ms, max |difference| "
+              f"{(whole - reference)[clear].abs().max():.1e} where relu(logit) > 7e-3")
         h, d = module.num_heads, module.head_dim
         q, k, v = (torch.randn(h, x, d, generator=g) for x in (n, m, m))
-        for name, mask in (("permuted bias (as geometry_bias returns it)", reference),
-                           ("contiguous bias", reference.contiguous()), ("no bias", None)):
+        permuted = reference.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        for name, mask in (("contiguous bias (as geometry_bias returns it)", reference),
+                           ("permuted bias", permuted), ("no bias", None)):
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
@@ -325,16 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--geometry-sweep", type=int, nargs="*", default=None, metavar="CHUNK",
                    help="time local stage 0's geometry term at these chunk sizes (elements; default "
-                        "16777216 1048576 262144) and the attention with a permuted/contiguous bias")
-    p.add_argument("--what-if", action="store_true",
-                   help="also time detect_key with two bit-identical changes to relation.py (see what_if)")
+                        "4194304 1048576 262144 65536), the whole-embedding formula and the attention with a "
+                        "contiguous/permuted bias")
     p.add_argument("--ops", action="store_true", help="print the profiler's top operators of one detect_key")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    key_ms = profile_key(args.config, args.keys, args.ops, args.what_if)["detect_key (total)"]
+    key_ms = profile_key(args.config, args.keys, args.ops)["detect_key (total)"]
     if args.geometry_sweep is not None:
-        geometry_sweep(675, 3750, args.geometry_sweep or [1 << 24, 1 << 20, 1 << 18])
+        geometry_sweep(675, 3750, args.geometry_sweep or [1 << 22, 1 << 20, 1 << 18, 1 << 16])
     if args.pass_size > 0:
         pass_ms, single_ms = profile_frame_pass(args.config, args.single, args.pass_size, args.pass_frames)
         mega = pass_ms + key_ms

@@ -3,6 +3,7 @@ hand-computed examples, parameter layout."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -92,16 +93,52 @@ def test_fast_path_equals_plain_formula(location_based, content_bias):
     x, refs = torch.randn(7, 64, generator=g), torch.randn(11, 64, generator=g)
     boxes = (random_boxes(7, g), random_boxes(11, g)) if location_based else (None, None)
     fast = module(x, refs, *boxes)
+    # The plain formula in float64 is the exact value; the fast path (float32, w/h terms factored,
+    # value projection first) must be within float32 rounding of it, as the plain formula in float32 is.
+    exact_module = copy.deepcopy(module).double()
+    exact = plain_relation(exact_module, x.double(), refs.double(), *(b if b is None else b.double() for b in boxes))
     plain = plain_relation(module, x, refs, *boxes)
-    assert torch.allclose(fast, plain, atol=1e-5, rtol=1e-4)
+    scale = exact.abs().max()
+    assert (fast.double() - exact).abs().max() <= 3e-5 * scale
+    assert (plain.double() - exact).abs().max() <= 3e-5 * scale
     # Same gradients too (training uses the fast path).
     fast_grads = torch.autograd.grad(fast.square().sum(), list(module.parameters()))
-    plain_grads = torch.autograd.grad(plain.square().sum(), list(module.parameters()))
+    exact_grads = torch.autograd.grad(exact.square().sum(), list(exact_module.parameters()))
     # Compared on the scale of all gradients: Wk.bias's true gradient is 0 (softmax ignores a per-query
     # constant), so its float noise is compared against that scale, not against itself.
-    scale = max(g.abs().max() for g in plain_grads)
-    for a, b in zip(fast_grads, plain_grads):
-        assert (a - b).abs().max() <= 1e-5 * scale
+    scale = max(g.abs().max() for g in exact_grads)
+    for a, b in zip(fast_grads, exact_grads):
+        assert (a.double() - b).abs().max() <= 1e-4 * scale
+
+
+def test_geometry_bias_equals_the_embedding_formula():
+    # The w/h terms enter through per-box factors (RelationModule._scale_factors), the x/y terms through
+    # the per-pair embedding: together Wg . E_ij of the whole embedding, to float rounding.
+    g = torch.Generator().manual_seed(3)
+    for temporal in (False, True):
+        module = RelationModule(32, 4, 16, location_based=True, content_bias=False, temporal_embedding=temporal)
+        with torch.no_grad():
+            module.Wg.weight.normal_(std=0.5, generator=g)
+            module.Wg.bias.normal_(std=0.5, generator=g)
+        qb, rb = random_boxes(13, g), random_boxes(17, g)
+        qf, rf = (torch.randint(0, 50, (13,), generator=g), torch.randint(0, 50, (17,), generator=g)) if temporal else (None, None)
+        with torch.no_grad():
+            bias = module.geometry_bias(qb, rb, qf, rf)
+            m64 = copy.deepcopy(module).double()
+            embedding = box_geometry_embedding(qb.double(), rb.double(), 16, 1000.0,
+                                               None if qf is None else qf, None if rf is None else rf)
+            pre = F.linear(embedding, m64.Wg.weight.view(4, -1), m64.Wg.bias).permute(2, 0, 1)
+            embedding32 = box_geometry_embedding(qb, rb, 16, 1000.0, qf, rf)  # the whole embedding in float32
+            pre32 = F.linear(embedding32, module.Wg.weight.view(4, -1), module.Wg.bias).permute(2, 0, 1)
+        # log(relu(.) + 1e-6) is ill-conditioned near 0, so compare relu(logit) = exp(bias) - 1e-6, and
+        # against float32 rounding as the whole float32 embedding has it (sin/cos of 100 * dt are large
+        # arguments).
+        assert 0.3 < (pre > 0).double().mean() < 0.7
+        error = (bias.double().exp() - 1e-6 - F.relu(pre)).abs().max()
+        error32 = (F.relu(pre32).double() - F.relu(pre)).abs().max()
+        assert error <= 2 * error32 + 1e-6 * pre.abs().max()
+        clipped = pre < -1e-4
+        assert (bias[clipped] - math.log(1e-6)).abs().max() < 1e-5
 
 
 def test_attention_weights_reproduce_the_output():
@@ -244,7 +281,9 @@ def test_geometry_bias_chunking_is_exact(monkeypatch):
     qb, rb = random_boxes(9, g), random_boxes(7, g)
     with torch.no_grad():
         whole = module.geometry_bias(qb, rb)
-        monkeypatch.setattr(relation_mod, "_GEOMETRY_CHUNK_ELEMENTS", 7 * 8 * 2)  # 2 query rows per chunk
+        monkeypatch.setattr(relation_mod, "_GEOMETRY_CHUNK_ELEMENTS", 2 * 7 * 2)  # 2 heads x 7 refs x 2 query rows
         chunked = module.geometry_bias(qb, rb)
+    with_grad = module.geometry_bias(qb, rb)  # the autograd path (no in-place relu/log)
     assert whole.shape == (2, 9, 7)
     assert torch.allclose(whole, chunked, atol=1e-6)
+    assert with_grad.requires_grad and torch.allclose(with_grad, chunked, atol=1e-6)

@@ -28,9 +28,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Query rows per chunk when building the geometry bias: the embedding is N x M x E floats (≈0.6 GB
-# for MEGA's 675 x 3750 x 64 local stage at once), its 16-channel projection is E/16 times smaller.
-_GEOMETRY_CHUNK_ELEMENTS = 1 << 18  # small enough that a chunk's embedding stays in cache
+# Elements of the [M_h, rows, M] logits built per chunk of query rows in RelationModule.geometry_bias
+# (the per-pair embedding of a chunk is as large): ~17 rows of MEGA's 675 x 3750 local stage, the
+# fastest of 2-64 rows on the development CPU (benchmarks/profile_mega.py --geometry-sweep).
+_GEOMETRY_CHUNK_ELEMENTS = 1 << 20
+
+
+def _widths_heights(boxes: Tensor) -> Tensor:
+    """[R, 2] legacy +1 widths and heights (w = x2 - x1 + 1), as the authors' checkpoints were trained."""
+    return boxes[:, 2:] - boxes[:, :2] + 1
+
+
+def _relative_centre_offsets(query_boxes: Tensor, ref_boxes: Tensor) -> Tensor:
+    """The x and y terms of :func:`relative_box_geometry`, [N, M, 2]."""
+    qwh = _widths_heights(query_boxes)
+    qc = 0.5 * (query_boxes[:, :2] + query_boxes[:, 2:])
+    rc = 0.5 * (ref_boxes[:, :2] + ref_boxes[:, 2:])
+    return ((qc[:, None, :] - rc[None, :, :]).abs() / qwh[:, None, :] + 1e-3).log()
 
 
 def relative_box_geometry(query_boxes: Tensor, ref_boxes: Tensor) -> Tensor:
@@ -39,21 +53,15 @@ def relative_box_geometry(query_boxes: Tensor, ref_boxes: Tensor) -> Tensor:
     (log(|cx_i - cx_j| / w_i + 1e-3), log(|cy_i - cy_j| / h_i + 1e-3), log(w_i / w_j), log(h_i / h_j)),
     with the legacy +1 widths (w = x2 - x1 + 1) the authors' checkpoints were trained with.
     """
-    qx1, qy1, qx2, qy2 = query_boxes.unbind(1)
-    rx1, ry1, rx2, ry2 = ref_boxes.unbind(1)
-    qw, qh = qx2 - qx1 + 1, qy2 - qy1 + 1
-    rw, rh = rx2 - rx1 + 1, ry2 - ry1 + 1
-    dx = (0.5 * (qx1 + qx2))[:, None] - (0.5 * (rx1 + rx2))[None, :]
-    dy = (0.5 * (qy1 + qy2))[:, None] - (0.5 * (ry1 + ry2))[None, :]
-    return torch.stack(
-        [
-            (dx.abs() / qw[:, None] + 1e-3).log(),
-            (dy.abs() / qh[:, None] + 1e-3).log(),
-            (qw[:, None] / rw[None, :]).log(),
-            (qh[:, None] / rh[None, :]).log(),
-        ],
-        dim=2,
-    )
+    qwh, rwh = _widths_heights(query_boxes), _widths_heights(ref_boxes)
+    scale = (qwh[:, None, :] / rwh[None, :, :]).log()
+    return torch.cat([_relative_centre_offsets(query_boxes, ref_boxes), scale], dim=2)
+
+
+def _frequencies(num_freqs: int, wave_length: float, device, dtype) -> Tensor:
+    """100 / wave_length^(k / num_freqs), k < num_freqs: the embedding's angle per unit of a term."""
+    exponents = torch.arange(num_freqs, device=device, dtype=dtype) / num_freqs
+    return 100.0 / wave_length**exponents
 
 
 def _sinusoid(values: Tensor, num_freqs: int, wave_length: float) -> Tensor:
@@ -213,24 +221,54 @@ class RelationModule(nn.Module):
             raise ValueError("temporal_embedding=True needs x_frames and ref_frames (frame index per row)")
         if not self.temporal_embedding:
             x_frames = ref_frames = None
-        weight = self.Wg.weight.view(self.num_heads, -1)
+        h, f = self.num_heads, self.embed_dim // 8
+        # Wg's columns follow the embedding: 4 terms (x, y, w, h) x [sin f, cos f], then the optional
+        # frame-index term [sin f, cos f]. x, y (and the frame index) are embedded per pair; w and h
+        # enter through per-box factors (_scale_factors).
+        weight = self.Wg.weight.view(h, -1)
+        direct = torch.cat([weight[:, : 4 * f], weight[:, 8 * f :]], dim=1).view(h, -1, 2, f)
+        w_sin, w_cos = direct[:, :, 0].flatten(1), direct[:, :, 1].flatten(1)  # [M_h, terms * f]
+        query_factors, ref_factors = self._scale_factors(x_boxes, ref_boxes, weight[:, 4 * f : 8 * f])
+        freqs = _frequencies(f, self.wave_length, x_boxes.device, x_boxes.dtype)
         n, m = x_boxes.shape[0], ref_boxes.shape[0]
-        chunk = max(1, _GEOMETRY_CHUNK_ELEMENTS // max(1, m * weight.shape[1]))
-        # Written head-major into one contiguous tensor: the attention kernel is ~3x slower on a
-        # permuted view.
-        bias = x_boxes.new_empty(self.num_heads, n, m)
+        chunk = max(1, _GEOMETRY_CHUNK_ELEMENTS // max(1, h * m))
+        inplace = not torch.is_grad_enabled()
+        # Head-major and contiguous: the attention kernel is ~3x slower on a permuted bias.
+        bias = x_boxes.new_empty(h, n, m)
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
-            embedding = box_geometry_embedding(
-                x_boxes[start:stop],
-                ref_boxes,
-                self.embed_dim,
-                self.wave_length,
-                None if x_frames is None else x_frames[start:stop],
-                ref_frames,
-            )
-            bias[:, start:stop] = (F.relu(F.linear(embedding, weight, self.Wg.bias)) + 1e-6).log().permute(2, 0, 1)
+            logits = torch.bmm(query_factors[start:stop].expand(h, -1, -1), ref_factors)  # w/h terms, [M_h, c, M]
+            terms = _relative_centre_offsets(x_boxes[start:stop], ref_boxes)  # [c, M, 2]
+            if x_frames is not None:
+                dt = ref_frames.to(terms.dtype)[None, :] - x_frames[start:stop].to(terms.dtype)[:, None]
+                terms = torch.cat([terms, dt[..., None]], dim=2)
+            angles = (terms[..., None] * freqs).view(-1, w_sin.shape[1])  # [c * M, terms * f]
+            # + Wg . E for the per-pair terms and Wg's bias, accumulated head-major.
+            logits.view(h, -1).addmm_(w_sin, angles.sin().T).addmm_(w_cos, angles.cos().T).add_(self.Wg.bias[:, None])
+            if inplace:
+                bias[:, start:stop] = logits.clamp_(min=0).add_(1e-6).log_()
+            else:
+                bias[:, start:stop] = (F.relu(logits) + 1e-6).log()
         return bias
+
+    def _scale_factors(self, x_boxes: Tensor, ref_boxes: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """Factors P [N, 4f] and Q [M_h, 4f, M] with P @ Q[m] = Wg^m's w/h columns . E_ij's w/h terms.
+
+        Those terms embed log(w_i / w_j) = log w_i - log w_j (likewise h), and
+        A sin(a(x - y)) + B cos(a(x - y)) = sin(ax) (A cos(ay) + B sin(ay)) + cos(ax) (B cos(ay) - A sin(ay)),
+        so their contribution to every head's logit is a [N, 4f] x [4f, M] product: half the per-pair
+        sin/cos of the embedding, the costliest part of the key frame on CPU (benchmarks/README.md). Same
+        value up to float rounding; the per-box sin/cos are taken in float64.
+        """
+        f = self.embed_dim // 8
+        freqs = _frequencies(f, self.wave_length, x_boxes.device, torch.float64)
+        qa = _widths_heights(x_boxes).double().log()[:, :, None] * freqs  # [N, 2, f]: w and h angles
+        ra = _widths_heights(ref_boxes).double().log().T[:, None, :] * freqs[:, None]  # [2, f, M]
+        query_factors = torch.cat([qa.sin(), qa.cos()], dim=2).flatten(1).to(weight.dtype)  # [N, (w, h) x (sin, cos) x f]
+        a, b = weight.view(-1, 2, 2, f, 1).unbind(2)  # Wg's sin / cos columns, [M_h, 2, f, 1] each
+        rs, rc = ra.sin().to(weight.dtype), ra.cos().to(weight.dtype)
+        ref_factors = torch.stack([a * rc + b * rs, b * rc - a * rs], dim=2)  # [M_h, (w, h), (sin, cos), f, M]
+        return query_factors, ref_factors.flatten(1, 3)
 
     def attention_weights(
         self,
