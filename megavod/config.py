@@ -199,7 +199,7 @@ class SolverConfig:
     weight_decay: float = 0.0001
     bias_lr_factor: float = 2.0
     weight_decay_bias: float = 0.0
-    relation_lr_factor: float = 1.0  # ours: lr multiplier of the relation modules (solver.py says why)
+    attention_lr_factor: float = 1.0  # ours: lr multiplier of the relation modules' Wq, Wk, u, Wg (solver.py)
     steps: tuple[int, ...] = (80000,)
     gamma: float = 0.1
     max_iter: int = 120000
@@ -518,7 +518,7 @@ def validate(cfg: Config) -> None:
     _require(0.0 <= s.momentum < 1.0, "solver.momentum", "in [0, 1)", s.momentum)
     _require(s.weight_decay >= 0, "solver.weight_decay", ">= 0", s.weight_decay)
     _require(s.weight_decay_bias >= 0, "solver.weight_decay_bias", ">= 0", s.weight_decay_bias)
-    _require(s.relation_lr_factor > 0, "solver.relation_lr_factor", "> 0", s.relation_lr_factor)
+    _require(s.attention_lr_factor > 0, "solver.attention_lr_factor", "> 0", s.attention_lr_factor)
     _require(s.max_iter >= 1, "solver.max_iter", ">= 1", s.max_iter)
     _require(list(s.steps) == sorted(s.steps) and all(0 < x for x in s.steps), "solver.steps",
              "increasing positive iterations", list(s.steps))

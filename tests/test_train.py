@@ -135,22 +135,24 @@ def test_scheduler_lr_per_iteration_and_groups():
     assert opt.param_groups[1]["lr"] == pytest.approx(2 * lr * 0.1)
 
 
-def test_relation_lr_factor_groups_exactly_the_relation_modules():
+def test_attention_lr_factor_groups_exactly_the_attention_parameters():
     from megavod.models.relation import RelationModule
 
     relation = RelationModule(16, num_heads=2, embed_dim=8, location_based=True, content_bias=True)
     model = nn.ModuleDict({"fc": nn.Linear(16, 16), "relation": relation})
-    cfg = SolverConfig(base_lr=0.01, reference_batch=1, warmup_iters=2, steps=(3,), relation_lr_factor=10.0)
+    cfg = SolverConfig(base_lr=0.01, reference_batch=1, warmup_iters=2, steps=(3,), attention_lr_factor=10.0)
     opt = make_optimizer(cfg, model)
     by_name = {g["name"]: g for g in opt.param_groups}
-    assert list(by_name) == ["weights", "biases", "relation_weights", "relation_biases"]
-    assert by_name["weights"]["params"] == [model["fc"].weight]
-    assert by_name["biases"]["params"] == [model["fc"].bias]
-    in_relation = {id(p) for p in relation.parameters()}
-    assert {id(p) for g in ("relation_weights", "relation_biases") for p in by_name[g]["params"]} == in_relation
-    assert by_name["relation_weights"]["lr"] == pytest.approx(0.1)
-    assert by_name["relation_weights"]["weight_decay"] == cfg.weight_decay
-    assert by_name["relation_biases"]["lr"] == pytest.approx(0.2) and by_name["relation_biases"]["weight_decay"] == 0
+    assert list(by_name) == ["weights", "biases", "attention_weights", "attention_biases"]
+    ids = lambda group: {id(p) for p in by_name[group]["params"]}  # noqa: E731
+    # Wv (the value projection) learns at the detector's lr with the other weights and biases.
+    assert ids("weights") == {id(model["fc"].weight), id(relation.Wv.weight)}
+    assert ids("biases") == {id(model["fc"].bias), id(relation.Wv.bias)}
+    assert ids("attention_weights") == {id(p) for p in (relation.Wq.weight, relation.Wk.weight, relation.Wg.weight, relation.u)}
+    assert ids("attention_biases") == {id(p) for p in (relation.Wq.bias, relation.Wk.bias, relation.Wg.bias)}
+    assert by_name["attention_weights"]["lr"] == pytest.approx(0.1)
+    assert by_name["attention_weights"]["weight_decay"] == cfg.weight_decay
+    assert by_name["attention_biases"]["lr"] == pytest.approx(0.2) and by_name["attention_biases"]["weight_decay"] == 0
     sched = make_scheduler(cfg, opt)  # the schedule scales every group alike
     for _ in range(3):
         opt.step()
@@ -158,8 +160,9 @@ def test_relation_lr_factor_groups_exactly_the_relation_modules():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.001, 0.002, 0.01, 0.02])
     # factor 1 (the authors): the two groups of before, whatever the model holds
     assert [g["name"] for g in make_optimizer(SolverConfig(), model).param_groups] == ["weights", "biases"]
-    with pytest.raises(MegavodError, match="solver.relation_lr_factor"):
-        load_config("synthetic_mega", ["solver.relation_lr_factor=0"])
+    assert load_config("synthetic_mega").solver.attention_lr_factor == 10.0
+    with pytest.raises(MegavodError, match="solver.attention_lr_factor"):
+        load_config("synthetic_mega", ["solver.attention_lr_factor=0"])
 
 
 def test_scheduler_rejects_unsorted_steps():
