@@ -18,7 +18,9 @@ Per frame at steady state:
 * single frame: one ``detect_frame``.
 * MEGA / base: one per-frame pass (``frame_features``: backbone, RPN, res5, RoIAlign, fc6; the engine
   runs it exactly once per frame) plus one ``detect_key`` with T_l window frames, T_g global frames and,
-  for MEGA, every memory level holding T_m frames. The window, pool and memory frames all reuse the
+  for MEGA, every memory level holding T_m frames; of these, only the newest global frame and the
+  newest memory entry of each level are met for the first time (the others' keys and values are kept,
+  ``ReferenceProjectionCache``). The window, pool and memory frames all reuse the
   frame's own rows (the cost depends only on the row counts: 300 key, 75 per frame, 15 distilled).
 
 ``--authors`` adds an estimate of what the authors' test code spends per frame on the same model
@@ -31,6 +33,7 @@ sum); the CNN parts are the counted ones, the relation modules use the closed-fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 from collections import defaultdict
@@ -64,13 +67,21 @@ GROUPS = [
 ]
 
 
+NEW_ROWS = "K/V of new global/memory rows"
+
+
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)  # q k^T, then weights v
+
+
+def _addmm_inplace_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # as PyTorch's formula for the out-of-place addmm
 
 
 def counter() -> FlopCounterMode:
     cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     mapping = {cpu_attention: _cpu_attention_flops} if cpu_attention is not None else {}
+    mapping[torch.ops.aten.addmm_] = _addmm_inplace_flops  # the geometry term accumulates with it
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
@@ -112,19 +123,23 @@ def count(fn) -> tuple[float, dict[str, float]]:
 
 
 def relation_macs(n: int, m: int, c: int = 1024, heads: int = 16, geometry: bool = False,
-                  authors: bool = False, embed: int = 64) -> float:
+                  authors: bool = False, embed: int = 64, projected: int | None = None) -> float:
     """Closed-form multiply-adds of one relation module with N queries and M references:
     Wq N C^2, Wk M C^2, logits N M C, geometry N M E M_h; weighted sum + Wv: ours M C^2 + N M C (value
-    projection first), the authors' N M C M_h (raw references per head) + N C^2 (grouped conv)."""
-    macs = n * c * c + m * c * c + n * m * c
+    projection first), the authors' N M C M_h (raw references per head) + N C^2 (grouped conv).
+    ``projected``: references whose Wk / Wv products this module computes (ours: the others' are kept,
+    ``ReferenceProjectionCache``; default all M)."""
+    p = m if projected is None else projected
+    macs = n * c * c + p * c * c + n * m * c
     macs += n * m * embed * heads if geometry else 0
-    macs += n * m * c * heads + n * c * c if authors else m * c * c + n * m * c
+    macs += n * m * c * heads + n * c * c if authors else p * c * c + n * m * c
     return macs
 
 
-def steady_state_sizes(cfg, s: StreamSettings, key: int, authors: bool) -> list[tuple[int, int, bool]]:
-    """(queries, references, location-based) of every relation module at steady state (spec §4.3) for
-    frames of ``key`` proposals (300 unless the RPN keeps fewer)."""
+def steady_state_sizes(cfg, s: StreamSettings, key: int, authors: bool) -> list[tuple[int, int, bool, int]]:
+    """(queries, references, location-based, references projected here) of every relation module at
+    steady state (spec §4.3) for frames of ``key`` proposals (300 unless the RPN keeps fewer). Ours
+    projects the global pool and memory rows once (:func:`new_rows_macs`); the authors every time."""
     ref = min(key, cfg.model.rpn.ref_post_nms_top_n)
     dis = min(ref, max(1, int(cfg.model.rpn.ref_post_nms_top_n * cfg.mega.distill_ratio + 1e-9)))
     local, local_dis = s.T_l * ref, s.T_l * dis
@@ -132,15 +147,27 @@ def steady_state_sizes(cfg, s: StreamSettings, key: int, authors: bool) -> list[
     pool = s.T_g * ref
     sizes = []
     for _ in range(cfg.mega.N_g):  # the authors also run the global stage on the 375 distilled rows
-        sizes.append((key + local + (local_dis if authors else 0), pool, cfg.mega.location_based_global))
+        sizes.append((key + local + (local_dis if authors else 0), pool, cfg.mega.location_based_global,
+                      pool if authors else 0))
     n_l = cfg.mega.N_l
     for i in range(n_l):
         queries = key if i == n_l - 1 else key + local_dis
-        refs = local + mem0 if i == 0 else local_dis + mem
-        sizes.append((queries, refs, True))
+        fresh, kept = (local, mem0) if i == 0 else (local_dis, mem)
+        sizes.append((queries, fresh + kept, True, fresh + (kept if authors else 0)))
     for _ in range(cfg.mega.global_res_stages):
-        sizes.append((key, pool, cfg.mega.location_based_global))
+        sizes.append((key, pool, cfg.mega.location_based_global, pool if authors else 0))
     return sizes
+
+
+def new_rows_macs(cfg, s: StreamSettings, key: int, c: int) -> float:
+    """Ours per key frame: Wk and Wv of the rows met for the first time, the newest global frame (for
+    every global module) and the newest memory entry of each level."""
+    ref = min(key, cfg.model.rpn.ref_post_nms_top_n)
+    dis = min(ref, max(1, int(cfg.model.rpn.ref_post_nms_top_n * cfg.mega.distill_ratio + 1e-9)))
+    rows = ref * (cfg.mega.N_g + cfg.mega.global_res_stages) if s.T_g else 0
+    if s.memory_levels:
+        rows += ref + dis * (cfg.mega.N_l - 1)
+    return 2 * rows * c * c
 
 
 def measure(name: str, size: int, authors: bool) -> dict:
@@ -161,13 +188,22 @@ def measure(name: str, size: int, authors: bool) -> dict:
         box: dict = {}
         pass_total, pass_groups = count(lambda: box.setdefault("f", model.frame_features(image, 0, hw)))
         f = box["f"]
-        window, pool = [f] * s.T_l, [f] * s.T_g
+        # Distinct frame objects (same rows): the model keeps the projections of global frames and memory
+        # entries per object. Steady state: one call fills the memory and that cache, then the counted
+        # call meets one new global frame and one new memory entry per level, as every key frame does.
+        window, pool = [f] * s.T_l, [dataclasses.replace(f) for _ in range(s.T_g)]
         memory = s.new_memory()
+        _, push = model.detect_key(f, window, pool, None)
         if memory is not None:
-            _, push = model.detect_key(f, window, pool, None)
-            for _ in range(s.T_m):
+            for _ in range(s.T_m + 1):
                 memory.push(push)
+            model.detect_key(f, window, pool, memory)
+            memory.push(push)
+        pool = pool[1:] + [dataclasses.replace(f)]
         key_total, key_groups = count(lambda: model.detect_key(f, window, pool, memory))
+        # Outside any module's forward, the cache's projections of the new rows land in the bare
+        # "Linear" (Wk) and "other" (the Wv product) groups: label them.
+        key_groups[NEW_ROWS] = key_groups.pop("fc6", 0.0) + key_groups.pop("other", 0.0)
     groups = defaultdict(float)
     for g in (pass_groups, key_groups):
         for k, v in g.items():
@@ -183,9 +219,11 @@ def measure(name: str, size: int, authors: bool) -> dict:
                + g.get("reduce conv", 0.0) * 3 + g["fc6"] / rows * (rows + 2 * ref))
         dims = {"c": cfg.model.roi_head.representation_size, "heads": cfg.relation.num_heads,
                 "embed": cfg.relation.embed_dim}
-        rel = sum(relation_macs(n, m, geometry=geo, authors=True, **dims)
-                  for n, m, geo in steady_state_sizes(cfg, s, rows, True))
-        ours = sum(relation_macs(n, m, geometry=geo, **dims) for n, m, geo in steady_state_sizes(cfg, s, rows, False))
+        rel = sum(relation_macs(n, m, geometry=geo, authors=True, projected=p, **dims)
+                  for n, m, geo, p in steady_state_sizes(cfg, s, rows, True))
+        ours = sum(relation_macs(n, m, geometry=geo, projected=p, **dims)
+                   for n, m, geo, p in steady_state_sizes(cfg, s, rows, False))
+        ours += new_rows_macs(cfg, s, rows, dims["c"])
         other = sum(v for k, v in key_groups.items() if k.startswith("fc after") or k == "predictor")
         result.update(authors_total=cnn + rel / 1e9 + other, authors_relation=rel / 1e9,
                       ours_relation_closed_form=ours / 1e9)
@@ -220,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['name']}: per-frame pass {r['pass_total']:.2f} G + key frame {r['key_total']:.2f} G "
                   f"(T_l={s.T_l}, T_g={s.T_g}, T_m={s.T_m if s.memory_levels else 0}, {r['rows']} proposals)")
         if "authors_total" in r:
-            counted = sum(v for k, v in r["groups"].items() if k.startswith(("global stage", "local stage")))
+            counted = sum(v for k, v in r["groups"].items() if k.startswith(("global stage", "local stage")) or k == NEW_ROWS)
             print(f"{r['name']}: authors' code, estimated: {r['authors_total']:.1f} G per frame "
                   f"(their relation modules {r['authors_relation']:.1f} G; ours {counted:.1f} G counted, "
                   f"{r['ours_relation_closed_form']:.1f} G in closed form); ratio to {reference['name']} "

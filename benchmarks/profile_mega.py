@@ -31,6 +31,7 @@ returned (contiguous) or permuted.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections import defaultdict
@@ -155,13 +156,22 @@ def profile_key(config: str, keys: int, ops: bool = False) -> dict[str, float]:
     timers = Timers()
     with torch.inference_mode():
         key, window, pool, memory = steady_state_inputs(model, settings, rows)
-        model.detect_key(key, window, pool, memory)  # warm-up
+        _, push = model.detect_key(key, window, pool, memory)  # warm-up
+
+        def next_key():  # as at every key frame: one new global frame, one new memory entry per level
+            nonlocal pool
+            if memory is not None:
+                memory.push(push)
+            pool = pool[1:] + [dataclasses.replace(pool[0])]
+
         instrument(model, timers)
         for _ in range(keys):
+            next_key()
             model.detect_key(key, window, pool, memory)
         if ops:
             from torch.profiler import profile
 
+            next_key()
             with profile() as prof:
                 model.detect_key(key, window, pool, memory)
     ms = {label: 1000 * t / keys for label, t in timers.total.items()}

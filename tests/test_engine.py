@@ -192,6 +192,50 @@ def test_memory_off_is_the_base_model(model, cfg, frames):
     assert any(not torch.equal(a.scores, b.scores) for (_, a), (_, b) in zip(mega_out[1:], base_out[1:]))
 
 
+def test_projection_cache_gives_the_uncached_result(cfg, frames, monkeypatch):
+    """Global frames' and memory entries' keys/values are projected once per (rows, module); over a
+    whole video the aggregated features equal projecting them anew at every key frame (the authors)."""
+    from megavod.models.mega_head import MEGAAggregator
+    from megavod.models.relation import ReferenceProjectionCache
+
+    torch.manual_seed(0)
+    model = build_detector(cfg).eval()
+    with torch.no_grad():  # relation terms that matter (the init's Wv is ~0)
+        for module in [*model.aggregator.local_stages, *model.aggregator.global_stages]:
+            for p in module.parameters():
+                p.normal_(std=0.2)
+    from megavod.models.relation import RelationModule
+
+    outputs, projections = {}, {"cached": 0, "uncached": 0}
+    original_forward, original_project = MEGAAggregator.forward, RelationModule.project_refs
+
+    def forward(self, *args, **kwargs):
+        out = original_forward(self, *args, **kwargs)
+        outputs.setdefault(run, []).append(out.features)
+        return out
+
+    def project_refs(self, refs):
+        projections[run] += 1
+        return original_project(self, refs)
+
+    monkeypatch.setattr(MEGAAggregator, "forward", forward)
+    monkeypatch.setattr(RelationModule, "project_refs", project_refs)
+    settings = StreamSettings.from_config(cfg)
+    run = "cached"
+    _run_offline(model, frames, settings)
+    # What is alive at the last key frame: T_g = 3 pool frames x 2 global modules, N_l = 2 levels x
+    # T_m = 4 memory entries, and what dropped out at that frame (pruned at the next one): 1 + 1 x 2.
+    assert 0 < len(model.projection_cache) <= 3 * 2 + 2 * 4 + 2 * 2
+    run = "uncached"
+    monkeypatch.setattr(ReferenceProjectionCache, "get", lambda self, owner, rows, module: module.project_refs(rows))
+    _run_offline(model, frames, settings)
+    assert projections["cached"] < 0.6 * projections["uncached"]
+    assert len(outputs["cached"]) == len(outputs["uncached"]) == len(frames)
+    for a, b in zip(outputs["cached"], outputs["uncached"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert any(not torch.allclose(a, outputs["cached"][0]) for a in outputs["cached"][1:])
+
+
 def test_file_and_frame_folder_give_identical_detections(model, cfg, tmp_path):
     from megavod.data.video import RandomAccessFrames, open_source, write_video
     from megavod.inference.detect import Detector

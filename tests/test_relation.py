@@ -287,3 +287,31 @@ def test_geometry_bias_chunking_is_exact(monkeypatch):
     assert whole.shape == (2, 9, 7)
     assert torch.allclose(whole, chunked, atol=1e-6)
     assert with_grad.requires_grad and torch.allclose(with_grad, chunked, atol=1e-6)
+
+
+def test_reference_projection_cache_hits_refreshes_and_forgets():
+    from megavod.models.relation import ReferenceProjectionCache
+
+    g = torch.Generator().manual_seed(6)
+    module = RelationModule(16, 2, 8, location_based=False, content_bias=True)
+    cache = ReferenceProjectionCache()
+
+    class Owner:  # stands for a FrameFeatures / memory entry
+        pass
+
+    owner, rows = Owner(), torch.randn(5, 16, generator=g)
+    with torch.no_grad():
+        k, v = cache.get(owner, rows, module)
+        assert cache.get(owner, rows, module)[0] is k  # hit: the same tensors, not recomputed
+        expected = module.project_refs(rows)
+        assert torch.equal(k, expected[0]) and torch.equal(v, expected[1])
+        module.Wv.weight.mul_(2)  # weights changed in place (a training step, load_state_dict)
+        k2, v2 = cache.get(owner, rows, module)
+        assert torch.equal(v2, 2 * v) and len(cache) == 1
+        other = RelationModule(16, 2, 8, location_based=False, content_bias=True)
+        cache.get(owner, rows, other)  # one entry per (owner, module)
+        assert len(cache) == 2
+    del owner
+    cache.prune()
+    assert len(cache) == 0
+    copy.deepcopy(cache)  # a model holding a cache can be copied (the copy starts empty)

@@ -62,6 +62,10 @@ class LongRangeMemory:
         """Frame entries currently held at ``level`` (never more than T_m)."""
         return len(self._levels[level])
 
+    def entries(self, level: int) -> list[RoiRows]:
+        """The frame entries of ``level``, oldest first (the objects held: the same until they drop out)."""
+        return list(self._levels[level])
+
     def read_rows(self, level: int) -> RoiRows:
         """All rows of ``level``, oldest frame first, as one :class:`RoiRows` (empty when nothing is held)."""
         entries = self._levels[level]

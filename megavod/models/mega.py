@@ -32,7 +32,7 @@ from megavod.config import Config
 from megavod.inference.memory import LongRangeMemory
 from megavod.models.backbone import C4Backbone
 from megavod.models.mega_head import MEGAAggregator, RoiRows
-from megavod.models.relation import RelationModule
+from megavod.models.relation import ReferenceProjectionCache, RelationModule, cat_projections
 from megavod.models.relation_detector import RelationDetector, build_relation_detector
 from megavod.models.roi_heads import RoIBoxHead
 from megavod.models.rpn import RPN
@@ -53,6 +53,7 @@ class MEGADetector(RelationDetector):
                  temporal_embedding: bool = False) -> None:
         super().__init__(backbone, rpn, box_head, ref_proposals)
         self.temporal_embedding = temporal_embedding
+        self.projection_cache = ReferenceProjectionCache()  # see detect_key
 
     def _rows(self, frame: FrameFeatures, n: int | None) -> RoiRows:
         rows = slice(0, n)
@@ -77,12 +78,26 @@ class MEGADetector(RelationDetector):
         query rows in the last local stage (for BLR, spec §13.12); the detections are the same."""
         n = self.ref_proposals
         pool = [self._rows(g, n) for g in global_pool]
+        # Global frames' raw rows and memory entries are the same from one key frame to the next:
+        # their keys and values are projected once (the authors project them again every frame).
+        cache = self.projection_cache
+        cache.prune()
+        global_kv = memory_kv = None
+        if pool:
+            global_kv = [cat_projections([cache.get(g, rows.feats, module) for g, rows in zip(global_pool, pool)])
+                         for module in self.aggregator.global_stages]
+        if memory is not None:
+            memory_kv = [cat_projections([cache.get(e, e.feats, module) for e in memory.entries(i)])
+                         if memory.num_frames(i) else None
+                         for i, module in enumerate(self.aggregator.local_stages)]
         with self.capture_relation_query(relation_inputs) as tap:
             out = self.aggregator(
                 key=self._rows(key, None),
                 local_frames=[self._rows(f, n) for f in local_window],
                 global_pool=RoiRows.cat(pool) if pool else RoiRows(key.feats[:0], key.boxes[:0]),
                 memory=memory.read_all() if memory is not None else None,
+                global_kv=global_kv,
+                memory_kv=memory_kv,
             )
         return self.predict(key, out.features, tap.inputs), out.memory_push
 

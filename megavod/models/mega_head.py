@@ -42,6 +42,9 @@ from torch import Tensor, nn
 from megavod.models.relation import RelationModule, first_rows_index, make_fc_init
 
 
+Projection = tuple[Tensor, Tensor]  # keys and values of reference rows, [M_h, M, d] each
+
+
 @dataclass
 class RoiRows:
     """RoI rows of one or more frames.
@@ -191,20 +194,25 @@ class MEGAAggregator(nn.Module):
 
     # -- the global stage -------------------------------------------------------------------------------
 
-    def global_stage(self, rows: RoiRows, global_pool: RoiRows) -> RoiRows:
+    def global_stage(self, rows: RoiRows, global_pool: RoiRows, pool_kv: Sequence[Projection] | None = None) -> RoiRows:
         """F <- F + Rel_g(F, G) for each of the N_g location-free modules in turn, G the raw global pool
-        (kept raw for every module, as the code's residual global stage also uses it raw)."""
-        return self._attend_global(rows, global_pool, self.global_stages[: self.N_g])
+        (kept raw for every module, as the code's residual global stage also uses it raw). ``pool_kv``:
+        optional keys/values of G per module of ``global_stages`` (see :meth:`forward`)."""
+        return self._attend_global(rows, global_pool, self.global_stages[: self.N_g], pool_kv)
 
-    def global_residual_stage(self, key: RoiRows, global_pool: RoiRows) -> RoiRows:
+    def global_residual_stage(self, key: RoiRows, global_pool: RoiRows,
+                              pool_kv: Sequence[Projection] | None = None) -> RoiRows:
         """The code's ``GLOBAL.RES_STAGE`` modules: the same update on the key after the local stack."""
-        return self._attend_global(key, global_pool, self.global_stages[self.N_g :])
+        return self._attend_global(key, global_pool, self.global_stages[self.N_g :],
+                                   None if pool_kv is None else pool_kv[self.N_g :])
 
     @staticmethod
-    def _attend_global(rows: RoiRows, pool: RoiRows, modules: nn.ModuleList) -> RoiRows:
+    def _attend_global(rows: RoiRows, pool: RoiRows, modules: nn.ModuleList,
+                       pool_kv: Sequence[Projection] | None) -> RoiRows:
         feats = rows.feats
-        for module in modules:
-            feats = feats + module(feats, pool.feats, rows.boxes, pool.boxes, rows.frames, pool.frames)
+        for j, module in enumerate(modules):
+            kv = None if pool_kv is None else pool_kv[j]
+            feats = feats + module(feats, pool.feats, rows.boxes, pool.boxes, rows.frames, pool.frames, ref_kv=kv)
         return rows.with_feats(feats)
 
     # -- the local stage (with memory) -------------------------------------------------------------------
@@ -215,6 +223,7 @@ class MEGAAggregator(nn.Module):
         local: RoiRows,
         counts: Sequence[int],
         memory: Sequence[RoiRows] | None = None,
+        memory_kv: Sequence[Projection] | None = None,
     ) -> tuple[RoiRows, list[RoiRows]]:
         """The N_l location-based stages (spec §3.5 table); memory level i joins the references of stage i.
 
@@ -224,7 +233,8 @@ class MEGAAggregator(nn.Module):
         the previous stage and its FC+ReLU, afterwards.
 
         Returns the key rows after the last stage and, per stage i, the local part of its references
-        (what memory level i stores, frame by frame).
+        (what memory level i stores, frame by frame). ``memory_kv``: optional keys/values of memory level
+        i for stage i (see :meth:`forward`).
         """
         if self.N_l == 0:
             return key, []
@@ -238,8 +248,10 @@ class MEGAAggregator(nn.Module):
             if last:
                 queries = queries.select(slice(0, n_key))
             all_refs = refs if memory is None else RoiRows.cat([refs, memory[i]])
+            kv = None if memory_kv is None or not len(memory[i]) else memory_kv[i]  # memory rows come last
             relation = module(
-                queries.feats, all_refs.feats, queries.boxes, all_refs.boxes, queries.frames, all_refs.frames
+                queries.feats, all_refs.feats, queries.boxes, all_refs.boxes, queries.frames, all_refs.frames,
+                ref_kv=kv,
             )
             feats = queries.feats + relation
             if not last:
@@ -263,6 +275,9 @@ class MEGAAggregator(nn.Module):
         local_frames: Sequence[RoiRows],
         global_pool: RoiRows,
         memory: Sequence[RoiRows] | None = None,
+        *,
+        global_kv: Sequence[Projection] | None = None,
+        memory_kv: Sequence[Projection] | None = None,
     ) -> MEGAOutput:
         """Aggregate the key frame's RoI features (spec §4.3 steps 3-5; training §5.2 step 4).
 
@@ -273,6 +288,10 @@ class MEGAAggregator(nn.Module):
             global_pool: raw rows of the T_g global frames (boxes only for ``location_based_global``).
             memory: per level i < N_l the rows read from memory *before* this frame's push (None or
                 empty levels: no memory).
+            global_kv, memory_kv: optional keys and values (:meth:`RelationModule.project_refs`) of the
+                global pool for each module of ``global_stages`` and of memory level i for local stage
+                i, computed earlier: these rows do not change from one key frame to the next, so
+                inference keeps their projections (:class:`~megavod.models.relation.ReferenceProjectionCache`).
         """
         if memory is not None and len(memory) != self.N_l:
             raise ValueError(f"memory must have N_l = {self.N_l} levels, got {len(memory)}")
@@ -281,12 +300,12 @@ class MEGAAggregator(nn.Module):
         elif not local_frames:
             raise ValueError("local_frames must hold at least one frame when N_l > 0")
         counts = [len(frame) for frame in local_frames]
-        rows = self.global_stage(RoiRows.cat([key, *local_frames]), global_pool)
+        rows = self.global_stage(RoiRows.cat([key, *local_frames]), global_pool, global_kv)
         n_key = len(key)
         key_rows, stage_refs = self.local_stage(
-            rows.select(slice(0, n_key)), rows.select(slice(n_key, None)), counts, memory
+            rows.select(slice(0, n_key)), rows.select(slice(n_key, None)), counts, memory, memory_kv
         )
-        key_rows = self.global_residual_stage(key_rows, global_pool)
+        key_rows = self.global_residual_stage(key_rows, global_pool, global_kv)
         return MEGAOutput(key_rows.feats, self._oldest_frame_rows(stage_refs, counts))
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ authors' shapes (``Wv`` stays a [C, C, 1, 1] grouped-conv weight, ``Wg`` a [M_h,
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -179,14 +180,24 @@ class RelationModule(nn.Module):
         ref_boxes: Tensor | None = None,
         x_frames: Tensor | None = None,
         ref_frames: Tensor | None = None,
+        *,
+        ref_kv: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """Relation features [N, C] of queries ``x`` [N, C] over references ``refs`` [M, C].
 
         Boxes ([N, 4], [M, 4]) are required by location-based modules, frame indices ([N], [M]) by the
         temporal embedding. With no references the module contributes nothing (zeros), where the
-        authors' softmax over an empty set would give NaN.
+        authors' softmax over an empty set would give NaN. ``ref_kv``: keys and values of the last
+        rows of ``refs`` (or all of them) as :meth:`project_refs` gives them, computed earlier (rows
+        that stay the same between calls: :class:`ReferenceProjectionCache`).
         """
-        n, m = x.shape[0], refs.shape[0]
+        if ref_kv is None:
+            k, v = self.project_refs(refs)
+        elif ref_kv[0].shape[1] == refs.shape[0]:
+            k, v = ref_kv
+        else:  # the leading references are projected here, the trailing ones were
+            k, v = cat_projections([self.project_refs(refs[: refs.shape[0] - ref_kv[0].shape[1]]), ref_kv])
+        n, m = x.shape[0], k.shape[1]
         if n == 0 or m == 0:
             return x.new_zeros(n, self.feat_dim)
         h, d = self.num_heads, self.head_dim
@@ -194,16 +205,22 @@ class RelationModule(nn.Module):
         if self.u is not None:
             # (q + u).k / sqrt(d) is the appearance logit plus the content-bias logit u.k / sqrt(d).
             q = q + self.u
-        k = self.Wk(refs).view(m, h, d).transpose(0, 1)  # [h, M, d]
-        # Value projection before aggregation (see module docstring): column block m of
-        # refs @ W^T is Wv^m applied to every reference; Wv's bias is added once after the weighted sum.
-        v = F.linear(refs, self.Wv.weight.view(self.feat_dim, self.feat_dim))
-        v = v.view(m, h, d).transpose(0, 1)  # [h, M, d]
         bias = self.geometry_bias(x_boxes, ref_boxes, x_frames, ref_frames) if self.location_based else None
         if bias is not None:
             bias = bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [h, N, d]
         return out.transpose(0, 1).reshape(n, self.feat_dim) + self.Wv.bias
+
+    def project_refs(self, refs: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values of references [M, C], [M_h, M, d] each: all of :meth:`forward` that depends on
+        the references alone, so rows that do not change between calls can keep theirs
+        (:class:`ReferenceProjectionCache`)."""
+        m, h, d = refs.shape[0], self.num_heads, self.head_dim
+        k = self.Wk(refs).view(m, h, d).transpose(0, 1)
+        # Value projection before aggregation (see module docstring): column block m of
+        # refs @ W^T is Wv^m applied to every reference; Wv's bias is added once after the weighted sum.
+        v = F.linear(refs, self.Wv.weight.view(self.feat_dim, self.feat_dim)).view(m, h, d).transpose(0, 1)
+        return k, v
 
     def geometry_bias(
         self,
@@ -290,6 +307,51 @@ class RelationModule(nn.Module):
         if self.location_based:
             logits = logits + self.geometry_bias(x_boxes, ref_boxes, x_frames, ref_frames)
         return logits.softmax(dim=2)
+
+
+class ReferenceProjectionCache:
+    """Keys and values (:meth:`RelationModule.project_refs`) of reference rows that stay the same from one
+    key frame to the next, computed once per (rows, module).
+
+    At inference MEGA meets the same rows again and again: a global frame's raw rows at each of the
+    T_g key frames whose pool holds it, a memory entry's rows at each of the T_m key frames it stays;
+    the authors project them anew every time. An entry is keyed by the object that owns the rows (a
+    :class:`~megavod.structures.FrameFeatures`, a memory entry), lives as long as that object (weakly
+    referenced) and is recomputed when the module's ``Wk``/``Wv`` change in place (e.g. a training step
+    or ``load_state_dict`` between two detections).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int], tuple[weakref.ref, tuple[int, ...], tuple[Tensor, Tensor]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, owner: object, rows: Tensor, module: RelationModule) -> tuple[Tensor, Tensor]:
+        """``module.project_refs(rows)``, from the cache when ``owner``'s entry for ``module`` exists."""
+        key = (id(owner), id(module))
+        version = tuple(p._version for p in (module.Wk.weight, module.Wk.bias, module.Wv.weight))
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is owner and entry[1] == version:
+            return entry[2]
+        kv = module.project_refs(rows)
+        self._entries[key] = (weakref.ref(owner), version, kv)
+        return kv
+
+    def prune(self) -> None:
+        """Forget the entries whose owner is gone (a frame evicted from the stream, a memory entry dropped)."""
+        self._entries = {key: entry for key, entry in self._entries.items() if entry[0]() is not None}
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __getstate__(self) -> dict:  # copies and pickles of a model start with an empty cache
+        return {"_entries": {}}
+
+
+def cat_projections(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Keys and values of consecutive reference blocks as one block (references in the same order)."""
+    return torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
 
 
 def first_rows_index(counts: Sequence[int], n: int, device: torch.device | None = None) -> Tensor:
