@@ -23,8 +23,9 @@ calibrated) and the single-frame detector's whole frame (``--single``), so the t
 steady-state estimate of MEGA/single without running a whole video.
 
 ``--geometry-sweep`` times local stage 0's geometry term (675 x 3750 pairs) at several chunk sizes of
-``megavod.models.relation._GEOMETRY_CHUNK_ELEMENTS`` (patched for the run only; the result is checked
-to be identical), the whole-embedding formula it replaced, and the attention with the geometry bias as
+``megavod.models.relation._GEOMETRY_CHUNK_ELEMENTS`` (patched for the run only; chunks split the query
+rows, so results differ only by the rounding of differently shaped products), the whole-embedding
+formula it replaced, and the attention with the geometry bias as
 returned (contiguous) or permuted.
 """
 
@@ -253,8 +254,8 @@ def profile_frame_pass(config: str, single: str, size: int, frames: int) -> tupl
 
 def geometry_sweep(n: int, m: int, chunks: list[int], repeats: int = 2) -> None:
     """Time local stage 0's geometry term (n queries x m references, default sizes of MEGA R-101) with
-    several values of ``relation._GEOMETRY_CHUNK_ELEMENTS`` (the result is identical: chunks split the
-    query rows), the whole-embedding formula it replaces (N x M x 64 sin/cos, then Wg; what
+    several values of ``relation._GEOMETRY_CHUNK_ELEMENTS`` (chunks split the query rows: the same
+    values up to the rounding of differently shaped products), the whole-embedding formula it replaces (N x M x 64 sin/cos, then Wg; what
     ``geometry_bias`` computed before the w/h terms were factored), and the attention with the bias as
     returned (contiguous) and as a permuted copy."""
     import torch.nn.functional as F
@@ -277,10 +278,10 @@ def geometry_sweep(n: int, m: int, chunks: list[int], repeats: int = 2) -> None:
                 bias = module.geometry_bias(qb, rb)
                 times.append(time.perf_counter() - start)
             reference = bias if reference is None else reference
-            same = torch.equal(bias, reference)
+            clear = reference > -5  # relu(logit) > ~7e-3, where the log is well-conditioned
             mark = " (current)" if chunk == default else ""
             print(f"  geometry {n}x{m}, chunk {chunk:>9d} elements{mark}: {1000 * min(times):7.1f} ms, "
-                  f"{'identical' if same else 'DIFFERENT'}")
+                  f"max |difference| to the first {(bias - reference)[clear].abs().max():.1e}")
         relation._GEOMETRY_CHUNK_ELEMENTS = default
         weight = module.Wg.weight.view(module.num_heads, -1)
         times = []
