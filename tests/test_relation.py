@@ -315,3 +315,21 @@ def test_reference_projection_cache_hits_refreshes_and_forgets():
     cache.prune()
     assert len(cache) == 0
     copy.deepcopy(cache)  # a model holding a cache can be copied (the copy starts empty)
+
+
+def test_location_based_module_under_bf16_autocast():
+    # CUDA training runs under bf16 autocast (train/engine.py); the geometry term stays float32 inside.
+    g = torch.Generator().manual_seed(7)
+    module = RelationModule(32, 4, 16, location_based=True, content_bias=True)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(std=0.3, generator=g)
+    x, refs = torch.randn(5, 32, generator=g), torch.randn(9, 32, generator=g)
+    xb, rb = random_boxes(5, g), random_boxes(9, g)
+    reference = module(x, refs, xb, rb)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert module.geometry_bias(xb, rb).dtype == torch.float32
+        out = module(x, refs, xb, rb)
+    out.float().square().sum().backward()  # the autograd path works under autocast too
+    assert module.Wg.weight.grad is not None and torch.isfinite(module.Wg.weight.grad).all()
+    assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()

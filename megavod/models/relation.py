@@ -238,6 +238,13 @@ class RelationModule(nn.Module):
             raise ValueError("temporal_embedding=True needs x_frames and ref_frames (frame index per row)")
         if not self.temporal_embedding:
             x_frames = ref_frames = None
+        # In float32 whatever autocast says (bf16 training on CUDA): log(relu(.) + 1e-6) of a bf16 logit
+        # would be coarse, and the in-place accumulation below needs one dtype.
+        with torch.autocast(x_boxes.device.type, enabled=False):
+            return self._geometry_bias(x_boxes.float(), ref_boxes.float(), x_frames, ref_frames)
+
+    def _geometry_bias(self, x_boxes: Tensor, ref_boxes: Tensor, x_frames: Tensor | None,
+                       ref_frames: Tensor | None) -> Tensor:
         h, f = self.num_heads, self.embed_dim // 8
         # Wg's columns follow the embedding: 4 terms (x, y, w, h) x [sin f, cos f], then the optional
         # frame-index term [sin f, cos f]. x, y (and the frame index) are embedded per pair; w and h
@@ -341,9 +348,6 @@ class ReferenceProjectionCache:
     def prune(self) -> None:
         """Forget the entries whose owner is gone (a frame evicted from the stream, a memory entry dropped)."""
         self._entries = {key: entry for key, entry in self._entries.items() if entry[0]() is not None}
-
-    def clear(self) -> None:
-        self._entries.clear()
 
     def __getstate__(self) -> dict:  # copies and pickles of a model start with an empty cache
         return {"_entries": {}}
