@@ -38,7 +38,8 @@ def one_thread():
 
 
 def test_presets_differ_only_in_method_and_memory():
-    """The comparison is fair: same detector, input, solver and seed; only method / memory differ."""
+    """The comparison is fair: same detector, input, solver and seed; only method / memory differ, and
+    the base model reads as many reference frames per iteration as MEGA (memory slots spent on local)."""
     single, base, mega = (load_config(preset) for _, preset, _ in METHODS)
     for cfg in (base, mega):
         assert cfg.model == single.model
@@ -47,7 +48,11 @@ def test_presets_differ_only_in_method_and_memory():
         assert cfg.data == single.data and cfg.seed == single.seed
     assert (single.method, base.method, mega.method) == ("single", "mega", "mega")
     assert not base.mega.memory and mega.mega.memory
+    m = mega.mega
+    assert base.mega.train_local_refs == m.train_local_refs + m.train_memory_refs
+    assert base.mega.train_local_refs + base.mega.train_global_refs == m.train_local_refs + m.train_memory_refs + m.train_global_refs
     base.mega.memory = True
+    base.mega.train_local_refs = m.train_local_refs
     assert base.mega == mega.mega and base.relation == mega.relation
 
 
