@@ -20,8 +20,10 @@ Per frame at steady state:
   runs it exactly once per frame) plus one ``detect_key`` with T_l window frames, T_g global frames and,
   for MEGA, every memory level holding T_m frames; of these, only the newest global frame and the
   newest memory entry of each level are met for the first time (the others' keys and values are kept,
-  ``ReferenceProjectionCache``). The window, pool and memory frames all reuse the
-  frame's own rows (the cost depends only on the row counts: 300 key, 75 per frame, 15 distilled).
+  ``ReferenceProjectionCache``), and only the newest window frame's boxes (the others' geometry blocks
+  are kept, ``GeometryBiasCache``). The window, pool and memory frames all reuse the frame's own rows,
+  window frames with shifted boxes (the cost depends only on the row counts: 300 key, 75 per frame, 15
+  distilled).
 
 ``--authors`` adds an estimate of what the authors' test code spends per frame on the same model
 (spec §4.3 "Compute per frame": C4 of 2 images, res5 and RPN head 3 times, fc6 on 300 + 2 x 75 rows,
@@ -191,7 +193,12 @@ def measure(name: str, size: int, authors: bool) -> dict:
         # Distinct frame objects (same rows): the model keeps the projections of global frames and memory
         # entries per object. Steady state: one call fills the memory and that cache, then the counted
         # call meets one new global frame and one new memory entry per level, as every key frame does.
-        window, pool = [f] * s.T_l, [dataclasses.replace(f) for _ in range(s.T_g)]
+        # Window frames: the same rows with their own boxes (shifted), as the geometry blocks of the
+        # local stages are kept per (query frame, reference frame) pair of boxes (GeometryBiasCache).
+        def window_frame(i: int):
+            return dataclasses.replace(f, boxes=f.boxes + float(i))
+
+        window, pool = [window_frame(i) for i in range(s.T_l)], [dataclasses.replace(f) for _ in range(s.T_g)]
         memory = s.new_memory()
         _, push = model.detect_key(f, window, pool, None)
         if memory is not None:
@@ -200,6 +207,7 @@ def measure(name: str, size: int, authors: bool) -> dict:
             model.detect_key(f, window, pool, memory)
             memory.push(push)
         pool = pool[1:] + [dataclasses.replace(f)]
+        window = window[1:] + [window_frame(s.T_l)]  # the window slides: one new frame
         key_total, key_groups = count(lambda: model.detect_key(f, window, pool, memory))
         # Outside any module's forward, the cache's projections of the new rows land in the bare
         # "Linear" (Wk) and "other" (the Wv product) groups: label them.

@@ -159,11 +159,14 @@ def profile_key(config: str, keys: int, ops: bool = False) -> dict[str, float]:
         key, window, pool, memory = steady_state_inputs(model, settings, rows)
         _, push = model.detect_key(key, window, pool, memory)  # warm-up
 
-        def next_key():  # as at every key frame: one new global frame, one new memory entry per level
-            nonlocal pool
+        g = torch.Generator().manual_seed(1)
+
+        def next_key():  # as at every key frame: one new global frame, one new memory entry per level,
+            nonlocal pool, window  # and the window slides by one frame (its geometry blocks are new)
             if memory is not None:
                 memory.push(push)
             pool = pool[1:] + [dataclasses.replace(pool[0])]
+            window = window[1:] + [random_frame(window[-1].index + 1, rows, settings.feat_dim, (600, 1000), g)]
 
         instrument(model, timers)
         for _ in range(keys):

@@ -44,6 +44,9 @@ METHODS: tuple[tuple[str, str, str], ...] = (
     ("mega", "synthetic_mega", "MEGA"),
 )
 SPEEDS = ("slow", "medium", "fast")
+# Half the offline local window of the synthetic presets (T_l = 25): a hidden-cue box with a cue-visible
+# frame of its object this close is within reach of the local stage alone (cue_visibility_maps).
+CUE_WINDOW = 12
 DET_IMAGES_PER_TRAIN_VIDEO = 15  # as `megavod synth`
 
 
@@ -374,10 +377,13 @@ def evaluate_method(data: Path, pred_file: Path, eval_dir: Path) -> dict[str, fl
     return {name: (None if value != value else value) for name, value in maps.items()}
 
 
-def cue_visibility_maps(gts: list, preds: list) -> dict[str, float]:
+def cue_visibility_maps(gts: list, preds: list, window: int = CUE_WINDOW) -> dict[str, float]:
     """mAP (%) on the ground-truth boxes whose class cue is hidden (the benchmark's XML ``occluded``
     flag) and on those where it is visible; ``gts`` / ``preds`` as
-    :func:`~megavod.evaluation.vid_eval.load_for_evaluation` returns them.
+    :func:`~megavod.evaluation.vid_eval.load_for_evaluation` returns them. The hidden boxes are also
+    split by how far the nearest frame is where the same object's cue is visible: ``cue_hidden_near``
+    within ``window`` frames (inside the offline local window, tau = (T_l - 1) / 2), ``cue_hidden_far``
+    further or never (only memory or global frames can tell those).
 
     Each subset is evaluated exactly as the authors evaluate a motion bucket (``evaluate_vid``'s
     ``subsets``): the other boxes are ignored, a detection matching one of them counts neither way,
@@ -388,9 +394,26 @@ def cue_visibility_maps(gts: list, preds: list) -> dict[str, float]:
     from megavod.evaluation.vid_eval import evaluate_vid
 
     hidden = [g.occluded for g in gts]
-    result = evaluate_vid(gts, preds, None, "authors",
-                          subsets={"cue_hidden": hidden, "cue_visible": [~h for h in hidden]})
-    return {name: 100.0 * result.ranges[name].map for name in ("cue_hidden", "cue_visible")}
+    near = _near_visible_cue(gts, window)
+    subsets = {"cue_hidden": hidden, "cue_visible": [~h for h in hidden],
+               "cue_hidden_near": [h & n for h, n in zip(hidden, near)],
+               "cue_hidden_far": [h & ~n for h, n in zip(hidden, near)]}
+    result = evaluate_vid(gts, preds, None, "authors", subsets=subsets)
+    return {name: 100.0 * result.ranges[name].map for name in subsets}
+
+
+def _near_visible_cue(gts: list, window: int) -> list[torch.Tensor]:
+    """Per frame, per box: does a frame within ``window`` frames show the same track's cue?"""
+    visible: dict[tuple[str, int], list[int]] = {}
+    for g in gts:
+        for track, hidden in zip(g.track_ids.tolist(), g.occluded.tolist()):
+            if not hidden:
+                visible.setdefault((g.video, track), []).append(g.frame)
+    return [
+        torch.tensor([any(abs(f - g.frame) <= window for f in visible.get((g.video, t), ())) for t in g.track_ids.tolist()],
+                     dtype=torch.bool)
+        for g in gts
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,6 +442,17 @@ def format_table(rows: list[dict], header: str = "") -> str:
             f"| {_fmt(row['timing']['ms_per_frame'])} |"
         )
         previous = m["all"]
+    if any("cue_hidden_near" in row["map"] for row in rows):
+        lines += [
+            "",
+            f"Cue hidden, by the distance to the nearest frame where the same object's cue is visible: within "
+            f"{CUE_WINDOW} frames (inside the local window) or further (only memory or global frames show it).",
+            "",
+            "| Method | cue hidden, visible within the window | cue hidden, visible only further |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {row['name']} | {_fmt(row['map'].get('cue_hidden_near'))} | {_fmt(row['map'].get('cue_hidden_far'))} |"
+                  for row in rows]
     return "\n".join(lines) + "\n"
 
 

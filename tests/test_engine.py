@@ -193,8 +193,10 @@ def test_memory_off_is_the_base_model(model, cfg, frames):
 
 
 def test_projection_cache_gives_the_uncached_result(cfg, frames, monkeypatch):
-    """Global frames' and memory entries' keys/values are projected once per (rows, module); over a
-    whole video the aggregated features equal projecting them anew at every key frame (the authors)."""
+    """Global frames' and memory entries' keys/values are projected once per (rows, module), and the
+    local stages' geometry blocks are kept per (query frame, reference frame); over a whole video the
+    aggregated features equal computing both anew at every key frame (the authors)."""
+    from megavod.models.geometry_cache import GeometryBiasCache
     from megavod.models.mega_head import MEGAAggregator
     from megavod.models.relation import ReferenceProjectionCache
 
@@ -206,8 +208,9 @@ def test_projection_cache_gives_the_uncached_result(cfg, frames, monkeypatch):
                 p.normal_(std=0.2)
     from megavod.models.relation import RelationModule
 
-    outputs, projections = {}, {"cached": 0, "uncached": 0}
+    outputs, projections, pairs = {}, {"cached": 0, "uncached": 0}, {"cached": 0, "uncached": 0}
     original_forward, original_project = MEGAAggregator.forward, RelationModule.project_refs
+    original_geometry = RelationModule.geometry_bias
 
     def forward(self, *args, **kwargs):
         out = original_forward(self, *args, **kwargs)
@@ -218,8 +221,13 @@ def test_projection_cache_gives_the_uncached_result(cfg, frames, monkeypatch):
         projections[run] += 1
         return original_project(self, refs)
 
+    def geometry_bias(self, x_boxes, ref_boxes, *args):
+        pairs[run] += x_boxes.shape[0] * ref_boxes.shape[0]
+        return original_geometry(self, x_boxes, ref_boxes, *args)
+
     monkeypatch.setattr(MEGAAggregator, "forward", forward)
     monkeypatch.setattr(RelationModule, "project_refs", project_refs)
+    monkeypatch.setattr(RelationModule, "geometry_bias", geometry_bias)
     settings = StreamSettings.from_config(cfg)
     run = "cached"
     _run_offline(model, frames, settings)
@@ -228,8 +236,13 @@ def test_projection_cache_gives_the_uncached_result(cfg, frames, monkeypatch):
     assert 0 < len(model.projection_cache) <= 3 * 2 + 2 * 4 + 2 * 2
     run = "uncached"
     monkeypatch.setattr(ReferenceProjectionCache, "get", lambda self, owner, rows, module: module.project_refs(rows))
+    monkeypatch.setattr(GeometryBiasCache, "bias", lambda self, module, xb, xc, rb, rc, xf=None, rf=None, **_:
+                        module.geometry_bias(xb, rb, xf, rf))
     _run_offline(model, frames, settings)
     assert projections["cached"] < 0.6 * projections["uncached"]
+    # Here the key frame's 40 new rows dominate (49,460 vs 56,840 pairs); tests/test_geometry_cache.py
+    # counts the reuse exactly.
+    assert pairs["cached"] < 0.9 * pairs["uncached"]
     assert len(outputs["cached"]) == len(outputs["uncached"]) == len(frames)
     for a, b in zip(outputs["cached"], outputs["uncached"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -242,7 +242,35 @@ def test_cue_visibility_map_splits_hidden_from_visible_boxes(tmp_path):
     # on them, antelope has no hidden box), while on the visible boxes both classes are perfect (the
     # wrong antelopes rank below every true one).
     write(label_of_hidden=2)
-    assert cue_visibility_maps(*load_for_evaluation(tmp_path / "data", pred)[:2]) == {"cue_hidden": 0.0, "cue_visible": 100.0}
+    maps = cue_visibility_maps(*load_for_evaluation(tmp_path / "data", pred)[:2])
+    far = maps.pop("cue_hidden_far")  # within the default window every hidden frame is near: no far box
+    assert far != far and maps == {"cue_hidden": 0.0, "cue_visible": 100.0, "cue_hidden_near": 0.0}
     # Called right, every subset is perfect.
     write(label_of_hidden=1)
-    assert cue_visibility_maps(*load_for_evaluation(tmp_path / "data", pred)[:2]) == {"cue_hidden": 100.0, "cue_visible": 100.0}
+    maps = cue_visibility_maps(*load_for_evaluation(tmp_path / "data", pred)[:2])
+    maps.pop("cue_hidden_far")
+    assert maps == {"cue_hidden": 100.0, "cue_visible": 100.0, "cue_hidden_near": 100.0}
+
+
+def test_hidden_cue_boxes_split_by_distance_to_a_visible_frame(tmp_path):
+    """The airplane's cue is visible in frames 0-1 and hidden in 2-3: with a window of 1 frame, frame 2
+    (1 frame from a visible one) is near, frame 3 (2 frames) far. Right on frame 2 only: near 100, far 0."""
+    from megavod.data.predictions import FramePrediction, VideoPredictions, write_predictions
+    from megavod.evaluation.vid_eval import load_for_evaluation
+    from megavod.reproduce import CUE_WINDOW, cue_visibility_maps
+    from megavod.structures import Detections
+
+    assert CUE_WINDOW == (load_config("synthetic_mega").mega.T_l - 1) // 2
+    anns = _cue_dataset(tmp_path / "data")
+    videos = {}
+    for a in anns:
+        label = torch.tensor([2]) if (a.video.endswith("0") and a.frame == 3) else a.labels
+        videos.setdefault(a.video, VideoPredictions(a.video, 320, 240, [])).frames.append(
+            FramePrediction(a.frame, None, Detections(a.boxes, torch.tensor([0.9]), label)))
+    write_predictions(tmp_path / "pred.json", list(videos.values()))
+    loaded = load_for_evaluation(tmp_path / "data", tmp_path / "pred.json")[:2]
+    maps = cue_visibility_maps(*loaded, window=1)
+    assert (maps["cue_hidden_near"], maps["cue_hidden_far"]) == pytest.approx((100.0, 0.0))
+    assert maps["cue_hidden"] == pytest.approx(50.0)  # one of the two hidden airplanes found, no false positive ranked above it
+    wide = cue_visibility_maps(*loaded, window=2)  # both hidden frames within reach: none is far
+    assert wide["cue_hidden_near"] == pytest.approx(50.0) and wide["cue_hidden_far"] != wide["cue_hidden_far"]

@@ -32,6 +32,7 @@ from megavod.config import Config
 from megavod.inference.memory import LongRangeMemory
 from megavod.models.backbone import C4Backbone
 from megavod.models.mega_head import MEGAAggregator, RoiRows
+from megavod.models.geometry_cache import GeometryBiasCache
 from megavod.models.relation import ReferenceProjectionCache, RelationModule, cat_projections
 from megavod.models.relation_detector import RelationDetector, build_relation_detector
 from megavod.models.roi_heads import RoIBoxHead
@@ -54,6 +55,7 @@ class MEGADetector(RelationDetector):
         super().__init__(backbone, rpn, box_head, ref_proposals)
         self.temporal_embedding = temporal_embedding
         self.projection_cache = ReferenceProjectionCache()  # see detect_key
+        self.geometry_cache = GeometryBiasCache()
 
     def _rows(self, frame: FrameFeatures, n: int | None) -> RoiRows:
         rows = slice(0, n)
@@ -82,7 +84,7 @@ class MEGADetector(RelationDetector):
         # their keys and values are projected once (the authors project them again every frame).
         cache = self.projection_cache
         cache.prune()
-        global_kv = memory_kv = None
+        global_kv = memory_kv = memory_counts = None
         if pool:
             global_kv = [cat_projections([cache.get(g, rows.feats, module) for g, rows in zip(global_pool, pool)])
                          for module in self.aggregator.global_stages]
@@ -90,6 +92,10 @@ class MEGADetector(RelationDetector):
             memory_kv = [cat_projections([cache.get(e, e.feats, module) for e in memory.entries(i)])
                          if memory.num_frames(i) else None
                          for i, module in enumerate(self.aggregator.local_stages)]
+            memory_counts = [[len(e) for e in memory.entries(i)] for i in range(len(self.aggregator.local_stages))]
+        # So are the boxes of every window frame but the newest: most geometry terms of the local
+        # stages were computed at the previous key frame (GeometryBiasCache).
+        self.geometry_cache.next_frame()
         with self.capture_relation_query(relation_inputs) as tap:
             out = self.aggregator(
                 key=self._rows(key, None),
@@ -98,6 +104,8 @@ class MEGADetector(RelationDetector):
                 memory=memory.read_all() if memory is not None else None,
                 global_kv=global_kv,
                 memory_kv=memory_kv,
+                geometry=self.geometry_cache,
+                memory_counts=memory_counts,
             )
         return self.predict(key, out.features, tap.inputs), out.memory_push
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megavod.models.geometry_cache import GeometryBiasCache
 from megavod.models.relation import RelationModule, first_rows_index, make_fc_init
 
 
@@ -224,6 +225,8 @@ class MEGAAggregator(nn.Module):
         counts: Sequence[int],
         memory: Sequence[RoiRows] | None = None,
         memory_kv: Sequence[Projection] | None = None,
+        geometry: GeometryBiasCache | None = None,
+        memory_counts: Sequence[Sequence[int]] | None = None,
     ) -> tuple[RoiRows, list[RoiRows]]:
         """The N_l location-based stages (spec §3.5 table); memory level i joins the references of stage i.
 
@@ -234,11 +237,14 @@ class MEGAAggregator(nn.Module):
 
         Returns the key rows after the last stage and, per stage i, the local part of its references
         (what memory level i stores, frame by frame). ``memory_kv``: optional keys/values of memory level
-        i for stage i (see :meth:`forward`).
+        i for stage i (see :meth:`forward`). ``geometry`` with ``memory_counts`` (rows per memory
+        entry, per level): take the geometry terms from that cache (see :meth:`forward`).
         """
         if self.N_l == 0:
             return key, []
         n_key = len(key)
+        distilled_counts = [min(self.advanced_num, c) for c in counts]
+        ref_counts = list(counts)
         queries = RoiRows.cat([key, local.select(first_rows_index(counts, self.advanced_num, local.feats.device))])
         refs = local
         stage_refs = []
@@ -249,15 +255,22 @@ class MEGAAggregator(nn.Module):
                 queries = queries.select(slice(0, n_key))
             all_refs = refs if memory is None else RoiRows.cat([refs, memory[i]])
             kv = None if memory_kv is None or not len(memory[i]) else memory_kv[i]  # memory rows come last
+            bias = None
+            if geometry is not None:
+                query_counts = [n_key] if last else [n_key, *distilled_counts]
+                all_counts = ref_counts + ([] if memory is None else list(memory_counts[i]))
+                bias = geometry.bias(module, queries.boxes, query_counts, all_refs.boxes, all_counts,
+                                     queries.frames, all_refs.frames, uncached_queries=1)
             relation = module(
                 queries.feats, all_refs.feats, queries.boxes, all_refs.boxes, queries.frames, all_refs.frames,
-                ref_kv=kv,
+                ref_kv=kv, geometry=bias,
             )
             feats = queries.feats + relation
             if not last:
                 feats = F.relu(self.fcs[i + 1](feats))
             queries = queries.with_feats(feats)
             refs = queries.select(slice(n_key, None))
+            ref_counts = distilled_counts
         return queries.select(slice(0, n_key)), stage_refs
 
     def _oldest_frame_rows(self, stage_refs: list[RoiRows], counts: Sequence[int]) -> list[RoiRows]:
@@ -278,6 +291,8 @@ class MEGAAggregator(nn.Module):
         *,
         global_kv: Sequence[Projection] | None = None,
         memory_kv: Sequence[Projection] | None = None,
+        geometry: GeometryBiasCache | None = None,
+        memory_counts: Sequence[Sequence[int]] | None = None,
     ) -> MEGAOutput:
         """Aggregate the key frame's RoI features (spec §4.3 steps 3-5; training §5.2 step 4).
 
@@ -292,6 +307,9 @@ class MEGAAggregator(nn.Module):
                 global pool for each module of ``global_stages`` and of memory level i for local stage
                 i, computed earlier: these rows do not change from one key frame to the next, so
                 inference keeps their projections (:class:`~megavod.models.relation.ReferenceProjectionCache`).
+            geometry, memory_counts: the local stages' geometry terms from this cache, kept between key
+                frames (:class:`~megavod.models.geometry_cache.GeometryBiasCache`); ``memory_counts``
+                gives the rows of each memory entry per level (the cache keeps blocks per frame).
         """
         if memory is not None and len(memory) != self.N_l:
             raise ValueError(f"memory must have N_l = {self.N_l} levels, got {len(memory)}")
@@ -302,8 +320,11 @@ class MEGAAggregator(nn.Module):
         counts = [len(frame) for frame in local_frames]
         rows = self.global_stage(RoiRows.cat([key, *local_frames]), global_pool, global_kv)
         n_key = len(key)
+        if geometry is not None and memory is not None and memory_counts is None:
+            raise ValueError("a geometry cache with memory needs memory_counts (rows per memory entry)")
         key_rows, stage_refs = self.local_stage(
-            rows.select(slice(0, n_key)), rows.select(slice(n_key, None)), counts, memory, memory_kv
+            rows.select(slice(0, n_key)), rows.select(slice(n_key, None)), counts, memory, memory_kv,
+            geometry, memory_counts,
         )
         key_rows = self.global_residual_stage(key_rows, global_pool, global_kv)
         return MEGAOutput(key_rows.feats, self._oldest_frame_rows(stage_refs, counts))

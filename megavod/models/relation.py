@@ -182,6 +182,7 @@ class RelationModule(nn.Module):
         ref_frames: Tensor | None = None,
         *,
         ref_kv: tuple[Tensor, Tensor] | None = None,
+        geometry: Tensor | None = None,
     ) -> Tensor:
         """Relation features [N, C] of queries ``x`` [N, C] over references ``refs`` [M, C].
 
@@ -189,7 +190,9 @@ class RelationModule(nn.Module):
         temporal embedding. With no references the module contributes nothing (zeros), where the
         authors' softmax over an empty set would give NaN. ``ref_kv``: keys and values of the last
         rows of ``refs`` (or all of them) as :meth:`project_refs` gives them, computed earlier (rows
-        that stay the same between calls: :class:`ReferenceProjectionCache`).
+        that stay the same between calls: :class:`ReferenceProjectionCache`). ``geometry``: the
+        geometry term [M_h, N, M] (:meth:`geometry_bias`), computed earlier
+        (:class:`~megavod.models.geometry_cache.GeometryBiasCache`).
         """
         if ref_kv is None:
             k, v = self.project_refs(refs)
@@ -205,8 +208,9 @@ class RelationModule(nn.Module):
         if self.u is not None:
             # (q + u).k / sqrt(d) is the appearance logit plus the content-bias logit u.k / sqrt(d).
             q = q + self.u
-        bias = self.geometry_bias(x_boxes, ref_boxes, x_frames, ref_frames) if self.location_based else None
-        if bias is not None:
+        bias = None
+        if self.location_based:
+            bias = geometry if geometry is not None else self.geometry_bias(x_boxes, ref_boxes, x_frames, ref_frames)
             bias = bias.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [h, N, d]
         return out.transpose(0, 1).reshape(n, self.feat_dim) + self.Wv.bias

@@ -1,0 +1,149 @@
+"""Geometry-term blocks kept from one key frame to the next (MEGA inference on a stream).
+
+A location-based relation module's geometry term b_ij (:meth:`RelationModule.geometry_bias`) depends
+only on the boxes of query i and reference j and on ``Wg``. Proposals are fixed per frame, so as the
+local window slides by one frame most (query frame, reference frame) pairs of a local stage were
+already met at the previous key frame: at steady state only the key frame's own rows, the newest
+window frame's rows and the newest reference frame are new (about half of local stage 0's pairs; the
+authors compute all of them at every key frame). The geometry term is the dearest part of the key
+frame on a CPU (benchmarks/README.md "Where MEGA's time goes"), so the blocks are kept.
+
+Blocks are keyed by content: the module, the version of its ``Wg`` and the exact bytes of the two
+frames' boxes (and frame indices, for the temporal embedding). A window frame that moves into memory
+keeps its boxes, so its blocks stay valid; equal keys mean equal inputs, so a hit can never be stale.
+Blocks not used by a key frame are dropped before the next one (:meth:`GeometryBiasCache.next_frame`),
+which bounds the cache by what one key frame uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from megavod.models.relation import RelationModule
+
+
+def _group_keys(boxes: Tensor, frames: Tensor | None, counts: Sequence[int]) -> list[bytes]:
+    """The bytes of each group's boxes (and frame indices): one device-to-host copy for all groups."""
+    values = boxes.detach().float().cpu().numpy()
+    if frames is not None:
+        values = np.concatenate([values, frames.detach().float().cpu().numpy()[:, None]], axis=1)
+    keys, start = [], 0
+    for count in counts:
+        keys.append(values[start : start + count].tobytes())
+        start += count
+    return keys
+
+
+class GeometryBiasCache:
+    """Blocks [M_h, n_q, n_r] of the geometry term per (module, query group, reference group), where a
+    group is one frame's rows (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._blocks: dict[tuple, Tensor] = {}
+        self._used: dict[tuple, Tensor] = {}
+        self.computed_pairs = 0  # query-reference pairs computed (not taken from the cache), for tests
+
+    def __len__(self) -> int:
+        """Blocks held: those used by this key frame and the previous one's not (yet) met again."""
+        return len(self._blocks) + len(self._used)
+
+    def next_frame(self) -> None:
+        """Start a new key frame: keep only the blocks the previous one used."""
+        self._blocks, self._used = self._used, {}
+
+    def clear(self) -> None:
+        self._blocks, self._used = {}, {}
+
+    def __getstate__(self) -> dict:  # copies and pickles of a model start empty
+        return {"_blocks": {}, "_used": {}, "computed_pairs": 0}
+
+    def bias(
+        self,
+        module: RelationModule,
+        x_boxes: Tensor,
+        x_counts: Sequence[int],
+        ref_boxes: Tensor,
+        ref_counts: Sequence[int],
+        x_frames: Tensor | None = None,
+        ref_frames: Tensor | None = None,
+        *,
+        uncached_queries: int = 0,
+    ) -> Tensor:
+        """``module.geometry_bias(x_boxes, ref_boxes, x_frames, ref_frames)`` [M_h, N, M], built from the
+        kept blocks where it can. ``x_counts`` / ``ref_counts``: rows per frame, in order. The first
+        ``uncached_queries`` groups (the key frame's own proposals, never met again) are computed
+        and not kept."""
+        if sum(x_counts) != x_boxes.shape[0] or sum(ref_counts) != ref_boxes.shape[0]:
+            raise ValueError("GeometryBiasCache.bias: group counts do not add up to the rows")
+        if not module.temporal_embedding:
+            x_frames = ref_frames = None
+        weight = module.Wg
+        version = (id(module), weight.weight._version, weight.bias._version)
+        q_keys = _group_keys(x_boxes, x_frames, x_counts)
+        r_keys = _group_keys(ref_boxes, ref_frames, ref_counts)
+        q_starts = np.concatenate([[0], np.cumsum(x_counts)]).tolist()
+        r_starts = np.concatenate([[0], np.cumsum(ref_counts)]).tolist()
+
+        def rows(starts: list[int], groups: Sequence[int]) -> Tensor:
+            return torch.cat([torch.arange(starts[g], starts[g + 1]) for g in groups]).to(x_boxes.device)
+
+        def compute(q_groups: Sequence[int], r_groups: Sequence[int]) -> Tensor:
+            qi, ri = rows(q_starts, q_groups), rows(r_starts, r_groups)
+            self.computed_pairs += qi.numel() * ri.numel()
+            return module.geometry_bias(
+                x_boxes[qi], ref_boxes[ri],
+                None if x_frames is None else x_frames[qi], None if ref_frames is None else ref_frames[ri],
+            )
+
+        bias = x_boxes.new_empty(module.num_heads, x_boxes.shape[0], ref_boxes.shape[0], dtype=torch.float32)
+        all_refs = list(range(len(ref_counts)))
+        missing: dict[int, list[int]] = {}  # reference group -> query groups that miss it
+        fresh = []  # query groups computed against every reference in one call
+        for q, q_key in enumerate(q_keys):
+            if q < uncached_queries:
+                fresh.append(q)
+                continue
+            misses = []
+            for r, r_key in enumerate(r_keys):
+                key = (version, q_key, r_key)
+                block = self._used.get(key)
+                if block is None:
+                    block = self._blocks.pop(key, None)
+                if block is None:
+                    misses.append(r)
+                    continue
+                self._used[key] = block
+                bias[:, q_starts[q] : q_starts[q + 1], r_starts[r] : r_starts[r + 1]] = block
+            if len(misses) == len(ref_counts):
+                fresh.append(q)
+            else:
+                for r in misses:
+                    missing.setdefault(r, []).append(q)
+        if fresh and ref_counts:
+            self._fill(bias, compute(fresh, all_refs), fresh, all_refs, q_starts, r_starts, q_keys, r_keys,
+                       version, keep=[q >= uncached_queries for q in fresh])
+        for r, q_groups in missing.items():
+            self._fill(bias, compute(q_groups, [r]), q_groups, [r], q_starts, r_starts, q_keys, r_keys,
+                       version, keep=[True] * len(q_groups))
+        return bias
+
+    def _fill(self, bias: Tensor, computed: Tensor, q_groups: Sequence[int], r_groups: Sequence[int],
+              q_starts: list[int], r_starts: list[int], q_keys: list[bytes], r_keys: list[bytes],
+              version: tuple, keep: Sequence[bool]) -> None:
+        """Write ``computed`` [M_h, rows of q_groups, rows of r_groups] into ``bias`` and keep its blocks."""
+        qa = 0
+        for q, kept in zip(q_groups, keep):
+            qn = q_starts[q + 1] - q_starts[q]
+            ra = 0
+            for r in r_groups:
+                rn = r_starts[r + 1] - r_starts[r]
+                block = computed[:, qa : qa + qn, ra : ra + rn]
+                bias[:, q_starts[q] : q_starts[q + 1], r_starts[r] : r_starts[r + 1]] = block
+                if kept:
+                    self._used[(version, q_keys[q], r_keys[r])] = block.clone()
+                ra += rn
+            qa += qn
