@@ -45,7 +45,7 @@ class GeometryBiasCache:
     def __init__(self) -> None:
         self._blocks: dict[tuple, Tensor] = {}
         self._used: dict[tuple, Tensor] = {}
-        self.computed_pairs = 0  # query-reference pairs computed (not taken from the cache), for tests
+        self.computed_pairs = 0  # query-reference pairs computed, not taken from the cache (tests, flops.py)
 
     def __len__(self) -> int:
         """Blocks held: those used by this key frame and the previous one's not (yet) met again."""
@@ -54,9 +54,6 @@ class GeometryBiasCache:
     def next_frame(self) -> None:
         """Start a new key frame: keep only the blocks the previous one used."""
         self._blocks, self._used = self._used, {}
-
-    def clear(self) -> None:
-        self._blocks, self._used = {}, {}
 
     def __getstate__(self) -> dict:  # copies and pickles of a model start empty
         return {"_blocks": {}, "_used": {}, "computed_pairs": 0}
