@@ -21,6 +21,7 @@ VID protocol (mAP and mAP by motion speed) and times each. It writes under ``--o
 Every stage is resumable: training continues from its last checkpoint (``megavod train --resume``), a
 method whose predictions exist is not detected again, so an interrupted reproduction is finished by
 running the same command again. A folder holding a reproduction with other settings is refused.
+How the runs are scored and tabulated: :mod:`megavod.reproduce_report`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 from megavod.errors import MegavodError
+from megavod.reproduce_report import evaluate_method, fmt, format_table, plot_table
 
 # (key, preset, name in the table). Same detector, input and solver: only the method/memory differ.
 METHODS: tuple[tuple[str, str, str], ...] = (
@@ -43,10 +45,6 @@ METHODS: tuple[tuple[str, str, str], ...] = (
     ("base", "synthetic_base", "Base model (MEGA, no memory)"),
     ("mega", "synthetic_mega", "MEGA"),
 )
-SPEEDS = ("slow", "medium", "fast")
-# Half the offline local window of the synthetic presets (T_l = 25): a hidden-cue box with a cue-visible
-# frame of its object this close is within reach of the local stage alone (cue_visibility_maps).
-CUE_WINDOW = 12
 DET_IMAGES_PER_TRAIN_VIDEO = 15  # as `megavod synth`
 
 
@@ -364,132 +362,6 @@ def detect_method(cfg, weights: Path, data: Path, pred_file: Path, progress: boo
             "threads": torch.get_num_threads()}
 
 
-def evaluate_method(data: Path, pred_file: Path, eval_dir: Path) -> dict[str, float]:
-    """mAP (%) overall, by motion speed (slow / medium / fast) and by cue visibility (``cue_hidden``,
-    ``cue_visible``: see :func:`cue_visibility_maps`) with the authors' protocol."""
-    from megavod.evaluation.vid_eval import evaluate_loaded, load_for_evaluation
-
-    gts, preds, missing = load_for_evaluation(data, pred_file)  # read once for both evaluations
-    result = evaluate_loaded(gts, preds, missing, "authors", eval_dir, plots=False, log=None)
-    maps = {name: 100.0 * result.ranges[name].map for name in ("all", *SPEEDS) if name in result.ranges}
-    maps.update(cue_visibility_maps(gts, preds))
-    # A bucket without ground truth has no mAP: None (null in results.json), never NaN.
-    return {name: (None if value != value else value) for name, value in maps.items()}
-
-
-def cue_visibility_maps(gts: list, preds: list, window: int = CUE_WINDOW) -> dict[str, float]:
-    """mAP (%) on the ground-truth boxes whose class cue is hidden (the benchmark's XML ``occluded``
-    flag) and on those where it is visible; ``gts`` / ``preds`` as
-    :func:`~megavod.evaluation.vid_eval.load_for_evaluation` returns them. The hidden boxes are also
-    split by how far the nearest frame is where the same object's cue is visible: ``cue_hidden_near``
-    within ``window`` frames (inside the offline local window, tau = (T_l - 1) / 2), ``cue_hidden_far``
-    further or never (only memory or global frames can tell those).
-
-    Each subset is evaluated exactly as the authors evaluate a motion bucket (``evaluate_vid``'s
-    ``subsets``): the other boxes are ignored, a detection matching one of them counts neither way,
-    and an unmatched detection is a false positive weighted by the subset's share of the boxes. Hidden
-    boxes are what a single frame cannot classify; the gap between the methods there is what temporal
-    context buys.
-    """
-    from megavod.evaluation.vid_eval import evaluate_vid
-
-    hidden = [g.occluded for g in gts]
-    near = _near_visible_cue(gts, window)
-    subsets = {"cue_hidden": hidden, "cue_visible": [~h for h in hidden],
-               "cue_hidden_near": [h & n for h, n in zip(hidden, near)],
-               "cue_hidden_far": [h & ~n for h, n in zip(hidden, near)]}
-    result = evaluate_vid(gts, preds, None, "authors", subsets=subsets)
-    return {name: 100.0 * result.ranges[name].map for name in subsets}
-
-
-def _near_visible_cue(gts: list, window: int) -> list[torch.Tensor]:
-    """Per frame, per box: does a frame within ``window`` frames show the same track's cue?"""
-    visible: dict[tuple[str, int], list[int]] = {}
-    for g in gts:
-        for track, hidden in zip(g.track_ids.tolist(), g.occluded.tolist()):
-            if not hidden:
-                visible.setdefault((g.video, track), []).append(g.frame)
-    return [
-        torch.tensor([any(abs(f - g.frame) <= window for f in visible.get((g.video, t), ())) for t in g.track_ids.tolist()],
-                     dtype=torch.bool)
-        for g in gts
-    ]
-
-
-# --------------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, digits: int = 1) -> str:
-    return "–" if value is None or value != value else f"{value:.{digits}f}"
-
-
-def format_table(rows: list[dict], header: str = "") -> str:
-    """Table-3-style markdown: mAP overall and by motion speed, runtime, the gain over the row above."""
-    lines = [header, ""] if header else []
-    lines += [
-        "| Method | mAP (%) | Δ | mAP slow | mAP medium | mAP fast | cue hidden | cue visible | Runtime (ms/frame) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    previous = None
-    for row in rows:
-        m = row["map"]
-        delta = "" if previous is None or m["all"] is None else f"{m['all'] - previous:+.1f}"
-        lines.append(
-            f"| {row['name']} | {_fmt(m['all'])} | {delta} | {_fmt(m.get('slow'))} | {_fmt(m.get('medium'))} "
-            f"| {_fmt(m.get('fast'))} | {_fmt(m.get('cue_hidden'))} | {_fmt(m.get('cue_visible'))} "
-            f"| {_fmt(row['timing']['ms_per_frame'])} |"
-        )
-        previous = m["all"]
-    if any("cue_hidden_near" in row["map"] for row in rows):
-        lines += [
-            "",
-            f"Cue hidden, by the distance to the nearest frame where the same object's cue is visible: within "
-            f"{CUE_WINDOW} frames (inside the local window) or further (only memory or global frames show it).",
-            "",
-            "| Method | cue hidden, visible within the window | cue hidden, visible only further |",
-            "|---|---:|---:|",
-        ]
-        lines += [f"| {row['name']} | {_fmt(row['map'].get('cue_hidden_near'))} | {_fmt(row['map'].get('cue_hidden_far'))} |"
-                  for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def plot_table(rows: list[dict], path: Path) -> None:
-    """Grouped bars of mAP (all / slow / medium / fast) per method, and mAP against ms/frame."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = ("all", *SPEEDS, "cue_hidden", "cue_visible")
-    fig, (bars, speed) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 2]})
-    width = 0.8 / len(rows)
-    for i, row in enumerate(rows):
-        xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
-        values = [float("nan") if row["map"].get(g) is None else row["map"][g] for g in groups]
-        drawn = bars.bar(xs, values, width, label=row["name"])
-        bars.bar_label(drawn, fmt="%.1f", fontsize=7)
-    bars.set_xticks(range(len(groups)), ["mAP", "slow", "medium", "fast", "cue hidden", "cue visible"])
-    bars.set_ylabel("mAP (%)")
-    bars.set_title("Synthetic benchmark (ImageNet VID protocol)")
-    bars.legend(fontsize=8, loc="lower right")
-    for row in rows:
-        speed.scatter(row["timing"]["ms_per_frame"], row["map"]["all"], s=40)
-        speed.annotate(row["name"].split(" (")[0], (row["timing"]["ms_per_frame"], row["map"]["all"]),
-                       textcoords="offset points", xytext=(5, 4), fontsize=8)
-    speed.set_xlabel("runtime (ms/frame, CPU)")
-    speed.set_ylabel("mAP (%)")
-    speed.set_title("Accuracy and speed")
-    speed.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def _machine() -> dict:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
@@ -537,8 +409,8 @@ def reproduce_synthetic(
             atomic_write_text(timing_file, json.dumps(timing, indent=1) + "\n")
         maps = evaluate_method(data, pred_file, out / "eval" / key)
         export_weights(cfg, final, out / "weights")
-        print(f"[{key}] mAP {_fmt(maps['all'])} (slow {_fmt(maps.get('slow'))}, medium {_fmt(maps.get('medium'))}, "
-              f"fast {_fmt(maps.get('fast'))}), {timing['ms_per_frame']:.1f} ms/frame", flush=True)
+        print(f"[{key}] mAP {fmt(maps['all'])} (slow {fmt(maps.get('slow'))}, medium {fmt(maps.get('medium'))}, "
+              f"fast {fmt(maps.get('fast'))}), {timing['ms_per_frame']:.1f} ms/frame", flush=True)
         rows.append({"key": key, "preset": preset, "name": name, "iterations": cfg.solver.max_iter,
                      "map": maps, "timing": timing, "checkpoint": str(final), "train_seconds_this_run": train_s})
 

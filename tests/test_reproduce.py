@@ -19,11 +19,11 @@ from megavod.reproduce import (
     ReproduceSettings,
     budget_overrides,
     calibrate_model,
-    format_table,
     load_pretrained,
     main,
     reproduce_synthetic,
 )
+from megavod.reproduce_report import format_table
 
 TINY = dict(videos=2, frames=6, size=64, iterations=2, pretrain_iterations=2)
 
@@ -222,7 +222,7 @@ def _cue_dataset(root: Path) -> list:
 def test_cue_visibility_map_splits_hidden_from_visible_boxes(tmp_path):
     from megavod.data.predictions import FramePrediction, VideoPredictions, write_predictions
     from megavod.evaluation.vid_eval import load_for_evaluation
-    from megavod.reproduce import cue_visibility_maps
+    from megavod.reproduce_report import cue_visibility_maps
     from megavod.structures import Detections
 
     anns = _cue_dataset(tmp_path / "data")
@@ -257,7 +257,7 @@ def test_hidden_cue_boxes_split_by_distance_to_a_visible_frame(tmp_path):
     (1 frame from a visible one) is near, frame 3 (2 frames) far. Right on frame 2 only: near 100, far 0."""
     from megavod.data.predictions import FramePrediction, VideoPredictions, write_predictions
     from megavod.evaluation.vid_eval import load_for_evaluation
-    from megavod.reproduce import CUE_WINDOW, cue_visibility_maps
+    from megavod.reproduce_report import CUE_WINDOW, cue_visibility_maps
     from megavod.structures import Detections
 
     assert CUE_WINDOW == (load_config("synthetic_mega").mega.T_l - 1) // 2
