@@ -97,7 +97,22 @@ class GeometryBiasCache:
             )
 
         bias = x_boxes.new_empty(module.num_heads, x_boxes.shape[0], ref_boxes.shape[0], dtype=torch.float32)
-        all_refs = list(range(len(ref_counts)))
+
+        def fill(q_groups: Sequence[int], r_groups: Sequence[int]) -> None:
+            """Compute the q_groups x r_groups pairs in one call, write them into ``bias``, keep their blocks."""
+            computed = compute(q_groups, r_groups)
+            qa = 0
+            for q in q_groups:
+                qn, ra = q_starts[q + 1] - q_starts[q], 0
+                for r in r_groups:
+                    rn = r_starts[r + 1] - r_starts[r]
+                    block = computed[:, qa : qa + qn, ra : ra + rn]
+                    bias[:, q_starts[q] : q_starts[q + 1], r_starts[r] : r_starts[r + 1]] = block
+                    if q >= uncached_queries:
+                        self._used[(version, q_keys[q], r_keys[r])] = block.clone()
+                    ra += rn
+                qa += qn
+
         missing: dict[int, list[int]] = {}  # reference group -> query groups that miss it
         fresh = []  # query groups computed against every reference in one call
         for q, q_key in enumerate(q_keys):
@@ -121,26 +136,7 @@ class GeometryBiasCache:
                 for r in misses:
                     missing.setdefault(r, []).append(q)
         if fresh and ref_counts:
-            self._fill(bias, compute(fresh, all_refs), fresh, all_refs, q_starts, r_starts, q_keys, r_keys,
-                       version, keep=[q >= uncached_queries for q in fresh])
+            fill(fresh, range(len(ref_counts)))
         for r, q_groups in missing.items():
-            self._fill(bias, compute(q_groups, [r]), q_groups, [r], q_starts, r_starts, q_keys, r_keys,
-                       version, keep=[True] * len(q_groups))
+            fill(q_groups, [r])
         return bias
-
-    def _fill(self, bias: Tensor, computed: Tensor, q_groups: Sequence[int], r_groups: Sequence[int],
-              q_starts: list[int], r_starts: list[int], q_keys: list[bytes], r_keys: list[bytes],
-              version: tuple, keep: Sequence[bool]) -> None:
-        """Write ``computed`` [M_h, rows of q_groups, rows of r_groups] into ``bias`` and keep its blocks."""
-        qa = 0
-        for q, kept in zip(q_groups, keep):
-            qn = q_starts[q + 1] - q_starts[q]
-            ra = 0
-            for r in r_groups:
-                rn = r_starts[r + 1] - r_starts[r]
-                block = computed[:, qa : qa + qn, ra : ra + rn]
-                bias[:, q_starts[q] : q_starts[q + 1], r_starts[r] : r_starts[r + 1]] = block
-                if kept:
-                    self._used[(version, q_keys[q], r_keys[r])] = block.clone()
-                ra += rn
-            qa += qn
