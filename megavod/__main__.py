@@ -2,6 +2,6 @@
 
 import sys
 
-from megavod.cli import main
+from megavod.apps.cli import main
 
 sys.exit(main())

@@ -27,10 +27,10 @@ from typing import Any, Literal, Union
 import yaml
 
 from megavod.errors import ConfigError
+from megavod.registry import get_method
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
-Method = Literal["single", "mega", "rdn", "fgfa", "dff"]
 Arch = Literal["R-50-C4", "R-101-C4", "X-101-C4", "small"]
 
 
@@ -219,7 +219,7 @@ class DataConfig:
 
 @dataclass
 class Config:
-    method: Method = "single"
+    method: str = "single"  # a registered method (megavod.registry)
     model: ModelConfig = field(default_factory=ModelConfig)
     relation: RelationConfig = field(default_factory=RelationConfig)
     mega: MEGAConfig = field(default_factory=MEGAConfig)
@@ -430,6 +430,7 @@ def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
 
 
 def validate(cfg: Config) -> None:
+    get_method(cfg.method)  # a method of the table (megavod.registry)
     b, r, h, m = cfg.model.backbone, cfg.model.rpn, cfg.model.roi_head, cfg.mega
     _require(1 <= b.freeze_at <= 5 or b.freeze_at == 0, "model.backbone.freeze_at", "between 0 and 5", b.freeze_at)
     _require(b.res5_dilation in (1, 2), "model.backbone.res5_dilation", "1 or 2", b.res5_dilation)
@@ -526,9 +527,10 @@ def validate(cfg: Config) -> None:
     _require(s.warmup_iters >= 0, "solver.warmup_iters", ">= 0", s.warmup_iters)
     _require(0.0 < s.warmup_factor <= 1.0, "solver.warmup_factor", "in (0, 1]", s.warmup_factor)
     _require(s.images_per_process >= 1, "solver.images_per_process", ">= 1", s.images_per_process)
-    if cfg.method != "single":
-        _require(s.images_per_process == 1, "solver.images_per_process",
-                 "1 for video methods (one key frame per process, spec §0)", s.images_per_process)
+    limit = get_method(cfg.method).max_images_per_process
+    if limit is not None:
+        _require(s.images_per_process <= limit, "solver.images_per_process",
+                 f"<= {limit} for {cfg.method} (the authors train one key frame per process)", s.images_per_process)
     _require(s.checkpoint_period >= 1, "solver.checkpoint_period", ">= 1", s.checkpoint_period)
     _require(cfg.data.num_workers >= 0, "data.num_workers", ">= 0", cfg.data.num_workers)
     _require(len(cfg.data.train_sets) >= 1, "data.train_sets", "at least one image set", list(cfg.data.train_sets))

@@ -141,3 +141,21 @@ class FrameFeatures:
     def __post_init__(self) -> None:
         if self.boxes.shape[0] != self.feats.shape[0]:
             raise ValueError(f"FrameFeatures: {self.boxes.shape[0]} boxes but {self.feats.shape[0]} feature rows")
+
+
+@dataclass
+class FrameMaps:
+    """One frame's per-frame pass for the methods that work on feature maps (single frame, FGFA, DFF).
+
+    image: [3, H, W] the normalised input (FlowNet reads it); c4: [C, h, w] the backbone's map (None for
+    a DFF frame that is not a key frame: its map is propagated from the key frame's); embed: [2C, h, w]
+    FGFA's embedding (None for the other methods); image_size / original_size: (height, width) resized /
+    of the frame.
+    """
+
+    index: int
+    image: Tensor
+    c4: Tensor | None
+    embed: Tensor | None
+    image_size: tuple[int, int]
+    original_size: tuple[int, int]

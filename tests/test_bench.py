@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from megavod.config import load_config
-from megavod import bench
-from megavod.bench import (
+from megavod.apps import bench
+from megavod.apps.bench import (
     BenchResult,
     VideoTiming,
     format_report,
@@ -20,9 +20,9 @@ from megavod.bench import (
     run_bench,
     synthetic_frames,
 )
-from megavod.cli import main as cli_main
+from megavod.apps.cli import main as cli_main
 from megavod.errors import MegavodError
-from megavod.inference.engine import StreamSettings
+from megavod.inference.schedules import RelationSchedule, build_schedule
 from megavod.models.relation import RelationModule
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -57,8 +57,8 @@ def test_synthetic_frames_span_scenes(monkeypatch):
 # -- the reported figures, by hand ---------------------------------------------------------------------
 
 
-MEGA = StreamSettings(T_l=3, T_g=2, T_m=2, memory_levels=1)
-BASE = StreamSettings(T_l=3, T_g=2)
+MEGA = RelationSchedule(T_l=3, T_g=2, T_m=2, memory_levels=1)
+BASE = RelationSchedule(T_l=3, T_g=2)
 
 
 def test_steady_state_uses_keys_after_memory_is_full():
@@ -173,7 +173,7 @@ def test_memory_script_reads_peak_rss_on_an_online_stream():
 
 def test_share_weights_gives_the_same_proposals():
     from megavod.config import load_config
-    from megavod.models import build_detector
+    from megavod.methods import build_detector
 
     torch.manual_seed(0)
     single = build_detector(load_config("synthetic_single")).eval()

@@ -13,9 +13,11 @@ import torch
 from megavod import postprocess
 from megavod.config import load_config
 from megavod.data.video import open_source, write_video
-from megavod.inference.detect import DetectOptions, Detector, detect_one
-from megavod.inference.engine import StreamSettings, detect_offline
-from megavod.models import build_detector
+from megavod.apps.detect import DetectOptions, detect_one
+from megavod.api import Detector
+from megavod.inference.engine import detect_offline
+from megavod.inference.schedules import build_schedule
+from megavod.methods import build_detector
 from megavod.models.box_coder import BoxCoder, clip_boxes
 from megavod.models.roi_heads import BoxPostProcessor
 
@@ -43,12 +45,8 @@ def frames():
 
 
 def _offline(model, cfg, frames, record):
-    model.record_relation_inputs = record
-    try:
-        settings = StreamSettings.from_config(cfg)
-        return list(detect_offline(model, lambda t: (frames[t], (48, 64)), len(frames), settings))
-    finally:
-        model.record_relation_inputs = False
+    settings = build_schedule(cfg)
+    return list(detect_offline(model, lambda t: (frames[t], (48, 64)), len(frames), settings, relation_inputs=record))
 
 
 def _decoded_frames(video: Path) -> list[np.ndarray]:
@@ -114,7 +112,7 @@ def test_detect_blr_passes_the_detectors_relation_weights(mega, tmp_path, monkey
     detector = Detector(model, cfg)
     out = detect_one(detector, str(video), tmp_path / "out", DetectOptions(postprocess="blr", progress=False))
     assert all((tmp_path / "out" / f"clip.{e}").exists() for e in ("json", "csv", "mp4"))
-    assert len(out.frames) == 4 and not model.record_relation_inputs
+    assert len(out.frames) == 4 and not hasattr(model, "record_relation_inputs")  # the stream's, not the model's
     records, weights = seen["records"], seen["weights"]
     assert seen["method"] == "blr" and callable(weights)
     assert all(r.detections.relation is None for r in records)  # the rows travel beside the records

@@ -21,23 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megavod.checkpoints.convert import convert
+from megavod.methods.convert import convert
+from megavod.checkpoint_files import read_detectron_pickle, read_weights, sidecar_path
 from megavod.checkpoints.loading import (
     authors_to_megavod_keys,
-    load_detector,
     load_model_weights,
     load_state,
     match_state_dict,
-    read_detectron_pickle,
-    read_weights,
     resolve_config,
-    sidecar_path,
 )
 from megavod.checkpoints.recognise import recognise, signature_of_config
-from megavod.cli import main as cli_main
+from megavod.apps.cli import main as cli_main
 from megavod.config import load_config
 from megavod.errors import ConfigError, MegavodError
-from megavod.models import build_detector
+from megavod.methods import build_detector, load_detector
+from megavod.models.contract import KeyFrameInputs
 from megavod.models.rpn import legacy_cell_anchors
 from _spec import CHECKPOINT_KEYS
 
@@ -336,7 +334,7 @@ def test_convert_round_trip_gives_the_same_detections(r50_files, name, preset):
         if cfg.method == "single":
             return m(torch.stack(frames))
         feats = [m.frame_features(f, i, (96, 128)) for i, f in enumerate(frames)]
-        return [m.detect_key(feats[1], feats, feats[:1], None)[0]]
+        return [m.detect_key(KeyFrameInputs(feats[1], feats, global_pool=feats[:1])).detections]
 
     got, want = run(model), run(hand)
     for a, b in zip(got, want):

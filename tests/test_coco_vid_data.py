@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from megavod.cli import main as cli_main
+from megavod.apps.cli import main as cli_main
 from megavod.config import load_config
 from megavod.data.convert_dataset import vid_layout_to_coco
 from megavod.data.coco_vid import read_coco_vid

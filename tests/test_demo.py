@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-import megavod.demo as demo
-from megavod.cli import main as cli_main
+import megavod.apps.demo as demo
+from megavod.apps.cli import main as cli_main
 from megavod.data.predictions import read_predictions
 from megavod.data.video import open_source
-from megavod.models import build_detector
+from megavod.methods import build_detector
 
 MAX_WEIGHTS_BYTES = 8 * 1024 * 1024
 
@@ -43,7 +43,7 @@ def test_shipped_weights_are_small_and_fill_the_model_exactly():
 def test_shipped_weights_load_like_any_checkpoint():
     """`megavod detect --weights megavod/weights/synthetic_mega.safetensors` needs no --config: the
     file records its whole config, equal to the YAML beside it."""
-    from megavod.checkpoints.loading import load_detector
+    from megavod.methods import load_detector
     from megavod.config import load_config
 
     weights, config = demo.shipped_weights()

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megavod.cli import split_overrides
+from megavod.apps.cli import split_overrides
 from megavod.data.video import write_video
 
 CLI = [sys.executable, "-m", "megavod", "detect"]

@@ -8,18 +8,17 @@ import torch
 from PIL import Image
 
 from megavod.config import load_config
-from megavod.inference.engine import (
+from megavod.inference.engine import detect_offline, detect_online
+from megavod.inference.schedules import (
     OnlineGlobalPool,
-    StreamSettings,
-    detect_offline,
-    detect_online,
+    build_schedule,
     global_order,
     offline_global_pools,
     offline_local_window,
     online_local_window,
 )
 from megavod.inference.feature_store import FeatureStore
-from megavod.models import build_detector
+from megavod.methods import build_detector
 
 SMALL = ["mega.T_l=5", "mega.T_g=3", "mega.T_m=4", "mega.N_l=2",
          "model.rpn.post_nms_top_n_test=40", "model.rpn.ref_post_nms_top_n=10"]
@@ -110,7 +109,7 @@ def test_each_frame_is_computed_exactly_once_offline(model, cfg, frames):
     calls = []
     backbone = model.backbone
     handle = backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    settings = StreamSettings.from_config(cfg)
+    settings = build_schedule(cfg)
     store = FeatureStore(lambda t: model.frame_features(frames[t], t, (64, 96)), max_in_memory=3)
     try:
         out = list(detect_offline(model, None, len(frames), settings, store=store))
@@ -139,21 +138,21 @@ def test_online_never_reads_ahead(model, cfg, frames):
             log.append(("read", t))
             yield f, (64, 96)
 
-    for k, _ in detect_online(model, source(), StreamSettings.from_config(cfg)):
+    for k, _ in detect_online(model, source(), build_schedule(cfg)):
         log.append(("emit", k))
     for k in range(len(frames) - 1):
         assert log.index(("emit", k)) < log.index(("read", k + 1))
 
 
 def test_memory_never_holds_more_than_T_m_frames(model, cfg, frames, monkeypatch):
-    settings = StreamSettings.from_config(cfg)
+    settings = build_schedule(cfg)
     seen = []
     original = model.detect_key
 
-    def spy(key, local, pool, memory):
-        seen.append([memory.num_frames(i) for i in range(memory.num_levels)])
-        assert len(local) == cfg.mega.T_l and len(pool) == min(cfg.mega.T_g, len(frames))
-        return original(key, local, pool, memory)
+    def spy(inputs, cache=None):
+        seen.append([len(level) for level in inputs.memory])
+        assert len(inputs.local) == cfg.mega.T_l and len(inputs.global_pool) == min(cfg.mega.T_g, len(frames))
+        return original(inputs, cache)
 
     monkeypatch.setattr(model, "detect_key", spy)
     _run_offline(model, frames, settings)
@@ -175,7 +174,7 @@ def test_proposal_rows_for_references_are_the_ref_mode_rpn(model, frames):
 
 
 def test_offline_is_deterministic_with_a_seed(model, cfg, frames):
-    settings = StreamSettings.from_config(cfg)
+    settings = build_schedule(cfg)
     _same(_run_offline(model, frames, settings), _run_offline(model, frames, settings))
 
 
@@ -186,8 +185,8 @@ def test_memory_off_is_the_base_model(model, cfg, frames):
     base = build_detector(base_cfg).eval()
     assert base.state_dict().keys() == model.state_dict().keys()
     base.load_state_dict(model.state_dict())
-    mega_out = _run_offline(model, frames, StreamSettings.from_config(cfg))
-    base_out = _run_offline(base, frames, StreamSettings.from_config(base_cfg))
+    mega_out = _run_offline(model, frames, build_schedule(cfg))
+    base_out = _run_offline(base, frames, build_schedule(base_cfg))
     _same(mega_out[:1], base_out[:1])
     assert any(not torch.equal(a.scores, b.scores) for (_, a), (_, b) in zip(mega_out[1:], base_out[1:]))
 
@@ -228,12 +227,15 @@ def test_projection_cache_gives_the_uncached_result(cfg, frames, monkeypatch):
     monkeypatch.setattr(MEGAAggregator, "forward", forward)
     monkeypatch.setattr(RelationModule, "project_refs", project_refs)
     monkeypatch.setattr(RelationModule, "geometry_bias", geometry_bias)
-    settings = StreamSettings.from_config(cfg)
+    settings = build_schedule(cfg)
+    caches = []  # the stream's cache, created by the engine for the video
+    new_stream_cache = model.new_stream_cache
+    monkeypatch.setattr(model, "new_stream_cache", lambda: caches.append(new_stream_cache()) or caches[-1])
     run = "cached"
     _run_offline(model, frames, settings)
     # What is alive at the last key frame: T_g = 3 pool frames x 2 global modules, N_l = 2 levels x
     # T_m = 4 memory entries, and what dropped out at that frame (pruned at the next one): 1 + 1 x 2.
-    assert 0 < len(model.projection_cache) <= 3 * 2 + 2 * 4 + 2 * 2
+    assert len(caches) == 1 and 0 < len(caches[0].projections) <= 3 * 2 + 2 * 4 + 2 * 2
     run = "uncached"
     monkeypatch.setattr(ReferenceProjectionCache, "get", lambda self, owner, rows, module: module.project_refs(rows))
     monkeypatch.setattr(GeometryBiasCache, "bias", lambda self, module, xb, xc, rb, rc, xf=None, rf=None, **_:
@@ -251,7 +253,7 @@ def test_projection_cache_gives_the_uncached_result(cfg, frames, monkeypatch):
 
 def test_file_and_frame_folder_give_identical_detections(model, cfg, tmp_path):
     from megavod.data.video import RandomAccessFrames, open_source, write_video
-    from megavod.inference.detect import Detector
+    from megavod.api import Detector
 
     rng = np.random.default_rng(0)
     clip = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(6)]
@@ -264,7 +266,8 @@ def test_file_and_frame_folder_give_identical_detections(model, cfg, tmp_path):
     detector = Detector(model, small_input)
     with RandomAccessFrames(open_source(tmp_path / "clip.mp4")) as a, \
             RandomAccessFrames(open_source(tmp_path / "frames")) as b:
-        _same(list(detector.stream(a, "offline")), list(detector.stream(b, "offline")))
+        _same([(r.frame, r.detections) for r in detector.stream(a, "offline")],
+              [(r.frame, r.detections) for r in detector.stream(b, "offline")])
 
 
 def test_mega_R_101_parameter_count_matches_the_authors():

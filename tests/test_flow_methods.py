@@ -12,9 +12,11 @@ import torch
 from megavod.config import load_config
 from megavod.data.predictions import read_predictions
 from megavod.errors import ConfigError
-from megavod.inference.detect import DetectOptions, Detector, run_detect
-from megavod.inference.flow_engine import FGFAWindow, detect_dff, detect_fgfa_offline, detect_fgfa_online
-from megavod.models import build_detector
+from megavod.apps.detect import DetectOptions, run_detect
+from megavod.api import Detector
+from megavod.inference.engine import detect_offline, detect_online
+from megavod.inference.schedules import FlowWindowSchedule, KeyFrameSchedule
+from megavod.methods import build_detector
 from megavod.models.dff import DFFDetector
 from megavod.models.fgfa import FGFADetector, aggregation_weights
 from megavod.models.flownet import FlowNetS, RAFTFlow, load_flownet_weights
@@ -196,18 +198,18 @@ def test_fgfa_aggregates_aligned_copies_to_the_key(fgfa):
 def test_fgfa_engine_windows_and_each_backbone_once(fgfa):
     _, model = fgfa
     frames = [torch.randn(3, 64, 96) * 40 for _ in range(3)]
-    assert FGFAWindow().offline(0, 100) == ([0] * 10 + list(range(1, 10)), 9)  # the code's 19, key at 9
-    assert FGFAWindow().online(30) == (list(range(12, 31)), 18)
+    assert FlowWindowSchedule().offline(0, 100) == ([0] * 10 + list(range(1, 10)), 9)  # the code's 19, key at 9
+    assert FlowWindowSchedule().online(30) == (list(range(12, 31)), 18)
     windows, calls = [], []
     original = model.detect_key
-    def spy(window, key_index):
-        windows.append(([f.index for f in window], key_index))
-        return original(window, key_index)
+    def spy(inputs, cache=None):
+        windows.append(([f.index for f in inputs.local], inputs.key_index))
+        return original(inputs, cache)
 
     model.detect_key = spy
     hook = model.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     try:
-        offline = list(detect_fgfa_offline(model, lambda t: (frames[t], (64, 96)), 3, FGFAWindow(-1, 1)))
+        offline = list(detect_offline(model, lambda t: (frames[t], (64, 96)), 3, FlowWindowSchedule(-1, 1)))
         assert windows == [([0, 0, 1], 1), ([0, 1, 2], 1), ([1, 2, 2], 1)] and sum(calls) == 3
         windows.clear()
         log = []
@@ -217,7 +219,7 @@ def test_fgfa_engine_windows_and_each_backbone_once(fgfa):
                 log.append(("read", t))
                 yield f, (64, 96)
 
-        for k, _ in detect_fgfa_online(model, source(), FGFAWindow(-1, 1)):
+        for k, _ in detect_online(model, source(), FlowWindowSchedule(-1, 1)):
             log.append(("emit", k))
     finally:
         del model.detect_key
@@ -236,15 +238,15 @@ def test_dff_key_frames_and_causality():
     model.backbone.register_forward_hook(lambda m, i, o: keys.append(i[0].shape[0]))
     frames = [torch.randn(3, 64, 96) * 40 for _ in range(5)]
     seen_keys = []
-    original = model.detect_frame
-    model.detect_frame = lambda image, size, key: seen_keys.append(key.index) or original(image, size, key)
+    original = model.detect_key
+    model.detect_key = lambda inputs, cache=None: seen_keys.append(inputs.local[0].index) or original(inputs, cache)
 
     def source():
         for t, f in enumerate(frames):
             log.append(("read", t))
             yield f, (64, 96)
 
-    for k, dets in detect_dff(model, source()):
+    for k, dets in detect_online(model, source(), KeyFrameSchedule(model.key_interval)):
         log.append(("emit", k))
     assert seen_keys == [0, 0, 2, 2, 4] and sum(keys) == 3  # the backbone on key frames only
     assert all(log.index(("emit", k)) < log.index(("read", k + 1)) for k in range(4))

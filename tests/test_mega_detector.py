@@ -12,7 +12,7 @@ import torch
 from megavod.config import load_config
 from megavod.data.synthetic import generate_synthetic_dataset
 from megavod.data.vid_dataset import build_train_dataset
-from megavod.models import build_detector
+from megavod.methods import build_detector
 
 SMALL = ["mega.T_l=5", "mega.T_g=3", "mega.T_m=4", "model.rpn.post_nms_top_n_test=40",
          "model.rpn.ref_post_nms_top_n=10", "input.min_size_train=[96]", "input.max_size_train=128",

@@ -23,22 +23,20 @@ def test_never_more_than_T_m_frames_and_oldest_first():
         memory.push([entry(5, k, frame=k), entry(2, k), entry(2, k)])
         for level in range(3):
             assert memory.num_frames(level) == min(k + 1, 4)
-        feats, boxes = memory.read(0)
+        feats, boxes = memory.read_rows(0).feats, memory.read_rows(0).boxes
         assert feats.shape == (5 * min(k + 1, 4), C) and boxes.shape == (feats.shape[0], 4)
     # Holds frames 6..9, oldest first, at every level.
-    assert memory.read(0)[0][::5, 0].tolist() == [6.0, 7.0, 8.0, 9.0]
-    assert memory.read(2)[0][::2, 0].tolist() == [6.0, 7.0, 8.0, 9.0]
+    assert memory.read_rows(0).feats[::5, 0].tolist() == [6.0, 7.0, 8.0, 9.0]
+    assert memory.read_rows(2).feats[::2, 0].tolist() == [6.0, 7.0, 8.0, 9.0]
     assert memory.read_rows(0).frames.tolist() == [f for f in (6, 7, 8, 9) for _ in range(5)]
 
 
-def test_empty_read_reset_and_bad_push():
+def test_empty_read_and_bad_push():
     memory = LongRangeMemory(num_levels=2, T_m=3, feat_dim=C)
-    feats, boxes = memory.read(1)
+    feats, boxes = memory.read_rows(1).feats, memory.read_rows(1).boxes
     assert feats.shape == (0, C) and boxes.shape == (0, 4)
-    memory.push([entry(3, 1), entry(1, 1)])
-    memory.reset()
     assert [memory.num_frames(i) for i in range(2)] == [0, 0]
-    assert memory.read(0)[0].shape == (0, C)
+    assert memory.levels() == [[], []]
     with pytest.raises(ValueError, match="expected 2 level entries"):
         memory.push([entry(3, 1)])
 
@@ -47,7 +45,7 @@ def test_stores_detached_rows():
     memory = LongRangeMemory(num_levels=1, T_m=2, feat_dim=C)
     feats = torch.ones(3, C, requires_grad=True)
     memory.push([RoiRows(feats * 2, torch.zeros(3, 4))])
-    stored = memory.read(0)[0]
+    stored = memory.read_rows(0).feats
     assert not stored.requires_grad and torch.equal(stored, torch.full((3, C), 2.0))
 
 
@@ -71,7 +69,7 @@ def stream(agg, memory, num_frames, window=3, per_frame=4):
     outputs, sizes = [], []
     for k in range(num_frames):
         local = [rows(per_frame, 100 + k + t) for t in range(window)]  # frames k..k+2, oldest first
-        read = memory.read_all()
+        read = [memory.read_rows(i) for i in range(memory.num_levels)]
         sizes.append([len(level) for level in read])
         out = agg(rows(3, k), local, rows(5, 1000 + k), read)
         memory.push(out.memory_push)

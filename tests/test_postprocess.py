@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from megavod.cli import main as cli_main
+from megavod.apps.cli import main as cli_main
 from megavod.data.predictions import FramePrediction, VideoPredictions, read_predictions, write_predictions
 from megavod.postprocess import apply_postprocess, seq_nms
 from megavod.postprocess import box_linking_with_relations as blr

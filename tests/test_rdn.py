@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from megavod.checkpoints.loading import authors_to_megavod_keys, match_state_dict
 from megavod.config import load_config
 from megavod.data.predictions import read_predictions
-from megavod.inference.detect import DetectOptions, Detector, run_detect
-from megavod.inference.engine import StreamSettings
-from megavod.models import build_detector, load_initial_weights
+from megavod.apps.detect import DetectOptions, run_detect
+from megavod.api import Detector
+from megavod.inference.schedules import build_schedule
+from megavod.methods import build_detector, load_initial_weights
+from megavod.models.contract import KeyFrameInputs
 from megavod.models.rdn import RDNAggregator, RDNDetector
 from megavod.models.relation import first_rows_index
 from megavod.structures import FrameFeatures
@@ -93,7 +95,7 @@ def test_state_dict_maps_one_to_one_to_the_authors_listing(preset, listing, stag
 def test_presets_give_the_spec_numbers():
     base, full = load_config("rdn_base_R_101"), load_config("rdn_R_101")
     for cfg in (base, full):
-        settings = StreamSettings.from_config(cfg)
+        settings = build_schedule(cfg)
         assert (settings.T_l, settings.tau, settings.T_g, settings.memory_levels) == (37, 18, 0, 0)
         assert (cfg.rdn.min_offset, cfg.rdn.max_offset, cfg.rdn.train_refs) == (-18, 18, 2)
     with torch.device("meta"):
@@ -235,9 +237,10 @@ def test_detect_key_uses_75_of_each_window_frame_and_no_global_or_memory():
     seen = {}
     record(model.aggregator.relations[0], seen, "support")
     record(model.aggregator.relations[-1], seen, "adv")
-    dets, push = model.detect_key(window[1], window)
+    out = model.detect_key(KeyFrameInputs(window[1], window))
+    dets, push = out.detections, out.memory_push
     assert push == [] and seen["support"][1].shape[0] == 25 + 25 + 25 + 10 + 25
     assert seen["adv"][1].shape[0] == 5 * 5  # int(25 * 0.2) of each of the 5 frames
     assert dets.boxes[:, 2].max() <= 72 and dets.boxes[:, 3].max() <= 48  # original-frame pixels
     with pytest.raises(ValueError, match="global pool"):
-        model.detect_key(window[1], window, [window[0]], None)
+        model.detect_key(KeyFrameInputs(window[1], window, global_pool=[window[0]]))

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from megavod.config import load_config
-from megavod.demo import build_demo_model
+from megavod.apps.demo import build_demo_model
 from megavod.errors import MegavodError
 from megavod.train.checkpoint import load_checkpoint
-from megavod.checkpoints.loading import load_detector
-from megavod.reproduce import (
+from megavod.methods import load_detector
+from megavod.apps.reproduce import (
     METHODS,
     ReproduceSettings,
     budget_overrides,
@@ -23,7 +23,7 @@ from megavod.reproduce import (
     main,
     reproduce_synthetic,
 )
-from megavod.reproduce_report import format_table
+from megavod.apps.reproduce_report import format_table
 
 TINY = dict(videos=2, frames=6, size=64, iterations=2, pretrain_iterations=2)
 
@@ -151,7 +151,7 @@ def test_main_reads_budget_from_environment(tmp_path, monkeypatch):
 def test_pretrained_single_frame_detector_initialises_every_method(tmp_path, one_thread):
     """MEGA gets the single-frame detector's every tensor (fc6/fc7 as its first two FCs); only the
     relation modules start fresh. A tensor with no place is an error, not silently dropped."""
-    from megavod.models import build_detector
+    from megavod.methods import build_detector
 
     torch.manual_seed(1)
     single = build_detector(load_config("synthetic_single"))
@@ -172,7 +172,7 @@ def test_pretrained_single_frame_detector_initialises_every_method(tmp_path, one
 
 
 def test_calibration_normalises_the_random_backbone(one_thread):
-    from megavod.models import build_detector
+    from megavod.methods import build_detector
 
     class Images:
         def __init__(self):
@@ -222,7 +222,7 @@ def _cue_dataset(root: Path) -> list:
 def test_cue_visibility_map_splits_hidden_from_visible_boxes(tmp_path):
     from megavod.data.predictions import FramePrediction, VideoPredictions, write_predictions
     from megavod.evaluation.vid_eval import load_for_evaluation
-    from megavod.reproduce_report import cue_visibility_maps
+    from megavod.apps.reproduce_report import cue_visibility_maps
     from megavod.structures import Detections
 
     anns = _cue_dataset(tmp_path / "data")
@@ -257,7 +257,7 @@ def test_hidden_cue_boxes_split_by_distance_to_a_visible_frame(tmp_path):
     (1 frame from a visible one) is near, frame 3 (2 frames) far. Right on frame 2 only: near 100, far 0."""
     from megavod.data.predictions import FramePrediction, VideoPredictions, write_predictions
     from megavod.evaluation.vid_eval import load_for_evaluation
-    from megavod.reproduce_report import CUE_WINDOW, cue_visibility_maps
+    from megavod.apps.reproduce_report import CUE_WINDOW, cue_visibility_maps
     from megavod.structures import Detections
 
     assert CUE_WINDOW == (load_config("synthetic_mega").mega.T_l - 1) // 2

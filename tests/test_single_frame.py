@@ -10,6 +10,7 @@ import torch
 from megavod.config import Config, load_config
 from megavod.models.backbone import calibrate_frozen_bn
 from megavod.models.box_coder import box_iou
+from megavod.models.contract import KeyFrameInputs
 from megavod.models.single_frame import SingleFrameDetector, build_single_frame_detector
 from megavod.structures import Detections, FrameAnnotation
 
@@ -67,7 +68,7 @@ def test_synthetic_preset_trains_and_detects():
         assert d.boxes[:, 0::2].max() <= 127 and d.boxes[:, 1::2].max() <= 95 and d.boxes.min() >= 0
     # the streaming engine's entry point: one frame, boxes back in the original frame's pixels
     with torch.no_grad():
-        one = model.detect_frame(images[1], (192, 256))
+        one = model.detect_key(KeyFrameInputs(model.frame_features(images[1], 0, (192, 256)))).detections
     torch.testing.assert_close(one.boxes, dets[1].boxes * 2, rtol=1e-4, atol=1e-3)  # batch of 1 vs 2
     torch.testing.assert_close(one.scores, dets[1].scores, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="targets"):

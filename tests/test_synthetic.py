@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from megavod.apps.synth import main
 from megavod.data.classes import VID_WNIDS
 from megavod.data.image_sets import read_image_set, train_15_frames
 from megavod.data.synthetic import (
@@ -22,7 +23,6 @@ from megavod.data.synthetic import (
     _frame_annotation,
     _motion_ious,
     generate_synthetic_dataset,
-    main,
 )
 from megavod.data.synthetic_render import (
     CLASS_SPECS,

@@ -343,8 +343,8 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
 
 
 def test_run_training_builds_dataset_and_model(tmp_path, monkeypatch):
-    import megavod.models
     from megavod.data.synthetic import generate_synthetic_dataset
+    from megavod.train import engine as train_engine
     from megavod.train.engine import run_training
 
     generate_synthetic_dataset(tmp_path / "data", 1, 0, frames=16, size=64, num_det_images=2)
@@ -355,7 +355,7 @@ def test_run_training_builds_dataset_and_model(tmp_path, monkeypatch):
         built.append(c)
         return TinyModel()
 
-    monkeypatch.setattr(megavod.models, "build_detector", build_detector, raising=False)
+    monkeypatch.setattr(train_engine, "build_detector", build_detector)
     final = run_training(cfg, tmp_path / "data", tmp_path / "run", resume=False)
     assert final == tmp_path / "run" / FINAL_NAME and built == [cfg]
     state = ckpt.load_checkpoint(final)

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from megavod.config import load_config
-from megavod.data.sampling import MEGASampler, OffsetSampler, build_reference_sampler, draw_distinct
+from megavod.data.sampling import MEGASampler, OffsetSampler, draw_distinct
+from megavod.registry import get_method
+
 from megavod.data.synthetic import generate_synthetic_dataset
 from megavod.data.transforms import FrameTransform, resized_size
 from megavod.data.vid_dataset import VIDTrainDataset, build_train_dataset
@@ -19,6 +21,11 @@ from megavod.errors import MegavodError
 from megavod.train.distributed import SampleKey
 
 SETS = ("DET_train_30classes", "VID_train_15frames")
+
+
+def build_reference_sampler(cfg):
+    """The training sampler of ``cfg.method`` (the method table's ``reference_sampler``)."""
+    return get_method(cfg.method).reference_sampler(cfg)
 
 
 @pytest.fixture(scope="module")

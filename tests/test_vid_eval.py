@@ -15,7 +15,7 @@ from megavod.data.image_sets import ImageSetEntry, write_image_set
 from megavod.data.predictions import FramePrediction, VideoPredictions, write_predictions
 from megavod.data.vid_xml import write_annotation
 from megavod.errors import MegavodError
-from megavod.evaluation.motion import bucket_shares, motion_ious_for_video
+from megavod.data.motion import bucket_shares, motion_ious_for_video
 from megavod.evaluation.vid_eval import evaluate_dataset, evaluate_vid
 from megavod.structures import Detections, FrameAnnotation
 from _spec import VECTORS

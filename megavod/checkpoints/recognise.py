@@ -30,33 +30,22 @@ from the preset.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
+from megavod.checkpoints.signatures import FE, count_indices, has_flow_network
+from megavod.config import load_config
 from megavod.errors import MegavodError
+from megavod.models.backbone import spec_from_config
+from megavod.registry import get_method, registered_methods
 
-FE = "roi_heads.box.feature_extractor."
 PREDICTOR = "roi_heads.box.predictor.cls_score.weight"
 STEM = "backbone.body.stem.conv1.weight"
 
-_METHOD_NAMES = {"single": "single-frame Faster R-CNN", "mega": "MEGA", "rdn": "RDN", "fgfa": "FGFA", "dff": "DFF"}
 _DEPTHS = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
-
-# Released configurations (spec §14) and the presets that build them.
-_PRESETS = {
-    ("single", "R-50"): "single_R_50", ("single", "R-101"): "single_R_101", ("single", "X-101-32x8d"): "single_X_101",
-    ("mega", "R-50"): "mega_R_50", ("mega", "R-101"): "mega_R_101", ("mega", "X-101-32x8d"): "mega_X_101",
-    ("rdn", "R-50"): "rdn_base_R_50", ("rdn", "R-101"): "rdn_base_R_101",
-    ("fgfa", "R-50"): "fgfa_R_50", ("fgfa", "R-101"): "fgfa_R_101",
-    ("dff", "R-50"): "dff_R_50", ("dff", "R-101"): "dff_R_101",
-}
-_METHOD_FALLBACK = {"single": "single_R_101", "mega": "mega_R_101", "rdn": "rdn_base_R_101",
-                    "fgfa": "fgfa_R_101", "dff": "dff_R_101"}
-
 
 @dataclass(frozen=True)
 class ModelSignature:
@@ -91,23 +80,17 @@ class ModelSignature:
 
     @property
     def method_name(self) -> str:
-        if self.method == "rdn":
-            return "RDN-base" if self.head[0] == self.head[1] else "RDN"
-        return _METHOD_NAMES[self.method]
+        spec = get_method(self.method)
+        return (spec.checkpoint.title(self.head) if spec.checkpoint else None) or spec.title
 
     def describe(self) -> str:
         """One phrase, e.g. ``MEGA R-50 (256-channel reduce conv, N_l=3, 1 global module)``."""
         details = []
         if self.reduced_channels:
             details.append(f"{self.reduced_channels}-channel reduce conv")
-        if self.method == "mega":
-            n_l, n_global, location = self.head
-            details.append(f"N_l={n_l}")
-            details.append(f"{n_global} global module{'s' if n_global != 1 else ''}")
-            if location:
-                details.append("location-based global")
-        elif self.method == "rdn":
-            details.append(f"{self.head[1]} relation modules")
+        checkpoint = get_method(self.method).checkpoint
+        if checkpoint is not None:
+            details += checkpoint.details(self.head)
         if self.representation_size != 1024:
             details.append(f"{self.representation_size}-d box features")
         if self.num_classes != 31:
@@ -120,19 +103,10 @@ class ModelSignature:
     @property
     def preset(self) -> str | None:
         """The preset that builds exactly this model, if one does (see :func:`config_for`)."""
-        key = (self.method, self.arch)
-        if self.method == "rdn" and self.arch == "R-101" and self.head[1] == self.head[0] + 1:
-            return "rdn_R_101"
-        return _PRESETS.get(key)
-
-
-def _indices(keys: list[str], pattern: str) -> set[int]:
-    rx = re.compile(pattern)
-    return {int(m.group(1)) for k in keys if (m := rx.match(k))}
-
-
-def _count(keys: list[str], pattern: str) -> int:
-    return len(_indices(keys, pattern))
+        checkpoint = get_method(self.method).checkpoint
+        if checkpoint is None:
+            return None
+        return checkpoint.preset_for_head(self.arch, self.head) or checkpoint.presets.get(self.arch)
 
 
 def _not_a_detector(keys: list[str], where: str) -> MegavodError:
@@ -157,10 +131,10 @@ def recognise(state_dict: Mapping[str, Tensor | tuple[int, ...]], where: str = "
         raise MegavodError(f"{where}: no box predictor ('{PREDICTOR}', 2-d): not a complete detector checkpoint")
 
     blocks = (
-        _count(keys, r"backbone\.body\.layer1\.(\d+)\."),
-        _count(keys, r"backbone\.body\.layer2\.(\d+)\."),
-        _count(keys, r"backbone\.body\.layer3\.(\d+)\."),
-        _count(keys, FE.replace(".", r"\.") + r"head\.layer4\.(\d+)\."),
+        count_indices(keys, r"backbone\.body\.layer1\.(\d+)\."),
+        count_indices(keys, r"backbone\.body\.layer2\.(\d+)\."),
+        count_indices(keys, r"backbone\.body\.layer3\.(\d+)\."),
+        count_indices(keys, FE.replace(".", r"\.") + r"head\.layer4\.(\d+)\."),
     )
     conv2 = shapes.get("backbone.body.layer1.0.conv2.weight")
     if conv2 is None or len(conv2) != 4:
@@ -177,52 +151,14 @@ def recognise(state_dict: Mapping[str, Tensor | tuple[int, ...]], where: str = "
     return ModelSignature(method=method, head=head, relation=relation, **base)
 
 
-def _relation_dims(shapes: dict[str, tuple[int, ...]], wg_keys: list[str], u_keys: list[str]) -> tuple[int, int]:
-    wg = next((shapes[k] for k in wg_keys if k in shapes), None)
-    if wg is not None:
-        return wg[0], wg[1]
-    u = next((shapes[k] for k in u_keys if k in shapes), None)
-    return (u[0], 0) if u is not None else (0, 0)
-
-
 def _head(keys: list[str], shapes: dict[str, tuple[int, ...]], where: str) -> tuple[str, tuple[int, ...], tuple[int, int]]:
-    """(method, head counts, relation dims) from the box head's and the flow networks' keys."""
-    fe = re.escape(FE)
-    if any(k.startswith("flownet.") for k in keys):
-        if "flownet.Convolution5_scale.weight" in shapes:
-            return "dff", (), (0, 0)
-        if any(k.startswith("embednet.") for k in keys):
-            return "fgfa", (), (0, 0)
+    """(method, head counts, relation dims): the first method of the table whose signature matches."""
+    for spec in registered_methods():
+        if spec.checkpoint is not None and (found := spec.checkpoint.match(keys, shapes)) is not None:
+            return spec.name, *found
+    if has_flow_network(keys):
         raise MegavodError(f"{where}: has flownet.* keys but neither embednet.* (FGFA) nor "
                            "flownet.Convolution5_scale (DFF): not a released FGFA/DFF checkpoint")
-    # MEGA, the authors' names.
-    n_local = _count(keys, fe + r"l_Wqs\.(\d+)\.")
-    n_global = _count(keys, fe + r"g_Wqs\.(\d+)\.")
-    if n_local or n_global or f"{FE}l_fcs.0.weight" in shapes:
-        location = int(f"{FE}g_Wgs.0.weight" in shapes)
-        wg = [f"{FE}l_Wgs.0.weight", f"{FE}g_Wgs.0.weight"]
-        return "mega", (n_local, n_global, location), _relation_dims(shapes, wg, [f"{FE}l_us.0", f"{FE}g_us.0"])
-    agg = FE + "aggregator."
-    # RDN, megavod's names (RDNAggregator: fcs, relations).
-    if f"{agg}fcs.0.weight" in shapes and any(k.startswith(agg + "relations.") for k in keys):
-        n_fcs = _count(keys, re.escape(agg) + r"fcs\.(\d+)\.")
-        n_rel = _count(keys, re.escape(agg) + r"relations\.(\d+)\.Wq\.")
-        return "rdn", (n_fcs, n_rel), _relation_dims(shapes, [f"{agg}relations.0.Wg.weight"], [])
-    # MEGA, megavod's names (MEGAAggregator: fcs, local_stages, global_stages).
-    if f"{agg}fcs.0.weight" in shapes:
-        n_local = _count(keys, re.escape(agg) + r"local_stages\.(\d+)\.Wq\.")
-        n_global = _count(keys, re.escape(agg) + r"global_stages\.(\d+)\.Wq\.")
-        location = int(f"{agg}global_stages.0.Wg.weight" in shapes)
-        wg = [f"{agg}local_stages.0.Wg.weight", f"{agg}global_stages.0.Wg.weight"]
-        u = [f"{agg}local_stages.0.u", f"{agg}global_stages.0.u"]
-        return "mega", (n_local, n_global, location), _relation_dims(shapes, wg, u)
-    # RDN, the authors' names.
-    if f"{FE}fcs.0.weight" in shapes:
-        n_fcs = _count(keys, fe + r"fcs\.(\d+)\.")
-        n_rel = _count(keys, fe + r"Wqs\.(\d+)\.")
-        return "rdn", (n_fcs, n_rel), _relation_dims(shapes, [f"{FE}Wgs.0.weight"], [])
-    if f"{FE}fc6.weight" in shapes and f"{FE}fc7.weight" in shapes:
-        return "single", (), (0, 0)
     head = [k[len(FE):] for k in keys if k.startswith(FE) and not k.startswith(FE + "head.")]
     raise MegavodError(f"{where}: box head of no known method (feature_extractor keys: {', '.join(head[:3]) or 'none'})")
 
@@ -233,24 +169,10 @@ def _head(keys: list[str], shapes: dict[str, tuple[int, ...]], where: str) -> tu
 
 def signature_of_config(cfg: Any) -> ModelSignature:
     """The signature of the model ``cfg`` builds (same terms as :func:`recognise`)."""
-    from megavod.models.backbone import spec_from_config
-
     spec = spec_from_config(cfg.model.backbone)
     h = cfg.model.roi_head
-    geometry = cfg.relation.embed_dim + (cfg.relation.embed_dim // 4 if cfg.relation.temporal_embedding else 0)
-    head: tuple[int, ...] = ()
-    relation = (0, 0)
-    if cfg.method == "mega":
-        m = cfg.mega
-        n_global = m.N_g + m.global_res_stages
-        head = (m.N_l, n_global, int(m.location_based_global and n_global > 0))
-        if m.N_l or n_global:
-            located = m.N_l > 0 or (m.location_based_global and n_global > 0)
-            relation = (cfg.relation.num_heads, geometry if located else 0)
-    elif cfg.method == "rdn":
-        b, a = cfg.rdn.basic_stages, cfg.rdn.advanced_stages
-        head = (b + a, b + a + 1) if a > 0 else (b, b)
-        relation = (cfg.relation.num_heads, cfg.relation.embed_dim)
+    checkpoint = get_method(cfg.method).checkpoint
+    head, relation = checkpoint.of_config(cfg) if checkpoint is not None else ((), (0, 0))
     return ModelSignature(
         method=cfg.method, blocks=tuple(spec.blocks), stem_channels=spec.stem_channels, groups=spec.groups,
         width_per_group=spec.width_per_group, reduced_channels=h.reduced_channels if h.reduce_channel else 0,
@@ -289,36 +211,19 @@ def _overrides(sig: ModelSignature, cfg: Any) -> list[str]:
     if sig.relation[1] and sig.relation[1] != have.relation[1]:
         e = cfg.relation.embed_dim
         out.append("relation.temporal_embedding=true" if sig.relation[1] == e + e // 4 else f"relation.embed_dim={sig.relation[1]}")
-    if sig.method == "mega" and sig.head != have.head:
-        n_l, n_global, location = sig.head
-        if cfg.mega.N_g + cfg.mega.global_res_stages == n_global:
-            n_g, res = cfg.mega.N_g, cfg.mega.global_res_stages
-        else:  # the code's layout: one global stage, the rest after the local stack (Table 4: all before)
-            n_g, res = (n_global, 0) if n_l == 0 else (min(n_global, 1), max(n_global - 1, 0))
-        out += [f"mega.N_l={n_l}", f"mega.N_g={n_g}", f"mega.global_res_stages={res}",
-                f"mega.location_based_global={str(bool(location)).lower()}"]
-        if n_l == 0:
-            out.append("mega.memory=false")  # memory feeds the local stage only
-    if sig.method == "rdn" and sig.head != have.head:
-        n_fcs, n_rel = sig.head
-        if n_rel == n_fcs:
-            basic, advanced = n_fcs, 0
-        else:
-            basic = cfg.rdn.basic_stages if cfg.rdn.basic_stages < n_fcs else max(n_fcs - 1, 1)
-            advanced = n_fcs - basic
-        out += [f"rdn.basic_stages={basic}", f"rdn.advanced_stages={advanced}"]
+    if sig.head != have.head:
+        out += get_method(sig.method).checkpoint.head_overrides(sig.head, cfg)
     return out
 
 
 def config_for(sig: ModelSignature, overrides: list[str] | tuple[str, ...] = (), where: str = "checkpoint") -> Any:
     """The config that builds ``sig``: its preset (or the method's R-101 preset) plus the overrides the
     keys call for, then the user's ``overrides``. ``MegavodError`` if no config builds it."""
-    from megavod.config import load_config
-
-    if sig.preset is None and not sig.arch.startswith(("R-", "X-")):
+    fallback = get_method(sig.method).checkpoint.fallback_preset
+    if (sig.preset is None and not sig.arch.startswith(("R-", "X-"))) or (sig.preset or fallback) is None:
         # A CPU-sized network (arch "small") says nothing of its anchors, budgets or input size.
         raise MegavodError(f"{where}: holds {sig.describe()}, which no preset builds; pass --config")
-    preset = sig.preset or _METHOD_FALLBACK[sig.method]
+    preset = sig.preset or fallback
     needed = _overrides(sig, load_config(preset))
     built = signature_of_config(load_config(preset, needed))
     if built != sig:

@@ -16,6 +16,7 @@ on and names the offending entry in a one-line :class:`MegavodError`.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from megavod.atomic import atomic_write_text
+from megavod.atomic import atomic_path, atomic_write_text
 from megavod.data.classes import VID_CLASSES
 from megavod.errors import MegavodError
 from megavod.structures import Detections
@@ -51,6 +52,30 @@ class VideoPredictions:
     width: int
     height: int
     frames: list[FramePrediction]
+
+    def save_json(self, path: str | os.PathLike, *, decimals: int | None = None) -> None:
+        """Write the prediction file (README "Prediction file") holding this video, atomically."""
+        write_predictions(path, [self], decimals=decimals)
+
+    def save_csv(self, path: str | os.PathLike) -> None:
+        """One row per detection: video, frame, file, x1, y1, x2, y2, score, label, class (atomic)."""
+        write_csv(path, self)
+
+    def to_coco(self, path: str | os.PathLike, image_ids: dict[tuple[str, int], int] | None = None) -> int:
+        """Write a COCO results list (:func:`export_coco_results`); returns the detections written."""
+        return export_coco_results(path, [self], image_ids)
+
+
+def write_csv(path: str | os.PathLike, video: VideoPredictions, classes: Sequence[str] = VID_CLASSES) -> None:
+    """One row per detection: video, frame, file, x1, y1, x2, y2, score, label, class (atomic)."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["video", "frame", "file", "x1", "y1", "x2", "y2", "score", "label", "class"])
+        for fp in video.frames:
+            d = fp.detections
+            for box, score, label in zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist()):
+                writer.writerow([video.video, fp.frame, fp.file or "", *(f"{v:.2f}" for v in box),
+                                 f"{score:.6f}", label, classes[label]])
 
 
 def _frame_dict(fp: FramePrediction, decimals: int | None) -> dict[str, Any]:

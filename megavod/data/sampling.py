@@ -20,7 +20,6 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from megavod.config import Config
 
 
 @dataclass(frozen=True)
@@ -151,28 +150,3 @@ class MEGASampler:
             pool_end = min(frame, video_len - 1) if self.online else video_len - 1
             refs["global"] = draw_distinct(rng, range(pool_end + 1), n["global"])
         return refs
-
-
-def build_reference_sampler(cfg: Config) -> ReferenceSampler | None:
-    """The sampler of ``cfg.method``; ``None`` for the single-frame detector (no references)."""
-    if cfg.method == "single":
-        return None
-    if cfg.method == "mega":
-        m = cfg.mega
-        return MEGASampler(
-            T_l=m.T_l,
-            T_m=m.T_m,
-            num_local=m.train_local_refs,
-            num_memory=m.train_memory_refs,
-            num_global=m.train_global_refs,
-            memory=m.memory,
-            global_stage=m.N_g + m.global_res_stages > 0,
-            online=m.online,
-        )
-    if cfg.method == "rdn":
-        return OffsetSampler(cfg.rdn.min_offset, cfg.rdn.max_offset, cfg.rdn.train_refs)
-    if cfg.method == "fgfa":
-        return OffsetSampler(cfg.fgfa.min_offset, cfg.fgfa.max_offset, cfg.fgfa.train_refs)
-    if cfg.method == "dff":
-        return OffsetSampler(cfg.dff.min_offset, cfg.dff.max_offset, 1)
-    raise ValueError(f"unknown method {cfg.method!r}")

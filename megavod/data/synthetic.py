@@ -32,7 +32,6 @@ reason.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -42,8 +41,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from megavod.data.classes import VID_WNIDS
+from megavod.data.motion import motion_ious_for_video
+from megavod.data.video import write_video
 from megavod.data.image_sets import ImageSetEntry, train_15_frames, write_image_set
 from megavod.data.synthetic_render import (
     CLASS_SPECS,
@@ -96,8 +98,6 @@ class SyntheticStats:
 
 def _motion_ious(anns: list[FrameAnnotation]) -> np.ndarray:
     """Per-box motion IoU of one video (spec §13.9), -1 where the track has no neighbour."""
-    from megavod.evaluation.motion import motion_ious_for_video
-
     values = motion_ious_for_video(anns)
     return torch.cat(values).numpy() if values else np.zeros(0)
 
@@ -114,8 +114,6 @@ def _bucket_shares(values: np.ndarray) -> dict[str, float]:
 
 
 def _write_mp4(path: Path, frames: list[np.ndarray], fps: float) -> None:
-    from megavod.data.video import write_video
-
     write_video(path, frames, fps)
 
 
@@ -392,26 +390,5 @@ class _NoBar:
 def _progress(total: int, enabled: bool):
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="item", desc="synth")
 
-
-def main(args: argparse.Namespace) -> int:
-    """``megavod synth OUT [--videos N] [--frames F] [--size S] [--seed K]``: 80% train, 20% val."""
-    if args.videos < 1:
-        raise MegavodError(f"synth: --videos must be >= 1, got {args.videos}")
-    num_val = max(1, round(0.2 * args.videos)) if args.videos >= 2 else 0
-    num_train = args.videos - num_val
-    stats = generate_synthetic_dataset(
-        args.out, num_train, num_val, frames=args.frames, size=args.size, seed=args.seed,
-        num_det_images=15 * num_train, progress=True,
-    )
-    shares = stats.motion_shares
-    print(
-        f"wrote {args.out}: {stats.train_videos} train + {stats.val_videos} val videos, "
-        f"{stats.frames} frames, {stats.boxes} boxes, {stats.det_images} DET images; "
-        f"cue hidden in {stats.hidden_share:.0%} of boxes; motion fast {shares['fast']:.0%} / "
-        f"medium {shares['medium']:.0%} / slow {shares['slow']:.0%}; {stats.seconds:.0f} s"
-    )
-    return 0

@@ -51,10 +51,11 @@ from torch.utils.data import Dataset
 from megavod.config import Config
 from megavod.data.coco_vid import CocoVidDataset, read_coco_vid
 from megavod.data.image_sets import IMAGE_EXT, read_image_set
-from megavod.data.sampling import ReferenceSampler, SampleKey, build_reference_sampler
+from megavod.data.sampling import ReferenceSampler, SampleKey
 from megavod.data.transforms import FrameTransform, TransformDraw, build_transform
 from megavod.data.vid_xml import read_annotation
 from megavod.errors import MegavodError
+from megavod.registry import get_method
 
 _HAS_OBJECT = re.compile(rb"<object[\s>/]")
 
@@ -342,11 +343,11 @@ class VIDTrainDataset(Dataset):
 
 def build_train_dataset(cfg: Config, root: str | Path, image_root: str | Path | None = None) -> VIDTrainDataset:
     """``cfg.data.train_sets`` under ``root`` (or the COCO-VID file ``root``) with the method's
-    references and the train transform."""
+    references (its sampler from the method table) and the train transform."""
     return VIDTrainDataset(
         root,
         cfg.data.train_sets,
         build_transform(cfg.input, train=True),
-        build_reference_sampler(cfg),
+        get_method(cfg.method).reference_sampler(cfg),
         image_root,
     )

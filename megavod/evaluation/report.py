@@ -15,14 +15,12 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from megavod.atomic import atomic_write_text
-
-if TYPE_CHECKING:
-    from megavod.evaluation.vid_eval import PRCurve, VIDEvalResult
+from megavod.evaluation.results import PRCurve, VIDEvalResult
 
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
 
@@ -119,6 +117,7 @@ def format_table(result: "VIDEvalResult") -> str:
 
 def plot_pr_curves(result: "VIDEvalResult", out_dir: str | Path) -> list[Path]:
     """One PNG per class with ground truth: its PR curve in every range. Returns the files."""
+    # matplotlib costs ~0.5 s to import: only when curves are drawn.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

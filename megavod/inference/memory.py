@@ -16,7 +16,6 @@ from collections import deque
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor
 
 from megavod.models.mega_head import RoiRows
 
@@ -27,7 +26,7 @@ class LongRangeMemory:
     Args:
         num_levels: N_l, one level per local stage.
         T_m: frames kept per level (spec §13.3: a real parameter, default 25).
-        feat_dim: feature size, for the empty tensors :meth:`read` returns before the first push.
+        feat_dim: feature size, for the empty rows :meth:`read_rows` returns before the first push.
     """
 
     def __init__(self, num_levels: int, T_m: int, feat_dim: int = 1024) -> None:
@@ -42,11 +41,6 @@ class LongRangeMemory:
         # Device/dtype of the last pushed rows, so that empty reads concatenate with live tensors.
         self._device = torch.device("cpu")
         self._dtype = torch.float32
-
-    def reset(self) -> None:
-        """Forget every level (start of a new video)."""
-        for level in self._levels:
-            level.clear()
 
     def push(self, level_entries: Sequence[RoiRows]) -> None:
         """Append one frame's entry to every level (one :class:`RoiRows` per level); the oldest frame of a
@@ -77,11 +71,6 @@ class LongRangeMemory:
             )
         return RoiRows.cat(list(entries))
 
-    def read(self, level: int) -> tuple[Tensor, Tensor | None]:
-        """(features [R, C], boxes [R, 4]) of ``level`` concatenated, oldest frame first."""
-        rows = self.read_rows(level)
-        return rows.feats, rows.boxes
-
-    def read_all(self) -> list[RoiRows]:
-        """Every level's rows: the ``memory`` argument of :meth:`MEGAAggregator.forward`."""
-        return [self.read_rows(i) for i in range(self.num_levels)]
+    def levels(self) -> list[list[RoiRows]]:
+        """Every level's entries, oldest first: what a key-frame step reads (:attr:`KeyFrameInputs.memory`)."""
+        return [list(level) for level in self._levels]

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import FrozenBatchNorm2d
 
+from megavod.checkpoint_files import read_detectron_pickle
 from megavod.errors import MegavodError
 
 # FrozenBN with eps = 0, as the authors' layer (torchvision's default eps is 1e-5).
@@ -273,8 +274,6 @@ def _c2_to_torchvision_name(name: str) -> str | None:
 def _read_weights(path: Path) -> tuple[dict[str, Tensor], bool]:
     """Tensors by torchvision name, and whether BN statistics come with eps = 1e-5 (torchvision)."""
     if path.suffix == ".pkl":
-        from megavod.checkpoints.loading import read_detectron_pickle  # builds numpy arrays only
-
         blobs = read_detectron_pickle(path)
         out = {}
         for k, v in blobs.items():

@@ -3,7 +3,7 @@
 Only key frames go through the backbone; every frame's C4 is the last key frame's C4 warped by
 flow(frame, key) and multiplied by FlowNet's per-channel scale map (``Convolution5_scale`` + 1). The
 single-frame RPN and box head then run on it. DFF is causal by design: a frame needs only itself and the
-last key frame (:func:`megavod.inference.flow_engine.detect_dff`).
+last key frame (its schedule: :class:`megavod.inference.schedules.KeyFrameSchedule`).
 
 As the authors' code (which says it departs slightly from the paper):
 
@@ -24,11 +24,12 @@ import torch
 from torch import Tensor, nn
 
 from megavod.models.backbone import C4Backbone
-from megavod.models.fgfa import FlowDetectorBase, FlowFrame, single_sample, build_flow_parts
+from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
+from megavod.models.fgfa import FlowDetectorBase, build_flow_parts, single_sample
 from megavod.models.roi_heads import RoIBoxHead
 from megavod.models.rpn import RPN
 from megavod.models.warp import warp
-from megavod.structures import Detections
+from megavod.structures import FrameMaps
 
 
 class DFFDetector(FlowDetectorBase):
@@ -66,22 +67,28 @@ class DFFDetector(FlowDetectorBase):
         feats = warp(key_c4, out.flow, self.warp_align_corners)
         return feats if out.scale is None else feats * out.scale
 
-    # -- test: the flow engine's entry points ----------------------------------------------------------
+    # -- test: the detector contract (megavod.models.contract) -----------------------------------------
 
     @torch.no_grad()
-    def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> FlowFrame:
-        """A key frame's pass: its C4 (the backbone runs on key frames only)."""
-        c4 = self.backbone(image[None])[0]
-        return FlowFrame(index, image, c4, None, tuple(image.shape[-2:]), original_size)
+    def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> FrameMaps:
+        """A frame's pass: the backbone runs on key frames only; other frames keep just their image."""
+        c4 = self.backbone(image[None])[0] if self.is_key_frame(index) else None
+        return FrameMaps(index, image, c4, None, tuple(image.shape[-2:]), original_size)
+
+    def new_stream_cache(self) -> None:
+        """DFF keeps nothing between frames but the last key frame, which the stream holds."""
+        return None
 
     @torch.no_grad()
-    def detect_frame(self, image: Tensor, original_size: tuple[int, int], key: FlowFrame) -> Detections:
-        """Detections of frame ``image`` [3, H, W] (original-frame pixels) from key frame ``key``."""
-        size = tuple(image.shape[-2:])
-        if size != key.image_size:
-            raise ValueError(f"frame is {size} pixels but its key frame is {key.image_size}")
-        feats = self.propagate(image[None], key.image[None], key.c4[None])
-        return self.detect_on_features(feats, size, original_size)
+    def detect_key(self, inputs: KeyFrameInputs[FrameMaps], cache: None = None) -> KeyFrameOutput:
+        """Detections of frame ``inputs.key`` (original-frame pixels) from the key frame ``inputs.local[0]``."""
+        frame, key = inputs.key, inputs.local[0]
+        if key.c4 is None:
+            raise ValueError(f"frame {key.index} is not a key frame of this DFF (key_interval {self.key_interval})")
+        if frame.image_size != key.image_size:
+            raise ValueError(f"frame is {frame.image_size} pixels but its key frame is {key.image_size}")
+        feats = self.propagate(frame.image[None], key.image[None], key.c4[None])
+        return KeyFrameOutput(self.detect_on_features(feats, frame.image_size, frame.original_size))
 
     # -- training (spec §6.3) --------------------------------------------------------------------------
 

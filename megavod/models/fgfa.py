@@ -11,7 +11,7 @@ Training (:meth:`FGFADetector.forward`, one key frame + the ``ref`` frames drawn
 features are *not* in the sum; only the warped references are weighted (softmax over the references).
 Their embeddings are taken after warping, the key's from its unwarped C4, as the authors'.
 
-Test (:meth:`FGFADetector.detect_key`, driven by :mod:`megavod.inference.flow_engine`): every frame's C4
+Test (:meth:`FGFADetector.detect_key`, driven by the streaming engine :mod:`megavod.inference.engine`): every frame's C4
 and embedding are computed once (:meth:`FGFADetector.frame_features`); for each key frame the flow from
 the key to every window frame (the key itself included, flow(key, key)) warps [C4, embedding] together,
 and the weights are the softmax over the whole window (19 frames offline) of cos(warped E_j, warped E_key).
@@ -20,19 +20,20 @@ and the weights are the softmax over the whole window (19 frames offline) of cos
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megavod.errors import ConfigError
 from megavod.models.backbone import C4Backbone, build_backbone, load_pretrained_resnet
 from megavod.models.flownet import build_flow_network, load_flownet_weights
 from megavod.models.roi_heads import RoIBoxHead, build_box_head
 from megavod.models.rpn import RPN, build_rpn
 from megavod.models.warp import warp
-from megavod.structures import Detections
+from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
+from megavod.structures import Detections, FrameMaps
 
 
 class EmbedNet(nn.Module):
@@ -61,22 +62,6 @@ def aggregation_weights(embeds: Tensor, key_embed: Tensor) -> Tensor:
     a = embeds / (embeds.norm(dim=1, keepdim=True) + 1e-10)
     b = key_embed / (key_embed.norm(dim=1, keepdim=True) + 1e-10)
     return F.softmax((a * b).sum(dim=1, keepdim=True), dim=0)
-
-
-@dataclass
-class FlowFrame:
-    """One frame's per-frame pass for the flow methods, computed once per frame.
-
-    image: [3, H, W] the normalised input (FlowNet reads it); c4: [C, h, w]; embed: [2C, h, w] FGFA's
-    embedding (None for DFF); image_size / original_size: (height, width) resized / of the frame.
-    """
-
-    index: int
-    image: Tensor
-    c4: Tensor
-    embed: Tensor | None
-    image_size: tuple[int, int]
-    original_size: tuple[int, int]
 
 
 class FlowDetectorBase(nn.Module):
@@ -136,13 +121,13 @@ class FGFADetector(FlowDetectorBase):
     # -- test: the flow engine's entry points ----------------------------------------------------------
 
     @torch.no_grad()
-    def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> FlowFrame:
+    def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> FrameMaps:
         """C4 and embedding of one frame [3, H, W] (once per frame)."""
         c4 = self.backbone(image[None])
-        return FlowFrame(index, image, c4[0], self.embednet(c4)[0], tuple(image.shape[-2:]), original_size)
+        return FrameMaps(index, image, c4[0], self.embednet(c4)[0], tuple(image.shape[-2:]), original_size)
 
     @torch.no_grad()
-    def aggregate(self, window: Sequence[FlowFrame], key_index: int) -> tuple[Tensor, Tensor]:
+    def aggregate(self, window: Sequence[FrameMaps], key_index: int) -> tuple[Tensor, Tensor]:
         """The key's aggregated C4 [1, C, h, w] and the per-pixel weights [N, 1, h, w] over ``window``
         (N frames, the key at ``key_index``; copies of a frame at the video's edges count each time)."""
         if not 0 <= key_index < len(window):
@@ -159,12 +144,16 @@ class FGFADetector(FlowDetectorBase):
         weights = aggregation_weights(embeds, embeds[key_index : key_index + 1])
         return (weights * c4).sum(dim=0, keepdim=True), weights
 
+    def new_stream_cache(self) -> None:
+        """FGFA keeps nothing between key frames but the window, which the stream holds."""
+        return None
+
     @torch.no_grad()
-    def detect_key(self, window: Sequence[FlowFrame], key_index: int) -> Detections:
-        """Detections of ``window[key_index]`` in the pixels of its original frame."""
-        feats, _ = self.aggregate(window, key_index)
-        key = window[key_index]
-        return self.detect_on_features(feats, key.image_size, key.original_size)
+    def detect_key(self, inputs: KeyFrameInputs[FrameMaps], cache: None = None) -> KeyFrameOutput:
+        """Detections of the key frame ``inputs.local[inputs.key_index]`` from its window ``inputs.local``."""
+        feats, _ = self.aggregate(inputs.local, inputs.key_index)
+        key = inputs.local[inputs.key_index]
+        return KeyFrameOutput(self.detect_on_features(feats, key.image_size, key.original_size))
 
     # -- training (spec §6.2) --------------------------------------------------------------------------
 
@@ -199,8 +188,6 @@ def build_flow_parts(cfg: Any, method_cfg: Any, scale: bool) -> tuple[C4Backbone
         load_pretrained_resnet(m.backbone.weights, backbone.body, box_head.feature_extractor.head)
     if method_cfg.flownet_weights:
         if method_cfg.flow_network != "flownet_s":
-            from megavod.errors import ConfigError
-
             raise ConfigError(f"config key '{cfg.method}.flownet_weights': only for flow_network 'flownet_s'")
         load_flownet_weights(flownet, method_cfg.flownet_weights)
     return backbone, flownet, build_rpn(m.rpn, backbone.out_channels), box_head

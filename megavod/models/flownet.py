@@ -35,7 +35,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.optical_flow import raft_small
 
+from megavod.checkpoint_files import read_weights
 from megavod.errors import MegavodError
 
 FLOW_SCALE = 2.5  # the authors' Convolution5 output multiplier (flow in C4 pixels)
@@ -152,8 +154,6 @@ class RAFTFlow(nn.Module):
     def __init__(self, pixel_mean: Sequence[float] = (102.9801, 115.9465, 122.7717),
                  pixel_std: Sequence[float] = (1.0, 1.0, 1.0), stride: int = 16, num_flow_updates: int = 12) -> None:
         super().__init__()
-        from torchvision.models.optical_flow import raft_small
-
         self.raft = raft_small(weights=None, progress=False)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
@@ -195,8 +195,6 @@ def load_flownet_weights(flownet: nn.Module, path: str | Path) -> int:
     checkpoint). As the authors' ``load_flownet``, only entries whose names contain "flownet" count, and
     layers the file lacks (DFF's ``Convolution5_scale`` in FGFA's FlowNet) keep their init. Returns
     the number of tensors loaded; a shape mismatch or a file without any FlowNet tensor is an error."""
-    from megavod.checkpoints.loading import read_weights
-
     sd = read_weights(path).state_dict
     own = flownet.state_dict()
     prefixed = any("flownet." in k for k in sd)  # else a bare FlowNet state dict (conv2.weight, ...)

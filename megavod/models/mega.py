@@ -1,9 +1,10 @@
 """The MEGA detector (spec §3.5, §4, §5.2): the single-frame detector's backbone and RPN, and a box head
 whose features are aggregated by :class:`~megavod.models.mega_head.MEGAAggregator`.
 
-The detector holds no stream state. At test time the streaming engine (:mod:`megavod.inference.engine`)
+The detector holds weights only. At test time the streaming engine (:mod:`megavod.inference.engine`)
 calls :meth:`MEGADetector.frame_features` once per frame and :meth:`MEGADetector.detect_key` once per
-key frame with the local window, the global pool and the memory it owns. Training
+key frame with the local window, the global pool and the memory of the stream, and the stream's own
+:class:`MEGAStreamCache` (detector contract: :mod:`megavod.models.contract`). Training
 (:meth:`MEGADetector.forward` on a :class:`~megavod.data.vid_dataset.TrainSample`) follows spec §5.2.
 
 Work the authors' code repeats and megavod does once (same numbers):
@@ -23,25 +24,37 @@ in :mod:`megavod.models.relation_detector`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from megavod.config import Config
-from megavod.inference.memory import LongRangeMemory
 from megavod.models.backbone import C4Backbone
+from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
 from megavod.models.mega_head import MEGAAggregator, RoiRows
 from megavod.models.geometry_cache import GeometryBiasCache
 from megavod.models.relation import ReferenceProjectionCache, RelationModule, cat_projections
 from megavod.models.relation_detector import RelationDetector, build_relation_detector
 from megavod.models.roi_heads import RoIBoxHead
 from megavod.models.rpn import RPN
-from megavod.structures import Detections, FrameFeatures
+from megavod.structures import FrameFeatures
+
+
+@dataclass
+class MEGAStreamCache:
+    """What MEGA keeps of one stream between key frames (created by :meth:`MEGADetector.new_stream_cache`,
+    owned by the stream): the keys/values of rows met again unchanged (global frames, memory entries;
+    :class:`ReferenceProjectionCache`) and the local stages' geometry blocks (:class:`GeometryBiasCache`).
+    Both only save work: a step given a fresh cache returns the same numbers."""
+
+    projections: ReferenceProjectionCache = field(default_factory=ReferenceProjectionCache)
+    geometry: GeometryBiasCache = field(default_factory=GeometryBiasCache)
 
 
 class MEGADetector(RelationDetector):
-    """MEGA (also the base model: the engine just runs it without memory).
+    """MEGA (also the base model: its schedule just keeps no memory).
 
     Args:
         backbone, rpn: as the single-frame detector.
@@ -54,60 +67,58 @@ class MEGADetector(RelationDetector):
                  temporal_embedding: bool = False) -> None:
         super().__init__(backbone, rpn, box_head, ref_proposals)
         self.temporal_embedding = temporal_embedding
-        self.projection_cache = ReferenceProjectionCache()  # see detect_key
-        self.geometry_cache = GeometryBiasCache()
 
     def _rows(self, frame: FrameFeatures, n: int | None) -> RoiRows:
         rows = slice(0, n)
         return RoiRows.of_frame(frame.feats[rows], frame.boxes[rows], frame.index if self.temporal_embedding else None)
 
-    # -- inference: the streaming engine's entry point ------------------------------------------------
+    # -- inference: the detector contract (megavod.models.contract) -----------------------------------
+
+    def new_stream_cache(self) -> MEGAStreamCache:
+        return MEGAStreamCache()
 
     @torch.no_grad()
-    def detect_key(
-        self,
-        key: FrameFeatures,
-        local_window: Sequence[FrameFeatures],
-        global_pool: Sequence[FrameFeatures],
-        memory: LongRangeMemory | None,
-        *,
-        relation_inputs: bool | None = None,
-    ) -> tuple[Detections, list[RoiRows]]:
+    def detect_key(self, inputs: KeyFrameInputs[FrameFeatures], cache: MEGAStreamCache | None = None) -> KeyFrameOutput:
         """Detections of the key frame (original-frame pixels) and the memory push of the oldest window
         frame (level 0: its rows after the global stage; level i: its distilled rows after stage i-1).
 
-        ``relation_inputs`` (default :attr:`record_relation_inputs`): attach to the detections their
-        query rows in the last local stage (for BLR, spec §13.12); the detections are the same."""
-        n = self.ref_proposals
-        pool = [self._rows(g, n) for g in global_pool]
+        ``inputs``: the key, the local window, the global pool and the memory levels (entries oldest
+        first) the schedule gives; ``cache``: this stream's :class:`MEGAStreamCache` (a fresh one when
+        None). ``inputs.relation_inputs``: attach to the detections their query rows in the last local
+        stage (for BLR, spec §13.12); the detections are the same."""
+        cache = cache if cache is not None else MEGAStreamCache()
+        key, n = inputs.key, self.ref_proposals
+        pool = [self._rows(g, n) for g in inputs.global_pool]
         # Global frames' raw rows and memory entries are the same from one key frame to the next:
         # their keys and values are projected once (the authors project them again every frame).
-        cache = self.projection_cache
-        cache.prune()
-        global_kv = memory_kv = memory_counts = None
+        projections = cache.projections
+        projections.prune()
+        global_kv = memory_kv = memory_counts = memory = None
         if pool:
-            global_kv = [cat_projections([cache.get(g, rows.feats, module) for g, rows in zip(global_pool, pool)])
+            global_kv = [cat_projections([projections.get(g, rows.feats, module)
+                                          for g, rows in zip(inputs.global_pool, pool)])
                          for module in self.aggregator.global_stages]
-        if memory is not None:
-            memory_kv = [cat_projections([cache.get(e, e.feats, module) for e in memory.entries(i)])
-                         if memory.num_frames(i) else None
-                         for i, module in enumerate(self.aggregator.local_stages)]
-            memory_counts = [[len(e) for e in memory.entries(i)] for i in range(len(self.aggregator.local_stages))]
+        if inputs.memory is not None:
+            levels = [list(level) for level in inputs.memory]
+            memory_kv = [cat_projections([projections.get(e, e.feats, module) for e in level]) if level else None
+                         for level, module in zip(levels, self.aggregator.local_stages)]
+            memory_counts = [[len(e) for e in level] for level in levels]
+            memory = [RoiRows.cat(level) if level else RoiRows(key.feats[:0], key.boxes[:0]) for level in levels]
         # So are the boxes of every window frame but the newest: most geometry terms of the local
         # stages were computed at the previous key frame (GeometryBiasCache).
-        self.geometry_cache.next_frame()
-        with self.capture_relation_query(relation_inputs) as tap:
+        cache.geometry.next_frame()
+        with self.capture_relation_query(inputs.relation_inputs) as tap:
             out = self.aggregator(
                 key=self._rows(key, None),
-                local_frames=[self._rows(f, n) for f in local_window],
+                local_frames=[self._rows(f, n) for f in inputs.local],
                 global_pool=RoiRows.cat(pool) if pool else RoiRows(key.feats[:0], key.boxes[:0]),
-                memory=memory.read_all() if memory is not None else None,
+                memory=memory,
                 global_kv=global_kv,
                 memory_kv=memory_kv,
-                geometry=self.geometry_cache,
+                geometry=cache.geometry,
                 memory_counts=memory_counts,
             )
-        return self.predict(key, out.features, tap.inputs), out.memory_push
+        return KeyFrameOutput(self.predict(key, out.features, tap.inputs), out.memory_push)
 
     def blr_relation_module(self) -> RelationModule | None:
         """The last local stage (its queries are the key rows); None without local stages (N_l = 0)."""

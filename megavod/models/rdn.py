@@ -15,9 +15,9 @@ modules 0..B+A. Two-phase training as the authors': RDN-base for 120k iterations
 weights for 60k (``model.init_weights``: the new ``fcs.2`` and modules 2, 3 start random, nothing is
 frozen, optimizer and iteration start afresh).
 
-The detector holds no stream state: it runs on the relation streaming engine
-(:func:`megavod.inference.engine.detect_offline` / ``detect_online``) like MEGA without global pool or
-memory: :meth:`RDNDetector.frame_features` once per frame, :meth:`RDNDetector.detect_key` per key frame.
+The detector holds weights only: it follows the detector contract (:mod:`megavod.models.contract`) like
+MEGA without global pool or memory: :meth:`RDNDetector.frame_features` once per frame,
+:meth:`RDNDetector.detect_key` per key frame with the window its schedule gives.
 A frame's 75 supportive proposals are the first 75 of its 300 test proposals (one RPN pass, as MEGA).
 
 Parameter names map one to one to the authors' ``roi_heads.box.feature_extractor.*`` keys
@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megavod.config import Config
+from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
 from megavod.models.relation import RelationModule, first_rows_index, make_fc_init
 from megavod.models.relation_detector import RelationDetector, build_relation_detector
-from megavod.structures import Detections, FrameFeatures
+from megavod.structures import FrameFeatures
 
 
 class RDNAggregator(nn.Module):
@@ -149,26 +150,24 @@ class RDNDetector(RelationDetector):
     # -- inference: the relation streaming engine's entry point ----------------------------------------
 
     @torch.no_grad()
-    def detect_key(self, key: FrameFeatures, local_window: Sequence[FrameFeatures],
-                   global_pool: Sequence[FrameFeatures] = (), memory: Any = None, *,
-                   relation_inputs: bool | None = None) -> tuple[Detections, list]:
+    def detect_key(self, inputs: KeyFrameInputs[FrameFeatures], cache: None = None) -> KeyFrameOutput:
         """Detections of the key frame (original-frame pixels) with the T window frames' supportive
-        proposals (the key's own among them). RDN has no global pool and no memory: both must be empty,
-        and nothing is pushed to memory (second value: []).
+        proposals (``inputs.local``, the key's own among them). RDN has no global pool and no memory:
+        both must be empty, and nothing is pushed to memory.
 
-        ``relation_inputs`` (default :attr:`record_relation_inputs`): attach to the detections their
-        query rows in the last relation module (for BLR, spec §13.12); the detections are the same."""
-        if global_pool or memory is not None:
-            raise ValueError("RDN uses neither a global pool nor a memory (StreamSettings for 'rdn' has none)")
-        if not local_window:
-            raise ValueError("local_window must hold at least one frame")
-        n = self.ref_proposals
-        support = torch.cat([f.feats[:n] for f in local_window])
-        support_boxes = torch.cat([f.boxes[:n] for f in local_window])
-        counts = [min(n, len(f.boxes)) for f in local_window]
-        with self.capture_relation_query(relation_inputs) as tap:
+        ``inputs.relation_inputs``: attach to the detections their query rows in the last relation
+        module (for BLR, spec §13.12); the detections are the same."""
+        if inputs.global_pool or inputs.memory is not None:
+            raise ValueError("RDN uses neither a global pool nor a memory (its schedule has none)")
+        if not inputs.local:
+            raise ValueError("the local window must hold at least one frame")
+        n, key = self.ref_proposals, inputs.key
+        support = torch.cat([f.feats[:n] for f in inputs.local])
+        support_boxes = torch.cat([f.boxes[:n] for f in inputs.local])
+        counts = [min(n, len(f.boxes)) for f in inputs.local]
+        with self.capture_relation_query(inputs.relation_inputs) as tap:
             feats = self.aggregator(key.feats, key.boxes, support, support_boxes, counts)
-        return self.predict(key, feats, tap.inputs), []
+        return KeyFrameOutput(self.predict(key, feats, tap.inputs))
 
     def blr_relation_module(self) -> RelationModule:
         """The last relation module (RDN-base: basic stage B-1; RDN: the key over the advanced set);

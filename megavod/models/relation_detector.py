@@ -9,8 +9,8 @@ the key image and its local references share one backbone batch and the key is a
 frame (its first 75 proposals, spec §5.2 / §6.4): :meth:`RelationDetector.key_and_references`.
 
 For BLR (spec §13.12) the detector can also hand back, per detection, its query row in the last
-location-based relation module (:attr:`RelationDetector.record_relation_inputs`, set by ``megavod
-detect --postprocess blr``): a forward pre-hook on that module reads the key rows it is given (no
+location-based relation module (when the stream asks for it, :attr:`KeyFrameInputs.relation_inputs`,
+as ``megavod detect --postprocess blr`` does): a forward pre-hook on that module reads the key rows it is given (no
 change to the aggregation or its numbers), and :meth:`RelationDetector.predict` keeps the rows of the
 proposals the kept detections came from. :meth:`RelationDetector.blr_relation_weights` then gives
 the relation weights between two frames' detections.
@@ -79,6 +79,10 @@ class RelationDetector(nn.Module):
     def aggregator(self) -> nn.Module:
         return self.box_head.feature_extractor.aggregator
 
+    def new_stream_cache(self) -> object | None:
+        """Nothing kept between key frames (MEGA overrides this)."""
+        return None
+
     @torch.no_grad()
     def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> FrameFeatures:
         """The per-frame pass, once per frame: C4, the 300 test proposals, their raw RoI features."""
@@ -109,22 +113,18 @@ class RelationDetector(nn.Module):
 
     # -- BLR's relation weights (spec §13.12) -----------------------------------------------------------
 
-    #: Make ``detect_key`` attach :class:`RelationInputs` to its detections (for BLR). A plain
-    #: attribute, not in the state dict: the streaming engine calls ``detect_key`` without it.
-    record_relation_inputs: bool = False
-
     def blr_relation_module(self) -> RelationModule | None:
         """The last location-based relation module, whose queries give BLR's relation weights; None
         when the detector has none (BLR then uses w = 0)."""
         return None
 
     @contextmanager
-    def capture_relation_query(self, enabled: bool | None = None) -> Iterator[RelationQueryTap]:
+    def capture_relation_query(self, enabled: bool) -> Iterator[RelationQueryTap]:
         """Within the block, a forward pre-hook on :meth:`blr_relation_module` keeps the query rows and
-        boxes of its last call in the yielded tap's ``inputs`` (left None when not ``enabled``, default
-        :attr:`record_relation_inputs`, or when there is no such module)."""
+        boxes of its last call in the yielded tap's ``inputs`` (left None when not ``enabled`` or when
+        there is no such module). The hook lives for one key-frame step: the model keeps no flag."""
         tap = RelationQueryTap()
-        module = self.blr_relation_module() if (self.record_relation_inputs if enabled is None else enabled) else None
+        module = self.blr_relation_module() if enabled else None
         if module is None:
             yield tap
             return

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 from torchvision.ops import roi_align
 
+from megavod.errors import ConfigError
 from megavod.models.backbone import ResNetHead, build_res5_head
 from megavod.models.box_coder import BoxCoder, batched_nms, box_iou, clip_boxes
 from megavod.models.rpn import Proposals, target_boxes_labels
@@ -299,8 +300,6 @@ class RoIBoxHead(nn.Module):
 def build_box_head(model_cfg: Any, make_aggregator: Callable[[int], nn.Module] | None = None) -> RoIBoxHead:
     """C4 box head from a ``megavod.config.ModelConfig`` (uses ``.backbone`` and ``.roi_head``): the plain
     fc6/fc7 head, or with ``make_aggregator(pooled_features)`` an aggregating one (MEGA, RDN)."""
-    from megavod.errors import ConfigError
-
     b, h = model_cfg.backbone, model_cfg.roi_head
     if b.res5_dilation == 1 and abs(h.pooler_scale - 1.0 / 32) > 1e-12:
         raise ConfigError("config key 'model.roi_head.pooler_scale': must be 1/32 when "

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from megavod.models.backbone import C4Backbone, build_backbone, load_pretrained_resnet
 from megavod.models.roi_heads import RoIBoxHead, build_box_head
 from megavod.models.rpn import RPN, build_rpn
-from megavod.structures import Detections
+from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
+from megavod.structures import Detections, FrameMaps
 
 
 class SingleFrameDetector(nn.Module):
@@ -63,15 +64,28 @@ class SingleFrameDetector(nn.Module):
             return {**rpn_losses, **out}
         return out
 
+    # -- test: the detector contract (megavod.models.contract) -----------------------------------------
+
     @torch.no_grad()
-    def detect_frame(self, image: Tensor, original_size: tuple[int, int]) -> Detections:
-        """Detections of one resized, normalised frame [3,H,W], in the pixels of the original frame
-        of ``original_size`` = (height, width) (the streaming engine's single-frame entry point)."""
+    def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> FrameMaps:
+        """One resized, normalised frame [3, H, W] through the backbone."""
+        return FrameMaps(index, image, self.backbone(image[None])[0], None, tuple(image.shape[-2:]), original_size)
+
+    def new_stream_cache(self) -> None:
+        """The single-frame detector keeps nothing between frames."""
+        return None
+
+    @torch.no_grad()
+    def detect_key(self, inputs: KeyFrameInputs[FrameMaps], cache: None = None) -> KeyFrameOutput:
+        """Detections of ``inputs.key`` alone, in the pixels of its original frame."""
         if self.training:
-            raise ValueError("detect_frame needs the model in eval mode")
-        det = self(image[None])[0]
-        h, w = image.shape[-2:]
-        return det.scale(original_size[1] / w, original_size[0] / h)
+            raise ValueError("detect_key needs the model in eval mode")
+        key = inputs.key
+        c4, sizes = key.c4[None], [key.image_size]
+        proposals, _ = self.rpn(c4, sizes, None)
+        det = self.box_head(c4, proposals, sizes, None)[0]
+        (h, w), (oh, ow) = key.image_size, key.original_size
+        return KeyFrameOutput(det.scale(ow / w, oh / h))
 
 
 def batch_samples(samples: Sequence[Any]) -> tuple[Tensor, list[Any], list[tuple[int, int]]]:

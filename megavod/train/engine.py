@@ -1,4 +1,4 @@
-"""``megavod train``: the training loop shared by every method (spec §5).
+"""The training loop shared by every method (``megavod train``, :func:`megavod.api.train`; spec §5).
 
 The loop knows nothing about the method: the model's ``forward(batch)`` in train mode takes a list of
 :class:`~megavod.data.vid_dataset.TrainSample` (one per image of this process, already on the device)
@@ -21,19 +21,18 @@ at it. TensorBoard scalars go to ``OUT/tb``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import importlib
-import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from megavod.config import Config, dump_config, to_dict
+from megavod.data.vid_dataset import build_train_dataset
 from megavod.errors import MegavodError
 from megavod.train import checkpoint as ckpt
 from megavod.train.distributed import (
@@ -51,6 +50,7 @@ from megavod.train.distributed import (
     unwrap,
     wrap_ddp,
 )
+from megavod.methods import build_detector
 from megavod.train.solver import make_optimizer, make_scheduler, scaled_lr
 
 FINAL_NAME = "model_final.pth"
@@ -94,13 +94,12 @@ class _Log:
         self.bar = None
         if not enabled:
             return
+        # TensorBoard's writer pulls in tensorboard and protobuf (~1 s): only on the logging rank.
         from torch.utils.tensorboard import SummaryWriter
 
         # purge_step drops events a killed run wrote after its last checkpoint.
         self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start)
         if progress:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
 
     def scalars(self, iteration: int, values: dict[str, float]) -> None:
@@ -283,28 +282,11 @@ def run_training(cfg: Config, data_dir: Path, out_dir: Path, resume: bool) -> Pa
 
     Under ``torchrun`` every process runs this; the process group is created from the environment.
     """
-    from megavod.data.vid_dataset import build_train_dataset
-
     info = init_distributed()
     try:
         dataset = build_train_dataset(cfg, data_dir)
-        build_detector = getattr(importlib.import_module("megavod.models"), "build_detector", None)
-        if build_detector is None:
-            raise MegavodError("megavod.models.build_detector is not available yet: cannot build the model")
         ckpt.seed_all(cfg.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
         model = build_detector(cfg)
         return train(cfg, model, dataset, out_dir, resume, info=info)
     finally:
         cleanup()
-
-
-def main(args: argparse.Namespace) -> int:
-    """``megavod train --config NAME --data DIR [--out DIR] [--resume] [KEY=VALUE ...]`` (``args.cfg`` is
-    the loaded config)."""
-    final = run_training(args.cfg, Path(args.data), Path(args.out), bool(args.resume))
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"final checkpoint: {final}")
-    return 0
-
-
-__all__: Sequence[str] = ("train", "run_training", "main", "FINAL_NAME")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from megavod.config import SolverConfig
+from megavod.models.relation import RelationModule
 
 
 def scaled_lr(cfg: SolverConfig, world_size: int) -> float:
@@ -42,8 +43,6 @@ def param_groups(
 ) -> list[dict]:
     """Trainable parameters split into weights and biases (a name containing ``bias``, as the authors),
     and, when ``attention_lr_factor`` is not 1, the relation modules' attention weights and biases apart."""
-    from megavod.models.relation import RelationModule
-
     relation = set()
     if attention_lr_factor != 1.0:
         relation = {id(p) for m in model.modules() if isinstance(m, RelationModule)

@@ -21,19 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from safetensors.torch import save_file
+
 from megavod.atomic import atomic_path, atomic_write_text
-from megavod.checkpoints.loading import (
-    FORMAT,
-    SAFETENSORS_SUFFIX,
-    Checkpoint,
-    authors_to_megavod_keys,
-    match_state_dict,
-    read_weights,
-    resolve_config,
-    sidecar_path,
-    without_initial_weights,
-)
+from megavod.checkpoint_files import FORMAT, SAFETENSORS_SUFFIX, Checkpoint, read_weights, sidecar_path
+from megavod.checkpoints.loading import authors_to_megavod_keys, match_state_dict, resolve_config, without_initial_weights
 from megavod.checkpoints.recognise import signature_of_config
+from megavod.config import dump_config, to_dict
+from megavod.methods.building import build_detector
 
 VERSION = 1
 # Why top-level entries of a training checkpoint are not converted.
@@ -67,8 +62,6 @@ class ConversionReport:
 def shape_model(cfg: Any) -> nn.Module:
     """The detector ``cfg`` builds, on the ``meta`` device when it can be (names and shapes only: no
     memory, no init cost), else on the CPU."""
-    from megavod.models import build_detector
-
     try:
         with torch.device("meta"):
             return build_detector(cfg)
@@ -118,12 +111,8 @@ def _plain_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def write_converted(dst: str | Path, state: dict[str, Tensor], cfg: Any) -> None:
     """Write ``state`` (megavod names) and ``cfg`` to ``dst`` in megavod's format."""
-    from megavod.config import dump_config, to_dict
-
     dst = Path(dst)
     if dst.suffix == SAFETENSORS_SUFFIX:
-        from safetensors.torch import save_file
-
         text = dump_config(cfg)
         metadata = {"format": FORMAT, "version": str(VERSION), "config": text}
         tensors = _plain_tensors(state)
@@ -135,9 +124,3 @@ def write_converted(dst: str | Path, state: dict[str, Tensor], cfg: Any) -> None
         with atomic_path(dst) as tmp:
             torch.save(record, tmp)
 
-
-def main(args: Any) -> int:
-    """``megavod convert SRC DST [--config NAME] [--trust-pickle]``."""
-    report = convert(args.src, args.dst, args.config, getattr(args, "overrides", ()) or (), args.trust_pickle)
-    print(report.line())
-    return 0

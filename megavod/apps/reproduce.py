@@ -35,9 +35,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import random
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from safetensors.torch import save_file
+from tqdm import tqdm
 
 from megavod.errors import MegavodError
-from megavod.reproduce_report import evaluate_method, fmt, format_table, plot_table
+from megavod.apps.reproduce_report import evaluate_method, fmt, format_table, plot_table
+from megavod.api import Detector
+from megavod.atomic import atomic_write_text
+from megavod.checkpoint_files import read_checkpoint, state_dict_of
+from megavod.checkpoints.loading import load_model_weights
+from megavod.config import dump_config
+from megavod.config import load_config
+from megavod.data.predictions import FramePrediction, VideoPredictions, write_predictions
+from megavod.data.synthetic import generate_synthetic_dataset
+from megavod.data.vid_dataset import build_train_dataset
+from megavod.data.video import FrameFolderSource
+from megavod.methods import build_detector
+from megavod.methods import convert
+from megavod.models.backbone import calibrate_frozen_bn
+from megavod.train import checkpoint as ckpt
+from megavod.train.engine import train
 
 # (key, preset, name in the table). Same detector, input and solver: only the method/memory differ.
 METHODS: tuple[tuple[str, str, str], ...] = (
@@ -127,8 +147,6 @@ def _check_settings(out: Path, settings: ReproduceSettings) -> None:
 
 def prepare_data(out: Path, settings: ReproduceSettings, progress: bool = True) -> Path:
     """Generate the benchmark under ``out/data`` unless a complete one with these settings is there."""
-    from megavod.data.synthetic import generate_synthetic_dataset
-
     data = out / "data"
     wanted = {
         "num_train_videos": settings.num_train, "num_val_videos": settings.num_val,
@@ -171,10 +189,6 @@ def calibrate_model(model: torch.nn.Module, dataset, count: int = CALIBRATION_IM
     are badly scaled, which slows training from scratch several times over (synthetic benchmark, 1500
     iterations: 6.8 vs 1.7 mAP). ``count`` images of the first sampled image's size, drawn by ``seed``.
     """
-    import random
-
-    from megavod.models.backbone import calibrate_frozen_bn
-
     order = random.Random(seed).sample(range(len(dataset)), len(dataset))
     images, shape = [], None
     for index in order:
@@ -201,8 +215,6 @@ _SINGLE_TO_MEGA = {
 def load_pretrained(model: torch.nn.Module, checkpoint: Path) -> list[str]:
     """Copy the pre-trained single-frame detector's tensors into ``model`` (renamed for MEGA's head);
     returns the model keys left at their initialisation. Every pre-trained tensor must find its place."""
-    from megavod.checkpoints.loading import read_checkpoint, state_dict_of
-
     state = model.state_dict()
     rename = _SINGLE_TO_MEGA if any(k.startswith("roi_heads.box.feature_extractor.aggregator.") for k in state) else {}
     filled = set()
@@ -220,11 +232,6 @@ def load_pretrained(model: torch.nn.Module, checkpoint: Path) -> list[str]:
 
 def _train(cfg, data: Path, run_dir: Path, init: Path | None, progress: bool = True) -> Path:
     """Train ``cfg`` into ``run_dir`` (resuming), starting from ``init`` or from calibrated random weights."""
-    from megavod.data.vid_dataset import build_train_dataset
-    from megavod.models import build_detector
-    from megavod.train import checkpoint as ckpt
-    from megavod.train.engine import train
-
     dataset = build_train_dataset(cfg, data)
     ckpt.seed_all(cfg.seed)
     model = build_detector(cfg)
@@ -239,8 +246,6 @@ def _train(cfg, data: Path, run_dir: Path, init: Path | None, progress: bool = T
 
 def pretrain(data: Path, run_dir: Path, settings: ReproduceSettings) -> Path | None:
     """The shared single-frame pre-training (None when ``settings.pretrain_iterations`` is 0)."""
-    from megavod.config import load_config
-
     if settings.pretrain_iterations == 0:
         return None
     cfg = load_config(PRETRAIN_PRESET, pretrain_overrides(settings.pretrain_iterations))
@@ -251,8 +256,6 @@ def train_method(
     preset: str, data: Path, run_dir: Path, settings: ReproduceSettings, init: Path | None, progress: bool = True
 ):
     """Train (or finish training) one preset from ``init``; returns (config, final checkpoint, seconds now)."""
-    from megavod.config import load_config
-
     cfg = load_config(preset)
     if settings.iterations != cfg.solver.max_iter:  # the preset's own schedule when its budget is asked for
         cfg = load_config(preset, budget_overrides(settings.iterations))
@@ -277,9 +280,6 @@ def train_methods_concurrently(data: Path, out: Path, settings: ReproduceSetting
     methods' longer runs start first. Each run is the same as a sequential one (same seed, same
     samples; resumable; tested bit for bit); the main loop then finds them finished.
     """
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     threads = max(1, torch.get_num_threads() // jobs)
     context = multiprocessing.get_context("spawn")  # no forked torch thread pools
     print(f"[train] {len(METHODS)} methods, {jobs} at a time, {threads} thread(s) each "
@@ -301,13 +301,6 @@ def export_weights(cfg, checkpoint: Path, dst_dir: Path, dtype: torch.dtype = to
     Floating-point tensors are stored in ``dtype`` (float16 halves the file; loading casts back to the
     model's float32, and the detections are the same to the table's precision, see weights/README.md).
     """
-    from safetensors.torch import save_file
-
-    from megavod.checkpoints import convert
-    from megavod.checkpoints.loading import read_checkpoint, state_dict_of
-    from megavod.config import dump_config
-    from megavod.data.predictions import atomic_write_text
-
     state = state_dict_of(read_checkpoint(checkpoint), checkpoint)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     dst_dir.mkdir(parents=True, exist_ok=True)
@@ -337,14 +330,6 @@ def detect_method(cfg, weights: Path, data: Path, pred_file: Path, progress: boo
     Frames are decoded before the clock starts, so ms/frame is the detector's own time (transform,
     backbone, RPN, aggregation, post-processing), as the paper's runtime column.
     """
-    from tqdm import tqdm
-
-    from megavod.checkpoints.loading import load_model_weights
-    from megavod.data.predictions import FramePrediction, VideoPredictions, write_predictions
-    from megavod.data.video import FrameFolderSource
-    from megavod.inference.detect import Detector
-    from megavod.models import build_detector
-
     model = build_detector(cfg)
     load_model_weights(model, weights, cfg)
     detector = Detector(model, cfg, "cpu")
@@ -353,7 +338,8 @@ def detect_method(cfg, weights: Path, data: Path, pred_file: Path, progress: boo
         source = FrameFolderSource(folder)
         images = list(source)
         started = time.perf_counter()
-        records = [FramePrediction(k, source.files[k].name, d.to("cpu")) for k, d in detector.stream(images, "offline")]
+        records = [FramePrediction(r.frame, source.files[r.frame].name, r.detections.to("cpu"))
+                   for r in detector.stream(images, "offline")]
         seconds += time.perf_counter() - started
         frames += len(records)
         videos.append(VideoPredictions(f"val/{folder.name}", source.width, source.height, records))
@@ -379,10 +365,6 @@ def reproduce_synthetic(
 
     ``jobs`` > 1 trains the methods in that many processes at once (:func:`train_methods_concurrently`);
     the results are the same as with 1."""
-    from megavod.data.predictions import atomic_write_text
-
-    from megavod.config import load_config
-
     settings = settings or ReproduceSettings()
     settings.check()
     if settings.iterations is None:  # resolved, so that settings.json notices a preset's budget changing

@@ -27,11 +27,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.ops import box_iou
 
 from megavod.errors import MegavodError
-from megavod.inference.detect import DetectOptions, Detector, detect_one
+from megavod.apps.detect import DetectOptions, detect_one
+from megavod.api import Detector
+from megavod.checkpoints.loading import load_model_weights
+from megavod.config import load_config
+from megavod.data.classes import VID_CLASSES
+from megavod.data.synthetic_render import gt_box, make_scene, render_frame
+from megavod.methods import build_detector
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).parents[1] / "weights"
 WEIGHTS_NAME = "synthetic_mega"
 PRESET = "synthetic_mega"
 DEMO_SEED = 2020  # not a seed the benchmark's videos are drawn from
@@ -65,16 +72,11 @@ def shipped_weights() -> tuple[Path | None, Path]:
 
 def load_weights_file(model: torch.nn.Module, path: Path, cfg) -> None:
     """Fill ``model`` from any file ``megavod detect --weights`` accepts (the shipped ``.safetensors``)."""
-    from megavod.checkpoints.loading import load_model_weights
-
     load_model_weights(model, path, cfg)
 
 
 def build_demo_model(weights: Path | None = None, config: str | Path | None = None):
     """(config, model, weights path or None). Default: the shipped weights, else an untrained model."""
-    from megavod.config import load_config
-    from megavod.models import build_detector
-
     if weights is None:
         weights, shipped_config = shipped_weights()
         config = config or (shipped_config if shipped_config.is_file() else PRESET)
@@ -88,8 +90,6 @@ def build_demo_model(weights: Path | None = None, config: str | Path | None = No
 
 def render_clip(folder: Path, frames: int, width: int, height: int, seed: int) -> list:
     """Write a synthetic clip as ``folder/%06d.JPEG``; return its ground truth per frame."""
-    from megavod.data.synthetic_render import gt_box, make_scene, render_frame
-
     rng = np.random.default_rng([seed, 7, 0])
     scene = make_scene(rng, frames, width, height, motion="medium")
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,8 +102,6 @@ def render_clip(folder: Path, frames: int, width: int, height: int, seed: int) -
 
 
 def _count_correct(records, truth, thresh: float) -> int:
-    from torchvision.ops import box_iou
-
     found = 0
     for record, gts in zip(records, truth):
         d = record.detections
@@ -129,8 +127,6 @@ def run_demo(
     progress: bool = True,
 ) -> DemoSummary:
     """Render a clip, run MEGA offline on it, write ``out/demo.{mp4,json,csv}``; return the summary."""
-    from megavod.data.classes import VID_CLASSES
-
     if frames < 1 or width < 32 or height < 32:
         raise MegavodError(f"demo: needs >= 1 frame of at least 32x32 pixels, got {frames} of {width}x{height}")
     started = time.perf_counter()
@@ -163,7 +159,7 @@ class _TimedDetector(Detector):
 
     seconds = 0.0
 
-    def stream(self, source, mode, *args, **kwargs):
+    def stream(self, source, mode=None, *args, **kwargs):
         frames = super().stream(source, mode, *args, **kwargs)
         while True:
             t = time.perf_counter()

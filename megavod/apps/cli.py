@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import re
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from megavod.config import load_config
 from megavod.errors import MegavodError
 
 # A dotted config override such as ``mega.T_g=20`` (URLs with "=" in the query are inputs, not overrides).
@@ -29,16 +29,12 @@ def split_overrides(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
     return inputs, overrides
 
 
-def _handler(module: str, function: str, issue: int) -> Callable[[argparse.Namespace], int]:
-    """Resolve a subcommand's implementation lazily, so `megavod --help` stays fast."""
+def _handler(module: str) -> Callable[[argparse.Namespace], int]:
+    """The subcommand ``main`` of ``megavod.apps.<module>``, imported when the command runs (a command's
+    own dependencies, e.g. the reproduction's plotting, load only for that command)."""
 
     def run(args: argparse.Namespace) -> int:
-        if importlib.util.find_spec(module) is None:
-            raise MegavodError(f"not yet available (see issue #{issue})")
-        fn = getattr(importlib.import_module(module), function, None)
-        if fn is None:
-            raise MegavodError(f"not yet available (see issue #{issue})")
-        return int(fn(args) or 0)
+        return int(importlib.import_module(f"megavod.apps.{module}").main(args) or 0)
 
     return run
 
@@ -50,17 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, help_: str, module: str, function: str, issue: int) -> argparse.ArgumentParser:
+    def add(name: str, help_: str, module: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        p.set_defaults(func=_handler(module, function, issue))
+        p.set_defaults(func=_handler(module))
         return p
 
     p = add("demo", "Generate a synthetic clip, run MEGA with the shipped weights, write an annotated "
-            "MP4, the prediction JSON and a summary.", "megavod.demo", "main", 9)
+            "MP4, the prediction JSON and a summary.", "demo")
     p.add_argument("--out", type=Path, default=Path("megavod-demo"), help="output folder (default: ./megavod-demo)")
 
     p = add("detect", "Run a detector on video files, frame folders or streams.",
-            "megavod.inference.detect", "main", 9)
+            "detect")
     p.add_argument("inputs", nargs="+", metavar="INPUT [KEY=VALUE]",
                    help="video files, frame folders, globs or stream URLs, then optional dotted config "
                         "overrides such as mega.T_g=20")
@@ -76,12 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--postprocess", choices=("none", "seqnms", "blr"), default="none",
                    help="video-level post-processing of the detections (default: none)")
     p.add_argument("--out", type=Path, default=Path("megavod-out"), help="output folder (default: ./megavod-out)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--score-thresh", type=float, default=0.5,
                    help="minimum score of a box drawn on the annotated video (default: 0.5; the JSON keeps all)")
 
     p = add("train", "Train a detector (one process, or many through torchrun).",
-            "megavod.train.engine", "main", 4)
+            "train")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.add_argument("--config", required=True, help="preset name or YAML path")
     p.add_argument("--data", type=Path, required=True,
@@ -90,21 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
     p = add("eval", "Evaluate predictions with the ImageNet VID protocol (mAP and mAP by motion speed).",
-            "megavod.evaluation.cli", "main", 6)
+            "evaluate")
     p.add_argument("--data", type=Path, required=True,
                    help="ground truth: a root in the ImageNet VID layout, or a COCO-VID .json")
     p.add_argument("--pred", type=Path, required=True, help="prediction file written by megavod detect")
     p.add_argument("--out", type=Path, default=None, help="folder for eval.json and PR curves")
     p.add_argument("--protocol", choices=("authors", "ilsvrc"), default="authors",
                    help="authors: fixed IoU 0.5 as their code; ilsvrc: the devkit's small-object IoU rule")
-    p.add_argument("--split", default=None, help="image set to evaluate (default: the config's test set)")
+    p.add_argument("--split", default=None,
+                   help="image set ImageSets/SPLIT.txt to evaluate (default: VID_val_videos if present, else "
+                        "every annotated val frame)")
 
-    p = add("postprocess", "Seq-NMS or BLR on a prediction file.", "megavod.postprocess.cli", "main", 6)
+    p = add("postprocess", "Seq-NMS or BLR on a prediction file.", "postprocess")
     p.add_argument("--method", choices=("seqnms", "blr"), required=True, help="post-processing method")
     p.add_argument("pred", type=Path, metavar="PRED", help="input prediction file")
     p.add_argument("out", type=Path, metavar="OUT", help="output prediction file")
 
-    p = add("reproduce", "Reproduce an experiment end to end.", "megavod.reproduce", "main", 9)
+    p = add("reproduce", "Reproduce an experiment end to end.", "reproduce")
     p.add_argument("experiment", choices=("synthetic",),
                    help="synthetic: train single frame, base model and MEGA on the synthetic benchmark, "
                         "evaluate and time each, write a Table-3-style table")
@@ -113,17 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="methods trained at once, each in its own process with a share of the CPU threads "
                         "(default: 1; 3 runs one process per method)")
 
-    p = add("bench", "Time detectors on the same frames (ms/frame and ratios).", "megavod.bench", "main", 5)
+    p = add("bench", "Time detectors on the same frames (ms/frame and ratios).", "bench")
     p.add_argument("--config", action="append", default=None, metavar="NAME|PATH",
                    help="preset or YAML path; repeat to compare several (default: single_R_101, base_R_101, mega_R_101)")
     p.add_argument("--frames", type=int, default=30, help="frames per run (default: 30)")
     p.add_argument("--size", type=int, default=600, help="shorter side of the frames (default: 600)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per config; the median is reported (default: 1)")
     p.add_argument("--warmup", type=int, default=2, help="frames of the untimed warm-up video (default: 2)")
 
     p = add("synth", "Write the synthetic benchmark in the ImageNet VID layout.",
-            "megavod.data.synthetic", "main", 3)
+            "synth")
     p.add_argument("out", type=Path, metavar="OUT", help="output folder")
     p.add_argument("--videos", type=int, default=100, help="videos in all, 80%% train and 20%% val (default: 100)")
     p.add_argument("--frames", type=int, default=90, help="frames per video (default: 90)")
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
     p = add("convert", "Convert a checkpoint (e.g. the authors' MEGA_R_101.pth) to megavod's format.",
-            "megavod.checkpoints.convert", "main", 8)
+            "convert")
     p.add_argument("src", type=Path, metavar="SRC", help="input checkpoint")
     p.add_argument("dst", type=Path, metavar="DST", help="output file (.safetensors or .pth)")
     p.add_argument("--config", default=None, help="preset the checkpoint belongs to (default: recognised from its keys)")
@@ -160,8 +160,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train" or (args.command == "detect" and args.weights is None):
             # Config errors come first, whatever the command would do next. (With --weights, detect
             # takes the config from the checkpoint when none is given.)
-            from megavod.config import load_config
-
             args.cfg = load_config(args.config or "mega_R_101", args.overrides)
         return args.func(args)
     except MegavodError as e:

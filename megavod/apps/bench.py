@@ -6,8 +6,7 @@ FrozenBN statistics are calibrated on one frame (a random deep ResNet with ident
 :func:`calibrate_frozen_bn`). All configs then run over the same N synthetic frames of S x round(5S/3)
 pixels (600 x 1000 at S = 600, the authors' largest test input; rendered by
 :mod:`megavod.data.synthetic_render`, a new scene every 100 frames), each as one offline video:
-single-frame configs through ``detect_single_frames``, MEGA and its base model through
-``detect_offline`` with the config's :class:`StreamSettings`, both via :meth:`Detector.stream`, frame
+every method through the streaming engine with its own schedule, via :meth:`Detector.stream`, frame
 preprocessing included. Before timing, each model runs one warm-up
 video of ``warmup`` frames (not counted). With ``repeats`` > 1 the configs take turns (so a busy
 machine slows them alike) and each column is the median over the runs.
@@ -37,10 +36,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from megavod.api import Detector, resolve_device
 from megavod.config import Config, load_config
+from megavod.data.synthetic_render import make_scene, render_frame
 from megavod.errors import MegavodError
-from megavod.inference.detect import Detector
-from megavod.inference.engine import StreamSettings
+from megavod.inference.schedules import RelationSchedule, SingleFrameSchedule
+from megavod.methods import build_detector
+from megavod.models.backbone import calibrate_frozen_bn
 
 DEFAULT_CONFIGS = ("single_R_101", "base_R_101", "mega_R_101")
 SCENE_FRAMES = 100  # frames per rendered scene; longer runs cut to a new scene
@@ -53,8 +55,6 @@ def frame_shape(size: int) -> tuple[int, int]:
 
 def synthetic_frames(num_frames: int, size: int, seed: int = 0) -> list[np.ndarray]:
     """``num_frames`` RGB uint8 frames [H, W, 3] of moving objects (a new scene every 100 frames)."""
-    from megavod.data.synthetic_render import make_scene, render_frame
-
     height, width = frame_shape(size)
     rng = np.random.default_rng(seed)
     frames: list[np.ndarray] = []
@@ -73,11 +73,16 @@ def bench_config(name: str, size: int) -> Config:
 
 @torch.no_grad()
 def calibrate(model: torch.nn.Module, image: torch.Tensor) -> None:
-    """Calibrate the FrozenBN of the C4 body, then of res5 on the calibrated C4 (``image`` [3, H, W])."""
-    from megavod.models.backbone import calibrate_frozen_bn
-
-    calibrate_frozen_bn(model.backbone, image[None])
-    calibrate_frozen_bn(model.box_head.feature_extractor.head, model.backbone(image[None]))
+    """Calibrate the FrozenBN of the C4 body, then of res5 on the calibrated C4 (``image`` [3, H, W]), where
+    the detector has them (every built-in one does)."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is None:
+        return
+    calibrate_frozen_bn(backbone, image[None])
+    box_head = getattr(model, "box_head", None)
+    head = getattr(getattr(box_head, "feature_extractor", None), "head", None)
+    if head is not None:
+        calibrate_frozen_bn(head, backbone(image[None]))
 
 
 @dataclass
@@ -94,8 +99,9 @@ class VideoTiming:
 class BenchResult:
     name: str
     method: str
-    settings: StreamSettings | None
+    settings: RelationSchedule | None  # MEGA's, the base model's, RDN's; None: whole-video figures only
     videos: list[VideoTiming]
+    single_frame: bool = False  # the reference of the ratios
 
     @property
     def steady_from(self) -> int | None:
@@ -173,8 +179,6 @@ class BenchModel:
 
     def __init__(self, name: str, cfg: Config, device: str, calibration_frame: np.ndarray,
                  share_from: torch.nn.Module | None = None) -> None:
-        from megavod.models import build_detector
-
         self.name, self.cfg, self.device = name, cfg, device
         torch.manual_seed(cfg.seed)
         self.detector = Detector(build_detector(cfg), cfg, device)
@@ -182,9 +186,11 @@ class BenchModel:
         if share_from is not None:
             share_weights(share_from, model)
         calibrate(model, self.detector.prepare(calibration_frame)[0])
-        # Per-frame pass / key-frame timings for the relation engine's methods; FGFA and DFF get the
-        # whole-video figure only.
-        self.settings = StreamSettings.from_config(cfg) if cfg.method in ("mega", "rdn") else None
+        # Per-frame pass / key-frame timings for the methods with a relation schedule (window, pool,
+        # memory); the others get the whole-video figure only.
+        schedule = self.detector.schedule
+        self.settings = schedule if isinstance(schedule, RelationSchedule) else None
+        self.single_frame = isinstance(schedule, SingleFrameSchedule)
         self._current: VideoTiming | None = None
         if self.settings is not None:
             sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -238,7 +244,7 @@ def run_bench(
             for m, runs in zip(models, videos):  # take turns, so that load on the machine hits all alike
                 runs.append(m.run(timed))
                 log(f"run {r + 1}/{repeats} {m.name}: {1000 * runs[-1].wall_s / num_frames:.0f} ms/frame")
-    return [BenchResult(m.name, m.cfg.method, m.settings, runs) for m, runs in zip(models, videos)]
+    return [BenchResult(m.name, m.cfg.method, m.settings, runs, m.single_frame) for m, runs in zip(models, videos)]
 
 
 def _fmt(ms: float | None) -> str:
@@ -260,7 +266,7 @@ def format_report(results: Sequence[BenchResult], num_frames: int, size: int, de
         win = [str(s.T_l), str(s.T_g), str(s.T_m if s.memory_levels else 0)] if s else ["-"] * 3
         lines.append(f"{r.name:<28s} {win[0]:>4s} {win[1]:>4s} {win[2]:>4s} {_fmt(r.video_ms):>9s} "
                      f"{_fmt(r.steady_ms):>9s} {_fmt(r.pass_ms):>9s} {_fmt(r.key_ms):>9s}")
-    reference = next((r for r in results if r.method == "single"), results[0])
+    reference = next((r for r in results if r.single_frame), results[0])
     if len(results) > 1:
         others = [r for r in results if r is not reference]
         ratios = ", ".join(f"{r.name}/{reference.name} {r.ms / reference.ms:.2f}" for r in others)
@@ -278,7 +284,7 @@ def format_report(results: Sequence[BenchResult], num_frames: int, size: int, de
         if short:
             notes.append(f"{r.name}: the video is shorter than {' and '.join(short)}: frames repeat in them "
                          f"(same row counts, so the key cost is that of a longer video)")
-    if device == "cpu" and any(r.method == "mega" for r in results):
+    if device == "cpu" and any(r.settings is not None for r in results):
         notes.append("the per-key cost (relation modules) does not depend on the input size, the per-frame pass "
                      "does: at a reduced --size MEGA/single is higher than at 600")
     lines += [f"note: {n}" for n in notes]
@@ -289,7 +295,7 @@ def main(args) -> int:
     configs = list(args.config) if args.config else list(DEFAULT_CONFIGS)
     repeats = int(getattr(args, "repeats", 1) or 1)
     warmup = int(getattr(args, "warmup", 2))
-    device = getattr(args, "device", "cpu")
+    device = str(resolve_device(getattr(args, "device", "auto")))
     results = run_bench(configs, args.frames, args.size, device, repeats, warmup,
                         log=lambda s: print(f"megavod bench: {s}", file=sys.stderr, flush=True))
     print(format_report(results, args.frames, args.size, device, repeats, warmup))

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 import torch
+from megavod.evaluation.vid_eval import evaluate_loaded, load_for_evaluation
+from megavod.evaluation.vid_eval import evaluate_vid
 
 SPEEDS = ("slow", "medium", "fast")
 # Half the offline local window of the synthetic presets (T_l = 25): a hidden-cue box with a cue-visible
@@ -18,8 +20,6 @@ CUE_WINDOW = 12
 def evaluate_method(data: Path, pred_file: Path, eval_dir: Path) -> dict[str, float]:
     """mAP (%) overall, by motion speed (slow / medium / fast) and by cue visibility (``cue_hidden``,
     ``cue_visible``: see :func:`cue_visibility_maps`) with the authors' protocol."""
-    from megavod.evaluation.vid_eval import evaluate_loaded, load_for_evaluation
-
     gts, preds, missing = load_for_evaluation(data, pred_file)  # read once for both evaluations
     result = evaluate_loaded(gts, preds, missing, "authors", eval_dir, plots=False, log=None)
     maps = {name: 100.0 * result.ranges[name].map for name in ("all", *SPEEDS) if name in result.ranges}
@@ -42,8 +42,6 @@ def cue_visibility_maps(gts: list, preds: list, window: int = CUE_WINDOW) -> dic
     boxes are what a single frame cannot classify; the gap between the methods there is what temporal
     context buys.
     """
-    from megavod.evaluation.vid_eval import evaluate_vid
-
     hidden = [g.occluded for g in gts]
     near = _near_visible_cue(gts, window)
     subsets = {"cue_hidden": hidden, "cue_visible": [~h for h in hidden],
@@ -104,10 +102,11 @@ def format_table(rows: list[dict], header: str = "") -> str:
 
 def plot_table(rows: list[dict], path: Path) -> None:
     """Grouped bars of mAP (all / slow / medium / fast) per method, and mAP against ms/frame."""
+    # matplotlib costs ~0.5 s to import and needs its Agg backend chosen first: only when plotting.
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen, see above)
 
     groups = ("all", *SPEEDS, "cue_hidden", "cue_visible")
     fig, (bars, speed) = plt.subplots(1, 2, figsize=(13, 4), gridspec_kw={"width_ratios": [3, 2]})

@@ -1,0 +1,72 @@
+"""The built-in methods: one row of the method table each (:class:`megavod.registry.MethodSpec`).
+
+=========  ===========================  ===========================  =================  ===============
+method     detector (``build``)         stream schedule              training refs      checkpoints
+=========  ===========================  ===========================  =================  ===============
+single     SingleFrameDetector          frame k alone                none               fc6/fc7 head
+mega       MEGADetector                 local window, global pool,   local, memory,     l_*/g_* modules
+                                        Long Range Memory            global
+rdn        RDNDetector                  37-frame window              2 of +-18          fcs/W*s modules
+fgfa       FGFADetector                 19-frame window              2 of +-9           flownet+embednet
+dff        DFFDetector                  last key frame (every 10)    1 of -9..0         flownet+scale
+=========  ===========================  ===========================  =================  ===============
+
+The base model and the ablations are MEGA configs (``mega.memory=false``, ``mega.N_g=0``, ...), not
+methods of their own. A new method is one module that builds its detector and calls
+:func:`megavod.registry.register_method` (docs/architecture.md#adding-a-method).
+"""
+
+from __future__ import annotations
+
+from megavod.checkpoints import signatures
+from megavod.data.sampling import MEGASampler, OffsetSampler
+from megavod.inference.schedules import FlowWindowSchedule, KeyFrameSchedule, RelationSchedule, SingleFrameSchedule
+from megavod.methods.building import build_detector, load_detector, load_initial_weights
+from megavod.models.dff import build_dff_detector
+from megavod.models.fgfa import build_fgfa_detector
+from megavod.models.mega import build_mega_detector
+from megavod.models.rdn import build_rdn_detector
+from megavod.models.single_frame import build_single_frame_detector
+from megavod.registry import MethodSpec, get_method, method_names, register_method
+
+__all__ = ["BUILTIN_METHODS", "build_detector", "get_method", "load_detector", "load_initial_weights", "method_names"]
+
+
+def _mega_sampler(cfg) -> MEGASampler:
+    m = cfg.mega
+    return MEGASampler(T_l=m.T_l, T_m=m.T_m, num_local=m.train_local_refs, num_memory=m.train_memory_refs,
+                       num_global=m.train_global_refs, memory=m.memory, global_stage=m.N_g + m.global_res_stages > 0,
+                       online=m.online)
+
+
+BUILTIN_METHODS = (
+    MethodSpec(
+        name="single", title="single-frame Faster R-CNN", build=build_single_frame_detector,
+        schedule=lambda cfg: SingleFrameSchedule(), checkpoint=signatures.SINGLE, max_images_per_process=None,
+    ),
+    MethodSpec(
+        name="mega", title="MEGA", build=build_mega_detector, schedule=RelationSchedule.for_mega,
+        reference_sampler=_mega_sampler, checkpoint=signatures.MEGA,
+    ),
+    MethodSpec(
+        name="rdn", title="RDN", build=build_rdn_detector, schedule=RelationSchedule.for_rdn,
+        reference_sampler=lambda cfg: OffsetSampler(cfg.rdn.min_offset, cfg.rdn.max_offset, cfg.rdn.train_refs),
+        checkpoint=signatures.RDN,
+    ),
+    MethodSpec(
+        name="fgfa", title="FGFA", build=build_fgfa_detector,
+        schedule=lambda cfg: FlowWindowSchedule(cfg.fgfa.min_offset, cfg.fgfa.max_offset),
+        reference_sampler=lambda cfg: OffsetSampler(cfg.fgfa.min_offset, cfg.fgfa.max_offset, cfg.fgfa.train_refs),
+        checkpoint=signatures.FGFA,
+    ),
+    MethodSpec(
+        name="dff", title="DFF", build=build_dff_detector,
+        schedule=lambda cfg: KeyFrameSchedule(cfg.dff.key_interval),
+        reference_sampler=lambda cfg: OffsetSampler(cfg.dff.min_offset, cfg.dff.max_offset, 1),
+        checkpoint=signatures.DFF,
+    ),
+)
+
+for _spec in BUILTIN_METHODS:
+    if _spec.name not in method_names():
+        register_method(_spec)
