@@ -31,15 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megavod.bench import (
+from megavod.api import Detector
+from megavod.apps.bench import (
     SCENE_FRAMES,
     bench_config,
     calibrate,
     frame_shape,
     synthetic_frames,
 )
-from megavod.inference.detect import Detector
-from megavod.models import build_detector
+from megavod.data.synthetic_render import make_scene, render_frame
+from megavod.methods import build_detector
 
 
 def memory_status() -> dict[str, float]:
@@ -55,8 +56,6 @@ def memory_status() -> dict[str, float]:
 
 def frame_stream(num_frames: int, size: int, seed: int = 0) -> Iterator[np.ndarray]:
     """Frames rendered on the fly, one scene of 100 frames at a time (memory does not grow with N)."""
-    from megavod.data.synthetic_render import make_scene, render_frame
-
     height, width = frame_shape(size)
     rng = np.random.default_rng(seed)
     done = 0
@@ -82,9 +81,9 @@ def run(config: str, size: int, checkpoints: list[int], log=print) -> list[dict[
     targets = sorted(set(checkpoints))
     start = time.perf_counter()
     with torch.inference_mode():
-        for k, _detections in detector.stream(frame_stream(targets[-1], size), "online"):
-            if k + 1 in targets:
-                row = {"frames": k + 1, "seconds": time.perf_counter() - start, **memory_status()}
+        for result in detector.stream(frame_stream(targets[-1], size), "online"):  # one FrameResult per frame
+            if result.frame + 1 in targets:
+                row = {"frames": result.frame + 1, "seconds": time.perf_counter() - start, **memory_status()}
                 rows.append(row)
                 log(f"{row['frames']:>7d} frames  {row['seconds']:8.1f} s  peak RSS {row['VmHWM']:8.1f} MiB  "
                     f"RSS {row['VmRSS']:8.1f} MiB")

@@ -15,7 +15,7 @@ than their share of multiply-adds (see ``profile_mega.py``).
 
 Per frame at steady state:
 
-* single frame: one ``detect_frame``.
+* single frame: one ``frame_features`` (the backbone) plus one ``detect_key`` (RPN and box head).
 * MEGA / base: one per-frame pass (``frame_features``: backbone, RPN, res5, RoIAlign, fc6; the engine
   runs it exactly once per frame) plus one ``detect_key`` with T_l window frames, T_g global frames and,
   for MEGA, every memory level holding T_m frames; of these, only the newest global frame and the
@@ -26,7 +26,7 @@ Per frame at steady state:
   distilled).
 
 ``--authors`` adds an estimate of what the authors' test code spends per frame on the same model
-(spec §4.3 "Compute per frame": C4 of 2 images, res5 and RPN head 3 times, fc6 on 300 + 2 x 75 rows,
+(docs/departures.md#same-numbers-less-work: C4 of 2 images, res5 and RPN head 3 times, fc6 on 300 + 2 x 75 rows,
 the global stage also on the 375 distilled rows, and relation modules that aggregate the raw 1024-d
 references per head before a grouped 1x1 conv, i.e. M_h = 16 times the multiply-adds of the weighted
 sum); the CNN parts are the counted ones, the relation modules use the closed-form counts below.
@@ -46,18 +46,20 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megavod.bench import bench_config, calibrate, synthetic_frames
-from megavod.inference.detect import Detector
-from megavod.inference.engine import StreamSettings
-from megavod.models import build_detector
+from megavod.api import Detector
+from megavod.apps.bench import bench_config, calibrate, synthetic_frames
+from megavod.inference.memory import LongRangeMemory
+from megavod.inference.schedules import RelationSchedule, SingleFrameSchedule
+from megavod.methods import build_detector
+from megavod.models.contract import KeyFrameInputs
 
 # FlopCounterMode names modules by path from the outermost module called (e.g. ``C4Backbone.body`` when
-# ``frame_features`` calls the backbone, ``SingleFrameDetector.backbone`` inside ``detect_frame``).
+# ``frame_features`` calls the backbone, ``RPN.head`` when the single-frame ``detect_key`` calls the RPN).
 # Report groups: (label, pattern); a module is assigned to the first pattern it matches unless one of
 # its enclosing modules already was.
 GROUPS = [
     ("backbone (C4)", r"(^C4Backbone|\.backbone)$"),
-    ("RPN head", r"(^RPNHead|\.rpn)$"),
+    ("RPN head", r"(^RPNHead|^RPN\.head|\.rpn)$"),
     ("res5 (full map)", r"(^ResNetHead|feature_extractor\.head)$"),
     ("reduce conv", r"(^Conv2d|feature_extractor\.conv)$"),
     ("fc6", r"(^Linear|feature_extractor\.fc6)$"),
@@ -116,7 +118,8 @@ def _group_order(label: str) -> tuple[int, int]:
         if label == template or ("{" in template and label.startswith(prefix)):
             tail = label[len(prefix):]
             return i, int(tail) if tail.isdigit() else 0
-    return len(GROUPS), 0
+    labelled = (NEW_GEOMETRY, NEW_ROWS)  # after the modules' groups, in a fixed order (not the set's)
+    return len(GROUPS), labelled.index(label) if label in labelled else len(labelled)
 
 
 def count(fn) -> tuple[float, dict[str, float]]:
@@ -139,9 +142,9 @@ def relation_macs(n: int, m: int, c: int = 1024, heads: int = 16, geometry: bool
     return macs
 
 
-def steady_state_sizes(cfg, s: StreamSettings, key: int, authors: bool) -> list[tuple[int, int, bool, int]]:
+def steady_state_sizes(cfg, s: RelationSchedule, key: int, authors: bool) -> list[tuple[int, int, bool, int]]:
     """(queries, references, location-based, references projected here) of every relation module at
-    steady state (spec §4.3) for frames of ``key`` proposals (300 unless the RPN keeps fewer). Ours
+    steady state (docs/conventions.md#mega-inference-schedule) for frames of ``key`` proposals (300 unless the RPN keeps fewer). Ours
     projects the global pool and memory rows once (:func:`new_rows_macs`); the authors every time."""
     ref = min(key, cfg.model.rpn.ref_post_nms_top_n)
     dis = min(ref, max(1, int(cfg.model.rpn.ref_post_nms_top_n * cfg.mega.distill_ratio + 1e-9)))
@@ -162,7 +165,7 @@ def steady_state_sizes(cfg, s: StreamSettings, key: int, authors: bool) -> list[
     return sizes
 
 
-def new_rows_macs(cfg, s: StreamSettings, key: int, c: int) -> float:
+def new_rows_macs(cfg, s: RelationSchedule, key: int, c: int) -> float:
     """Ours per key frame: Wk and Wv of the rows met for the first time, the newest global frame (for
     every global module) and the newest memory entry of each level."""
     ref = min(key, cfg.model.rpn.ref_post_nms_top_n)
@@ -173,7 +176,7 @@ def new_rows_macs(cfg, s: StreamSettings, key: int, c: int) -> float:
     return 2 * rows * c * c
 
 
-def geometry_macs(cfg, s: StreamSettings, key: int, heads: int, embed: int) -> float:
+def geometry_macs(cfg, s: RelationSchedule, key: int, heads: int, embed: int) -> float:
     """Ours per key frame: the geometry terms computed. Location-based global modules (the §4.5
     ablation) compute every pair; the local stages only the pairs not met at the previous key frame
     (``GeometryBiasCache``): the key's rows and the newest window frame's distilled rows against every
@@ -202,16 +205,19 @@ def measure(name: str, size: int, authors: bool) -> dict:
     calibrate(model, image)
     result: dict = {"name": name, "method": cfg.method}
     with torch.inference_mode():
-        if cfg.method == "single":
-            total, groups = count(lambda: model.detect_frame(image, hw))
+        if isinstance(detector.schedule, SingleFrameSchedule):
+            # The per-frame pass (backbone) and the key-frame step (RPN, box head) of the one frame.
+            total, groups = count(lambda: model.detect_key(KeyFrameInputs(model.frame_features(image, 0, hw))))
             result.update(total=total, groups=groups)
             return result
-        s = StreamSettings.from_config(cfg)
+        s = detector.schedule
+        if not isinstance(s, RelationSchedule):
+            raise SystemExit(f"{name}: method '{cfg.method}' has no relation schedule (window, pool, memory)")
         box: dict = {}
         pass_total, pass_groups = count(lambda: box.setdefault("f", model.frame_features(image, 0, hw)))
         f = box["f"]
-        # Distinct frame objects (same rows): the model keeps the projections of global frames and memory
-        # entries per object. Steady state: one call fills the memory and that cache, then the counted
+        # Distinct frame objects (same rows): the stream cache keeps the projections of global frames and
+        # memory entries per object. Steady state: one call fills the memory and that cache, then the counted
         # call meets one new global frame and one new memory entry per level, as every key frame does.
         # Window frames: the same rows with their own boxes (shifted), as the geometry blocks of the
         # local stages are kept per (query frame, reference frame) pair of boxes (GeometryBiasCache).
@@ -219,22 +225,28 @@ def measure(name: str, size: int, authors: bool) -> dict:
             return dataclasses.replace(f, boxes=f.boxes + float(i))
 
         window, pool = [window_frame(i) for i in range(s.T_l)], [dataclasses.replace(f) for _ in range(s.T_g)]
-        memory = s.new_memory()
-        _, push = model.detect_key(f, window, pool, None)
+        memory = LongRangeMemory(s.memory_levels, s.T_m, s.feat_dim) if s.memory_levels else None
+        cache = model.new_stream_cache()  # one stream: every call below shares its kept K/V and geometry
+
+        def detect_key(memory: LongRangeMemory | None):
+            levels = memory.levels() if memory is not None else None
+            return model.detect_key(KeyFrameInputs(f, window, global_pool=pool, memory=levels), cache)
+
+        push = detect_key(None).memory_push
         if memory is not None:
             for _ in range(s.T_m + 1):
                 memory.push(push)
-            model.detect_key(f, window, pool, memory)
+            detect_key(memory)
             memory.push(push)
         pool = pool[1:] + [dataclasses.replace(f)]
         window = window[1:] + [window_frame(s.T_l)]  # the window slides: one new frame
-        pairs = model.geometry_cache.computed_pairs
-        key_total, key_groups = count(lambda: model.detect_key(f, window, pool, memory))
+        pairs = cache.geometry.computed_pairs
+        key_total, key_groups = count(lambda: detect_key(memory))
         # Outside any module's forward, the cache's projections of the new rows land in the bare
         # "Linear" (Wk) and "other" (the Wv product) groups, and so do the geometry terms the local
         # stages get from GeometryBiasCache: heads x embed_dim multiply-adds per (query, reference) pair
         # it computed (the w/h product and the x/y sin and cos products). Label them.
-        pairs = model.geometry_cache.computed_pairs - pairs
+        pairs = cache.geometry.computed_pairs - pairs
         key_groups[NEW_GEOMETRY] = pairs * cfg.relation.num_heads * cfg.relation.embed_dim / 1e9
         key_groups[NEW_ROWS] = key_groups.pop("fc6", 0.0) + key_groups.pop("other", 0.0) - key_groups[NEW_GEOMETRY]
     groups = defaultdict(float)

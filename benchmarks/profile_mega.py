@@ -42,9 +42,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megavod.api import Detector
+from megavod.apps.bench import bench_config, calibrate, share_weights, synthetic_frames
 from megavod.config import load_config
-from megavod.inference.engine import StreamSettings
-from megavod.models import build_detector
+from megavod.inference.memory import LongRangeMemory
+from megavod.inference.schedules import RelationSchedule, SingleFrameSchedule, build_schedule
+from megavod.methods import build_detector
+from megavod.models import relation
+from megavod.models.contract import KeyFrameInputs
 from megavod.models.relation import RelationModule
 from megavod.structures import FrameFeatures
 
@@ -95,16 +100,23 @@ def random_frame(index: int, rows: int, feat_dim: int, size: tuple[int, int], g:
     return FrameFeatures(index, boxes, feats, size, size)
 
 
-def steady_state_inputs(model, settings: StreamSettings, rows: int, size=(600, 1000)):
-    """Key, T_l window frames, T_g global frames and a memory filled to T_m frames per level."""
+def key_inputs(key: FrameFeatures, window, pool, memory: LongRangeMemory | None) -> KeyFrameInputs:
+    """What the engine gives ``detect_key``: the key, the local window, the global pool, the memory levels."""
+    return KeyFrameInputs(key, window, global_pool=pool, memory=memory.levels() if memory is not None else None)
+
+
+def steady_state_inputs(model, settings: RelationSchedule, rows: int, cache, size=(600, 1000)):
+    """Key, T_l window frames, T_g global frames and a memory filled to T_m frames per level
+    (``cache``: the stream's, from ``model.new_stream_cache()``, shared by every later call)."""
     g = torch.Generator().manual_seed(0)
     dim = settings.feat_dim
     key = random_frame(100, rows, dim, size, g)
     window = [random_frame(100 - settings.tau + i, rows, dim, size, g) for i in range(settings.T_l)]
     pool = [random_frame(200 + i, rows, dim, size, g) for i in range(settings.T_g)]
-    memory = settings.new_memory()
-    if memory is not None:
-        _, push = model.detect_key(key, window, pool, None)
+    memory = None
+    if settings.memory_levels:
+        memory = LongRangeMemory(settings.memory_levels, settings.T_m, settings.feat_dim)
+        push = model.detect_key(key_inputs(key, window, pool, None), cache).memory_push
         for _ in range(settings.T_m):
             memory.push(push)
     return key, window, pool, memory
@@ -152,12 +164,15 @@ def profile_key(config: str, keys: int, ops: bool = False) -> dict[str, float]:
     cfg = load_config(config)
     torch.manual_seed(0)
     model = build_detector(cfg).eval()
-    settings = StreamSettings.from_config(cfg)
+    settings = build_schedule(cfg)
+    if not isinstance(settings, RelationSchedule):
+        raise SystemExit(f"{config}: method '{cfg.method}' has no relation schedule (window, pool, memory)")
     rows = cfg.model.rpn.post_nms_top_n_test
     timers = Timers()
+    cache = model.new_stream_cache()  # one stream: every call below shares its kept K/V and geometry
     with torch.inference_mode():
-        key, window, pool, memory = steady_state_inputs(model, settings, rows)
-        _, push = model.detect_key(key, window, pool, memory)  # warm-up
+        key, window, pool, memory = steady_state_inputs(model, settings, rows, cache)
+        push = model.detect_key(key_inputs(key, window, pool, memory), cache).memory_push  # warm-up
 
         g = torch.Generator().manual_seed(1)
 
@@ -171,13 +186,13 @@ def profile_key(config: str, keys: int, ops: bool = False) -> dict[str, float]:
         instrument(model, timers)
         for _ in range(keys):
             next_key()
-            model.detect_key(key, window, pool, memory)
+            model.detect_key(key_inputs(key, window, pool, memory), cache)
         if ops:
             from torch.profiler import profile
 
             next_key()
             with profile() as prof:
-                model.detect_key(key, window, pool, memory)
+                model.detect_key(key_inputs(key, window, pool, memory), cache)
     ms = {label: 1000 * t / keys for label, t in timers.total.items()}
     mem_frames = [memory.num_frames(i) for i in range(memory.num_levels)] if memory is not None else []
     print(f"{config}: detect_key at steady state: key {rows} rows, T_l={settings.T_l} window frames, "
@@ -218,9 +233,6 @@ def _pass_parts(model, image: torch.Tensor, hw: tuple[int, int]) -> dict[str, fl
 def profile_frame_pass(config: str, single: str, size: int, frames: int) -> tuple[float, float]:
     """ms of MEGA's per-frame pass (by part) and of the single-frame detector's whole frame at ``size``,
     the two models taking turns frame by frame (so that load on the machine hits both alike)."""
-    from megavod.bench import bench_config, calibrate, share_weights, synthetic_frames
-    from megavod.inference.detect import Detector
-
     detectors = []
     for name in (single, config):
         cfg = bench_config(name, size)
@@ -237,9 +249,9 @@ def profile_frame_pass(config: str, single: str, size: int, frames: int) -> tupl
         for i in range(frames + 1):  # the first is warm-up
             for detector, acc in zip(detectors, parts):
                 model = detector.model
-                if detector.cfg.method == "single":
-                    start = time.perf_counter()
-                    model.detect_frame(image, hw)
+                if isinstance(detector.schedule, SingleFrameSchedule):
+                    start = time.perf_counter()  # the per-frame pass and the key-frame step of one frame
+                    model.detect_key(KeyFrameInputs(model.frame_features(image, 0, hw)))
                     laps = {"whole frame": time.perf_counter() - start}
                 else:
                     laps = _pass_parts(model, image, hw)
@@ -248,7 +260,7 @@ def profile_frame_pass(config: str, single: str, size: int, frames: int) -> tupl
     totals = []
     for name, detector, acc in zip((single, config), detectors, parts):
         total = sum(acc.values())
-        what = "detect_frame" if detector.cfg.method == "single" else "per-frame pass"
+        what = "frame_features + detect_key" if isinstance(detector.schedule, SingleFrameSchedule) else "per-frame pass"
         desc = ", ".join(f"{k} {v:.0f}" for k, v in acc.items())
         print(f"{name} at {hw[0]}x{hw[1]}: {what} {total:.0f} ms ({desc}; mean of {frames})")
         totals.append(total)
@@ -262,8 +274,6 @@ def geometry_sweep(n: int, m: int, chunks: list[int], repeats: int = 2) -> None:
     ``geometry_bias`` computed before the w/h terms were factored), and the attention with the bias as
     returned (contiguous) and as a permuted copy."""
     import torch.nn.functional as F
-
-    from megavod.models import relation
 
     g = torch.Generator().manual_seed(0)
     module = RelationModule(location_based=True, content_bias=True).eval()

@@ -259,7 +259,7 @@ class Detector:
                     relations: Sequence[RelationInputs] = ()) -> list[FramePrediction]:
         """Seq-NMS or BLR over a whole video's records (``"none"``: unchanged). BLR uses the
         detector's relation weights between adjacent frames when ``relations`` are given (w = 0
-        otherwise, docs/departures.md#blr)."""
+        otherwise, docs/departures.md#blr-as-megavod-reads-the-paper)."""
         if method == "none":
             return records
         weights = self.relation_weights(relations, [r.frame for r in records]) if method == "blr" else None

@@ -1,4 +1,4 @@
-"""Typed configuration: dataclasses whose defaults are the spec's numbers, YAML presets, overrides.
+"""Typed configuration: dataclasses whose defaults are the authors' numbers (docs/conventions.md), YAML presets, overrides.
 
 A preset is a YAML file under ``megavod/configs/`` holding only what differs from the defaults below,
 optionally on top of another preset (``_base_: mega_R_101``). ``load_config("mega_R_101",
@@ -36,12 +36,12 @@ Arch = Literal["R-50-C4", "R-101-C4", "X-101-C4", "small"]
 
 @dataclass
 class BackboneConfig:
-    """ResNet "C4" body (stem..res4, stride 16) and the res5 stage that runs in the box head (spec §1)."""
+    """ResNet "C4" body (stem..res4, stride 16) and the res5 stage that runs in the box head (docs/conventions.md#backbone-and-frozen-batch-norm)."""
 
     arch: Arch = "R-101-C4"
     num_groups: int = 1
     width_per_group: int = 64
-    stride_in_1x1: bool = True  # MSRA weights put the stride on the 1x1 conv (spec §1)
+    stride_in_1x1: bool = True  # MSRA weights put the stride on the 1x1 conv (docs/conventions.md#backbone-and-frozen-batch-norm)
     res5_dilation: int = 2
     freeze_at: int = 2  # stem and res2 are frozen
     weights: str | None = None  # local ImageNet-pretrained file; never downloaded
@@ -52,7 +52,7 @@ class BackboneConfig:
 
 @dataclass
 class RPNConfig:
-    """Single-level RPN on C4 (spec §2)."""
+    """Single-level RPN on C4 (docs/conventions.md#rpn)."""
 
     anchor_sizes: tuple[int, ...] = (64, 128, 256, 512)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -72,7 +72,7 @@ class RPNConfig:
 
 @dataclass
 class ROIHeadConfig:
-    """RoIAlign on the res5 map, fc6/fc7 (or MEGA/RDN relation head) and the predictor (spec §3)."""
+    """RoIAlign on the res5 map, fc6/fc7 (or MEGA/RDN relation head) and the predictor (docs/conventions.md#box-head-and-predictor)."""
 
     pooler_resolution: int = 7
     pooler_scale: float = 1.0 / 16
@@ -99,23 +99,23 @@ class ModelConfig:
     # A whole-detector checkpoint (megavod's or the authors') loaded by build_detector before training:
     # tensors it holds must match the model, the model's others keep their init, and nothing of the
     # optimizer, schedule or iteration is taken (the authors' VID.IGNORE; RDN's second phase from
-    # RDN-base, spec §6.4). ``--resume`` and ``--weights`` load over it.
+    # RDN-base, docs/conventions.md#rdn). ``--resume`` and ``--weights`` load over it.
     init_weights: str | None = None
 
 
 @dataclass
 class RelationConfig:
-    """Relation module (spec §3.4): 16 heads, 64-d geometric embedding, wave length 1000."""
+    """Relation module (docs/conventions.md#relation-module): 16 heads, 64-d geometric embedding, wave length 1000."""
 
     num_heads: int = 16
     embed_dim: int = 64
     wave_length: float = 1000.0
-    temporal_embedding: bool = False  # the paper's relative frame-index term (spec §13.7), off in presets
+    temporal_embedding: bool = False  # the paper's relative frame-index term (docs/departures.md#temporal-embedding), off in presets
 
 
 @dataclass
 class MEGAConfig:
-    """MEGA (spec §3.5, §4, §13); names follow the paper."""
+    """MEGA (docs/conventions.md#mega-aggregation-head, docs/conventions.md#mega-inference-schedule, docs/departures.md#summary); names follow the paper."""
 
     T_l: int = 25
     T_g: int = 10
@@ -124,15 +124,15 @@ class MEGAConfig:
     N_l: int = 3
     global_res_stages: int = 1  # code's GLOBAL.RES_STAGE: global modules after the local stack (R-50: 0)
     memory: bool = True  # False gives the paper's "base model"
-    global_shuffle: bool = True  # code's GLOBAL.SHUFFLE, seeded by `seed` (spec §13.2)
+    global_shuffle: bool = True  # code's GLOBAL.SHUFFLE, seeded by `seed` (docs/departures.md#seeded-global-permutation)
     location_based_global: bool = False  # §4.5 ablation (82.5 mAP)
     # Proposals per local/global/memory frame are model.rpn.ref_post_nms_top_n (code 75, paper 80);
     # this share of them (the highest-objectness ones) feeds the later local stages (75 -> 15).
     distill_ratio: float = 0.2
-    online: bool = False  # causal mode: no look-ahead, global frames from the past only (spec §13.5)
+    online: bool = False  # causal mode: no look-ahead, global frames from the past only (docs/departures.md#online-mode)
     train_local_refs: int = 2
     train_global_refs: int = 2
-    train_memory_refs: int = 3  # code 3, paper 2 (spec §11.2)
+    train_memory_refs: int = 3  # code 3, paper 2 (docs/departures.md#where-the-paper-and-the-code-disagree)
 
     @property
     def tau(self) -> int:
@@ -143,7 +143,7 @@ class MEGAConfig:
 
 @dataclass
 class RDNConfig:
-    """RDN (spec §3.6, §6.4)."""
+    """RDN (docs/conventions.md#rdn)."""
 
     min_offset: int = -18
     max_offset: int = 18
@@ -155,7 +155,7 @@ class RDNConfig:
 
 @dataclass
 class FGFAConfig:
-    """FGFA (spec §6.2)."""
+    """FGFA (docs/conventions.md#fgfa-and-dff)."""
 
     min_offset: int = -9
     max_offset: int = 9
@@ -166,7 +166,7 @@ class FGFAConfig:
 
 @dataclass
 class DFFConfig:
-    """DFF (spec §6.3)."""
+    """DFF (docs/conventions.md#fgfa-and-dff)."""
 
     key_interval: int = 10
     min_offset: int = -9
@@ -177,7 +177,7 @@ class DFFConfig:
 
 @dataclass
 class InputConfig:
-    """Input pipeline (spec §1): resize, flip, the authors' BGR x 255 pixel convention."""
+    """Input pipeline (docs/conventions.md#input-pipeline): resize, flip, the authors' BGR x 255 pixel convention."""
 
     min_size_train: tuple[int, ...] = (600,)
     max_size_train: int = 1000
@@ -191,7 +191,7 @@ class InputConfig:
 
 @dataclass
 class SolverConfig:
-    """SGD with warm-up and steps (spec §5.3)."""
+    """SGD with warm-up and steps (docs/conventions.md#solver)."""
 
     base_lr: float = 0.001
     reference_batch: int = 4  # base_lr is for this many images per iteration; lr scales linearly

@@ -26,7 +26,7 @@ def _check_rows(name: str, boxes: Tensor, *others: tuple[str, Tensor]) -> None:
 class RelationInputs:
     """Per detection, its query row in the detector's last location-based relation module: the
     feature row ``feats`` [N, C] and the proposal box ``boxes`` [N, 4] (resized-image pixels, as the
-    module saw it). BLR (spec §13.12) computes relation weights between adjacent frames from them."""
+    module saw it). BLR (docs/departures.md#blr-as-megavod-reads-the-paper) computes relation weights between adjacent frames from them."""
 
     feats: Tensor
     boxes: Tensor
@@ -84,7 +84,7 @@ class Detections:
 
 @dataclass
 class FrameAnnotation:
-    """Ground truth of one frame as the ILSVRC XML gives it (spec §7).
+    """Ground truth of one frame as the ILSVRC XML gives it (docs/conventions.md#annotations-and-classes).
 
     ``video`` is the frame's video directory relative to ``Data/VID`` (e.g.
     ``val/ILSVRC2015_val_00000000``) or, for a still DET image, its path without extension; ``frame``
@@ -128,7 +128,7 @@ class FrameFeatures:
     ``boxes`` [P, 4] are the frame's test-time proposals in resized-image pixels, sorted by descending
     objectness (P <= 300); ``feats`` [P, C] their raw RoI features (fc6 + ReLU). A frame met as a
     reference (local, global or memory) uses the first ``ref_post_nms_top_n`` (75) rows: the same RPN
-    pass and NMS order give exactly the authors' separate "ref" RPN's proposals (spec §2).
+    pass and NMS order give exactly the authors' separate "ref" RPN's proposals (docs/conventions.md#rpn).
     ``image_size`` is the resized (height, width); ``original_size`` the frame's own.
     """
 

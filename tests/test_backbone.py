@@ -1,4 +1,4 @@
-"""C4 ResNet body, res5 head, FrozenBN, freezing, calibration and pretrained loading (spec §1, §9)."""
+"""C4 ResNet body, res5 head, FrozenBN, freezing, calibration and pretrained loading (docs/conventions.md#backbone-and-frozen-batch-norm, docs/conventions.md#state-dict-names)."""
 
 from __future__ import annotations
 

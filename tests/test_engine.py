@@ -54,7 +54,7 @@ def _same(a, b):
         assert torch.equal(da.labels, db.labels)
 
 
-# -- schedules, as spec §4.3 describes the authors' code ---------------------------------------------
+# -- schedules, as docs/conventions.md#mega-inference-schedule describes the authors' code -----------
 
 
 def test_offline_window_pads_with_first_and_last_frames():

@@ -1,4 +1,4 @@
-"""FGFA and DFF (spec §6.2, §6.3): warping by hand, FlowNetS and the detectors against the authors'
+"""FGFA and DFF (docs/conventions.md#fgfa-and-dff): warping by hand, FlowNetS and the detectors against the authors'
 listings, FGFA's weights, the flow engine's schedules, training and detection on the synthetic set."""
 
 from __future__ import annotations

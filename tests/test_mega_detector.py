@@ -1,4 +1,4 @@
-"""MEGA's training forward (spec §5.2) through the shared dataset, and the CLI end to end."""
+"""MEGA's training forward (docs/conventions.md#training-forward) through the shared dataset, and the CLI end to end."""
 
 from __future__ import annotations
 

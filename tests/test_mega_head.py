@@ -1,5 +1,5 @@
-"""MEGA aggregation head (spec §3.5, §4.3, §5.2, §13.6): parameter layout against the authors' keys, the
-pipeline against the spec's stage table written out, memory push, ablations, training memory."""
+"""MEGA aggregation head (docs/conventions.md#mega-aggregation-head, docs/conventions.md#mega-inference-schedule, docs/conventions.md#training-forward, docs/departures.md#ablations-the-released-code-cannot-run): parameter layout against the authors' keys, the
+pipeline against the stage table of docs/conventions.md#mega-aggregation-head written out, memory push, ablations, training memory."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def test_r101_aggregation_parameter_count():
 
 
 def spec_pipeline(agg, key, frames, pool, memory):
-    """Spec §3.5 / §4.3 written out the authors' way: key, local refs and the distilled set D are separate
+    """docs/conventions.md#mega-aggregation-head / docs/conventions.md#mega-inference-schedule written out the authors' way: key, local refs and the distilled set D are separate
     tensors, each updated by the global stage; then the stage table; then the global residual stages."""
     G = pool.feats
     n0 = len(frames[0])
@@ -208,7 +208,7 @@ def test_temporal_embedding_needs_frame_indices():
 
 
 def test_training_memory_and_backward():
-    """Spec §5.2: memory frames go through global + local stages among themselves under no_grad; the
+    """docs/conventions.md#training-forward: memory frames go through global + local stages among themselves under no_grad; the
     key/local pass backpropagates into every parameter."""
     agg = small(N_g=1, N_l=3, global_res_stages=1)
     g = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""RDN-base and RDN (spec §3.6, §6.4): state dicts against the authors' listings, the relation module
+"""RDN-base and RDN (docs/conventions.md#rdn): state dicts against the authors' listings, the relation module
 against their vector, the basic/advanced stages written out, the advanced ratio, two-phase training and
 detection end to end on the synthetic set."""
 

@@ -1,4 +1,4 @@
-"""Relation module (spec §3.4): the authors' reference vectors, the fast path against the plain formula,
+"""Relation module (docs/conventions.md#relation-module): the authors' reference vectors, the fast path against the plain formula,
 hand-computed examples, parameter layout."""
 
 from __future__ import annotations
@@ -187,7 +187,7 @@ def test_hand_example_location_based():
         module.Wg.bias.fill_(0.05)
     query = torch.tensor([[0.0, 0.0, 9.0, 9.0]])  # w = h = 10, centre (4.5, 4.5)
     refs_boxes = torch.tensor([[0.0, 0.0, 9.0, 9.0], [10.0, 0.0, 29.0, 9.0]])  # same box; w = 20, centre x 19.5
-    # Spec §3.4 by hand: g_x = log(|dx| / w_query + 1e-3), g_w = log(w_query / w_ref).
+    # docs/conventions.md#relation-module by hand: g_x = log(|dx| / w_query + 1e-3), g_w = log(w_query / w_ref).
     g_x = [math.log(0 / 10 + 1e-3), math.log(15 / 10 + 1e-3)]
     g_w = [math.log(10 / 10), math.log(10 / 20)]
     geometry = [max(0.0, 0.1 * math.sin(100 * gx) - math.sin(100 * gw) + 0.05) for gx, gw in zip(g_x, g_w)]

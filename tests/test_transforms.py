@@ -1,4 +1,4 @@
-"""Input pipeline (spec §1): resize rule, PIL bilinear, BGR x 255 - mean, +1 flip, shared draws."""
+"""Input pipeline (docs/conventions.md#input-pipeline): resize rule, PIL bilinear, BGR x 255 - mean, +1 flip, shared draws."""
 
 from __future__ import annotations
 

@@ -241,7 +241,7 @@ def test_missing_image_set_is_named(root_copy):
 
 
 # ----------------------------------------------------------------------------------------------
-# Sampling (spec §5.1, §6)
+# Sampling (docs/conventions.md#training-samples)
 
 
 def _many(sampler, frame, length, n=300):

@@ -1,4 +1,4 @@
-"""ImageNet VID evaluation (spec §8, §13.9, §13.10): AP by hand, the authors' reference case, an
+"""ImageNet VID evaluation (docs/conventions.md#evaluation-protocol, docs/departures.md#motion-iou-from-track-ids, docs/departures.md#ilsvrc-small-object-protocol): AP by hand, the authors' reference case, an
 independent loop implementation on random cases, motion IoU, and the on-disk entry point."""
 
 from __future__ import annotations
@@ -229,7 +229,7 @@ def test_no_predictions_and_bad_inputs():
 
 
 # ---------------------------------------------------------------------------------------------------
-# An independent, literal implementation of spec §8 on random cases full of ties
+# An independent, literal implementation of docs/conventions.md#evaluation-protocol on random cases full of ties
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""The authors' image-set list files (``ImageSets/*.txt``, spec §5.4).
+"""The authors' image-set list files (``ImageSets/*.txt``, docs/conventions.md#image-set-files).
 
 Two line formats; the column count of the **first** line decides the format of the whole file, as in
 ``VIDDataset.__init__``:
@@ -62,7 +62,7 @@ def _int(path: Path, line_no: int, text: str, what: str) -> int:
 
 
 def read_image_set(path: str | Path, must_exist_root: str | Path | None = None) -> list[ImageSetEntry]:
-    """Read an image-set file (spec §5.4).
+    """Read an image-set file (docs/conventions.md#image-set-files).
 
     ``must_exist_root``, if given, is the image folder (``Data/VID`` or ``Data/DET``): every line's
     image ``<root>/<image_id>.JPEG`` must exist, else the error names the line and the missing file.

@@ -1,4 +1,4 @@
-"""Motion IoU of ground-truth boxes from the annotations' track ids (spec §13.9).
+"""Motion IoU of ground-truth boxes from the annotations' track ids (docs/departures.md#motion-iou-from-track-ids).
 
 FGFA's motion-specific evaluation sorts every ground-truth box into a speed bucket by its *motion
 IoU*: the mean IoU of the object with itself in nearby frames (slow objects barely move, so their
@@ -21,8 +21,8 @@ from torch import Tensor
 
 from megavod.structures import FrameAnnotation
 
-#: Inclusive motion-IoU ranges of the authors' evaluation (spec §8). "all" is special-cased by the
-#: evaluator: it ignores no ground truth whatever the motion IoU (spec §13.9).
+#: Inclusive motion-IoU ranges of the authors' evaluation (docs/conventions.md#evaluation-protocol). "all" is special-cased by the
+#: evaluator: it ignores no ground truth whatever the motion IoU (docs/departures.md#motion-iou-from-track-ids).
 MOTION_RANGES: dict[str, tuple[float, float]] = {
     "all": (0.0, 1.0),
     "fast": (0.0, 0.7),
@@ -48,7 +48,7 @@ def _pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def motion_ious_for_video(frames: Sequence[FrameAnnotation], radius: int = 10) -> list[Tensor]:
-    """Per-box motion IoU for every frame of one video (spec §13.9).
+    """Per-box motion IoU for every frame of one video (docs/departures.md#motion-iou-from-track-ids).
 
     Args:
         frames: the annotated frames of a single video, any order; ``FrameAnnotation.frame`` gives
@@ -108,7 +108,7 @@ def motion_ious_for_video(frames: Sequence[FrameAnnotation], radius: int = 10) -
 def bucket_shares(motion_ious: Sequence[Tensor | np.ndarray | Sequence[float]]) -> dict[str, float]:
     """Share of motion-IoU entries inside each bucket, counted as the authors' code counts them.
 
-    This is the ``empty_weight`` of each bucket (spec §8, §13.9): the entries are all per-box values of
+    This is the ``empty_weight`` of each bucket (docs/conventions.md#evaluation-protocol, docs/departures.md#motion-iou-from-track-ids): the entries are all per-box values of
     all frames, where a frame without ground truth contributes one entry 0 (the authors' reading of
     an empty ``.mat`` cell) and -1 entries count in the denominator only. Ranges are inclusive, so a
     value of exactly 0.7 or 0.9 counts in two buckets. Also returns ``"no_neighbour"``: the share of

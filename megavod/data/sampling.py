@@ -1,4 +1,4 @@
-"""Which frames a training sample brings along as references, per method (spec §5.1, §6).
+"""Which frames a training sample brings along as references, per method (docs/conventions.md#training-samples).
 
 Every sampler turns a key frame ``f`` of a video of ``L`` frames into frame numbers, grouped by the
 role they play in the model (``"local"``, ``"memory"``, ``"global"`` for MEGA, ``"ref"`` for the
@@ -89,7 +89,7 @@ class OffsetSampler:
 
 @dataclass(frozen=True)
 class MEGASampler:
-    """MEGA's three kinds of reference frame (spec §5.1, ``vid_mega.py::_get_train``).
+    """MEGA's three kinds of reference frame (docs/conventions.md#training-samples, ``vid_mega.py::_get_train``).
 
     * local: ``num_local`` distinct offsets from the window around the key, ``-tau..tau`` with
       ``tau = (T_l - 1) / 2`` offline (0 may be drawn), ``-(T_l - 1)..0`` online.
@@ -99,7 +99,7 @@ class MEGASampler:
       the code's ``max(f - 25, 0) ± 12``, frames f-37..f-13; early in a video the centre sticks at
       frame 0, exactly as in the code.
     * global: ``num_global`` distinct frames of the whole video (offline) or of frames ``0..f``
-      (online: the global pool holds only frames already seen, spec §13.5).
+      (online: the global pool holds only frames already seen, docs/departures.md#online-mode).
 
     A role that the model does not use (``memory=False``, no global stage) gets no frames.
     """

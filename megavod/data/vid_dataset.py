@@ -1,4 +1,4 @@
-"""ImageNet VID and DET training sets (spec §5.1, §5.4, §7), for every method.
+"""ImageNet VID and DET training sets (docs/conventions.md#training-samples, docs/conventions.md#image-set-files, docs/conventions.md#annotations-and-classes), for every method.
 
 The root folder is the ``ILSVRC2015`` layout::
 
@@ -9,7 +9,7 @@ The root folder is the ``ILSVRC2015`` layout::
 A list named ``DET...`` reads from ``Data/DET``/``Annotations/DET``, any other from the VID folders
 (the authors' dataset catalog does the same). A 4-column line is a key frame of a video and brings
 reference frames of that video (:mod:`megavod.data.sampling`); a 2-column line is a still image (DET)
-whose references are **copies of the image itself**, in the same numbers (spec §5.1).
+whose references are **copies of the image itself**, in the same numbers (docs/conventions.md#training-samples).
 
 As the authors' loader: the annotation of every key frame is read at build time and images whose XML
 has no ``<object>`` at all are dropped; objects outside the 30 classes are skipped; boxes are clamped
@@ -30,7 +30,7 @@ lists (malformed JSON as :func:`read_coco_vid`, a missing image file, an image o
 
 Each item is a :class:`TrainSample`: the key frame resized (short side 600, long side at most 1000)
 and normalised, its target boxes mapped into the resized image, and the reference images, all
-flipped together with the key (spec §1.5) and resized to the same size. All randomness of an item
+flipped together with the key (docs/conventions.md#input-pipeline) and resized to the same size. All randomness of an item
 (short side, flip, reference frames) comes from the seed in its :class:`SampleKey`.
 """
 

@@ -1,4 +1,4 @@
-"""Read and write ILSVRC VID/DET XML annotations (spec §7).
+"""Read and write ILSVRC VID/DET XML annotations (docs/conventions.md#annotations-and-classes).
 
 One XML per image::
 
@@ -77,7 +77,7 @@ def _integer(path: Path, elem: ET.Element, tag: str, where: str, default: int | 
 
 
 def read_annotation(xml_path: str | Path, video: str, frame: int) -> FrameAnnotation:
-    """Parse one ILSVRC XML into a :class:`FrameAnnotation` (spec §7).
+    """Parse one ILSVRC XML into a :class:`FrameAnnotation` (docs/conventions.md#annotations-and-classes).
 
     ``video`` and ``frame`` are stored as given (the XML's ``folder``/``filename`` are not trusted for
     identity, as in the authors' loader, which keys everything by the image-set line).

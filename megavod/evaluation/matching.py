@@ -1,4 +1,4 @@
-"""Greedy matching of predictions to ground truth for the VID evaluation (spec §8), vectorised:
+"""Greedy matching of predictions to ground truth for the VID evaluation (docs/conventions.md#evaluation-protocol), vectorised:
 :func:`match_all` is what ``evaluate_vid`` runs for every motion range / subset at once.
 """
 

@@ -1,4 +1,4 @@
-"""Per-class AP and mAP on ImageNet VID, computed exactly as the authors' evaluation does (spec §8).
+"""Per-class AP and mAP on ImageNet VID, computed exactly as the authors' evaluation does (docs/conventions.md#evaluation-protocol).
 
 The authors' ``vid_eval.py`` loops over images, classes, predictions and ground truths in Python.
 This module reproduces its numbers (to the last bit on the reference case) with vectorised numpy:
@@ -10,11 +10,11 @@ This module reproduces its numbers (to the last bit on the reference case) with 
   annotation order), or the last ignored one if all are ignored. The greedy loop is run in *rounds*:
   round r handles the r-th competing prediction of every (image, class) group at once, and only
   predictions with some IoU >= threshold compete (the others cannot match whatever the order).
-* **FP weight** of an unmatched prediction from its ignore value p (spec §8): 1 if p = 0, 0 if p = 1,
+* **FP weight** of an unmatched prediction from its ignore value p (docs/conventions.md#evaluation-protocol): 1 if p = 0, 0 if p = 1,
   else p; a prediction matched to an ignored GT is neither TP nor FP.
 * **AP**: VOC all-point AP with sentinels; mAP = mean over classes with non-ignored GT (NaN elsewhere).
 
-Protocols (spec §13.10): ``"authors"`` uses IoU >= 0.5 for every box; ``"ilsvrc"`` uses the official
+Protocols (docs/departures.md#ilsvrc-small-object-protocol): ``"authors"`` uses IoU >= 0.5 for every box; ``"ilsvrc"`` uses the official
 devkit's per-GT threshold min(0.5, wh / ((w + 10)(h + 10))) with w = x2 - x1 + 1 and h = y2 - y1 + 1 of
 the GT box (``eval_vid_detection.m``), everything else as the authors'.
 
@@ -154,7 +154,7 @@ def evaluate_vid(
     classes: Sequence[str] = VID_CLASSES,
     subsets: Mapping[str, Sequence[Tensor | np.ndarray]] | None = None,
 ) -> VIDEvalResult:
-    """AP50 per class and mAP of ``preds`` against ``gts`` (spec §8, §13.9, §13.10).
+    """AP50 per class and mAP of ``preds`` against ``gts`` (docs/conventions.md#evaluation-protocol, docs/departures.md#motion-iou-from-track-ids, docs/departures.md#ilsvrc-small-object-protocol).
 
     Args:
         gts: ground truth per frame, boxes in original pixels (as clamped by the XML reader).
@@ -323,7 +323,7 @@ def evaluate_dataset(
             ``.json`` file (``megavod.data.coco_vid``): then every image of the file is evaluated,
             videos named as its ``videos[].name`` and frames numbered by its ``frame_id``.
         pred_file: a prediction file (``megavod.data.predictions``), boxes in original pixels.
-        protocol: ``"authors"`` or ``"ilsvrc"`` (spec §13.10).
+        protocol: ``"authors"`` or ``"ilsvrc"`` (docs/departures.md#ilsvrc-small-object-protocol).
         out_dir: where ``eval.json``, ``result.txt`` and ``pr_curves/`` go (nothing written if None).
         image_set: the list of frames to evaluate, ``ImageSets/<image_set>.txt``. By default
             ``VID_val_videos`` if present, else every XML under ``Annotations/VID/val``. Not for a
@@ -334,7 +334,7 @@ def evaluate_dataset(
     Every listed frame is evaluated; a listed frame without a prediction entry counts as having no
     detections (and is counted in the table). Predictions for a video or frame not in the list, or
     for a video whose recorded size differs from its annotation, are errors. Motion buckets come
-    from the annotations' track ids (spec §13.9).
+    from the annotations' track ids (docs/departures.md#motion-iou-from-track-ids).
     """
     if protocol not in PROTOCOLS:
         raise MegavodError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")

@@ -32,7 +32,7 @@ def load_initial_weights(model: nn.Module, path: str | Path, verbose: bool = Tru
     Every tensor of the file must be a tensor of the model with the same shape (the authors' names are
     mapped as for ``--weights``), otherwise nothing is loaded and one line names the mismatch. Model
     tensors the file lacks keep their initialisation, e.g. RDN's ``fcs.2`` and relation modules 2 and 3
-    when RDN starts from RDN-base (spec §6.4). Returns the names of those tensors.
+    when RDN starts from RDN-base (docs/conventions.md#rdn). Returns the names of those tensors.
     """
     sd = read_weights(path).state_dict
     expected = model.state_dict()

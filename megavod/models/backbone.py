@@ -1,14 +1,14 @@
-"""ResNet / ResNeXt "C4" backbone and the res5 stage of the box head (spec §1), from torchvision parts.
+"""ResNet / ResNeXt "C4" backbone and the res5 stage of the box head (docs/conventions.md#backbone-and-frozen-batch-norm), from torchvision parts.
 
 The network is torchvision's ``Bottleneck`` with ``FrozenBatchNorm2d``, adjusted where the authors'
-MSRA models differ (spec §9 "parity needs"):
+MSRA models differ (docs/conventions.md#backbone-and-frozen-batch-norm):
 
 * ``stride_in_1x1``: the stride of a stage's first block sits on the 1x1 ``conv1``, not the 3x3.
 * res5 (``layer4``) has stride 1 and a dilated 3x3 (dilation 2, padding 2) in **every** block, block 0
   included; its downsample conv has stride 1. It runs on the whole C4 map, so its output is stride 16.
 * FrozenBN without eps: y = x * w / sqrt(v) + (b - m * w / sqrt(v)).
 
-State-dict names equal the authors' (spec §9) so their checkpoints load key for key:
+State-dict names equal the authors' (docs/conventions.md#state-dict-names) so their checkpoints load key for key:
 
 =====================================================  ==============================================
 megavod module                                         authors' key prefix (and torchvision ResNet)
@@ -158,7 +158,7 @@ class C4Backbone(nn.Module):
 
 
 class ResNetHead(nn.Module):
-    """res5 (``layer4``) on the whole C4 map: stride 1, dilation ``dilation`` in every block (spec §1).
+    """res5 (``layer4``) on the whole C4 map: stride 1, dilation ``dilation`` in every block (docs/conventions.md#backbone-and-frozen-batch-norm).
 
     With ``dilation == 1`` the authors' code strides block 0 by 2 (output stride 32).
     """

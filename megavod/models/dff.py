@@ -1,4 +1,4 @@
-"""DFF, deep feature flow (Zhu et al. 2017; spec §6.3).
+"""DFF, deep feature flow (Zhu et al. 2017; docs/conventions.md#fgfa-and-dff).
 
 Only key frames go through the backbone; every frame's C4 is the last key frame's C4 warped by
 flow(frame, key) and multiplied by FlowNet's per-channel scale map (``Convolution5_scale`` + 1). The
@@ -90,7 +90,7 @@ class DFFDetector(FlowDetectorBase):
         feats = self.propagate(frame.image[None], key.image[None], key.c4[None])
         return KeyFrameOutput(self.detect_on_features(feats, frame.image_size, frame.original_size))
 
-    # -- training (spec §6.3) --------------------------------------------------------------------------
+    # -- training (docs/conventions.md#fgfa-and-dff) ---------------------------------------------------
 
     def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
         """Training losses for one :class:`~megavod.data.vid_dataset.TrainSample` whose ``refs["ref"]``

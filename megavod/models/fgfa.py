@@ -1,4 +1,4 @@
-"""FGFA, flow-guided feature aggregation (Zhu et al. 2017; spec §6.2).
+"""FGFA, flow-guided feature aggregation (Zhu et al. 2017; docs/conventions.md#fgfa-and-dff).
 
 The C4 maps of the frames around the key are warped onto the key frame by FlowNet's flow and averaged
 with per-pixel weights: the softmax over frames of the cosine similarity between each frame's warped
@@ -89,7 +89,7 @@ class FlowDetectorBase(nn.Module):
 
 def single_sample(batch: Sequence[Any], method: str) -> Any:
     if len(batch) != 1:
-        raise ValueError(f"{method} trains one key frame per process (spec §0), got {len(batch)}")
+        raise ValueError(f"{method} trains one key frame per process (docs/conventions.md#one-key-frame-per-process), got {len(batch)}")
     return batch[0]
 
 
@@ -155,7 +155,7 @@ class FGFADetector(FlowDetectorBase):
         key = inputs.local[inputs.key_index]
         return KeyFrameOutput(self.detect_on_features(feats, key.image_size, key.original_size))
 
-    # -- training (spec §6.2) --------------------------------------------------------------------------
+    # -- training (docs/conventions.md#fgfa-and-dff) ---------------------------------------------------
 
     def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
         """Training losses for one :class:`~megavod.data.vid_dataset.TrainSample` whose ``refs["ref"]``

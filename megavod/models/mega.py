@@ -1,11 +1,11 @@
-"""The MEGA detector (spec §3.5, §4, §5.2): the single-frame detector's backbone and RPN, and a box head
+"""The MEGA detector (docs/conventions.md#mega-aggregation-head, docs/conventions.md#mega-inference-schedule, docs/conventions.md#training-forward): the single-frame detector's backbone and RPN, and a box head
 whose features are aggregated by :class:`~megavod.models.mega_head.MEGAAggregator`.
 
 The detector holds weights only. At test time the streaming engine (:mod:`megavod.inference.engine`)
 calls :meth:`MEGADetector.frame_features` once per frame and :meth:`MEGADetector.detect_key` once per
 key frame with the local window, the global pool and the memory of the stream, and the stream's own
 :class:`MEGAStreamCache` (detector contract: :mod:`megavod.models.contract`). Training
-(:meth:`MEGADetector.forward` on a :class:`~megavod.data.vid_dataset.TrainSample`) follows spec §5.2.
+(:meth:`MEGADetector.forward` on a :class:`~megavod.data.vid_dataset.TrainSample`) follows docs/conventions.md#training-forward.
 
 Work the authors' code repeats and megavod does once (same numbers):
 
@@ -15,7 +15,7 @@ Work the authors' code repeats and megavod does once (same numbers):
   proposals, and serve it as key, local, global and memory frame;
 * the value projection runs before the attention-weighted sum (:mod:`megavod.models.relation`).
 
-State-dict names equal the authors' (spec §9) except inside the aggregator, whose names map one to one
+State-dict names equal the authors' (docs/conventions.md#state-dict-names) except inside the aggregator, whose names map one to one
 (:meth:`MEGAAggregator.authors_key_mapping`): ``roi_heads.box.feature_extractor.aggregator.fcs.0`` is
 their ``roi_heads.box.feature_extractor.l_fcs.0``. The per-frame pass and the shared training rows are
 in :mod:`megavod.models.relation_detector`.
@@ -60,7 +60,7 @@ class MEGADetector(RelationDetector):
         backbone, rpn: as the single-frame detector.
         box_head: a box head whose feature extractor's aggregator is a :class:`MEGAAggregator`.
         ref_proposals: proposals per local/global/memory frame (code 75, ``REF_POST_NMS_TOP_N``).
-        temporal_embedding: tag rows with their frame index (spec §13.7).
+        temporal_embedding: tag rows with their frame index (docs/departures.md#temporal-embedding).
     """
 
     def __init__(self, backbone: C4Backbone, rpn: RPN, box_head: RoIBoxHead, ref_proposals: int = 75,
@@ -85,7 +85,7 @@ class MEGADetector(RelationDetector):
         ``inputs``: the key, the local window, the global pool and the memory levels (entries oldest
         first) the schedule gives; ``cache``: this stream's :class:`MEGAStreamCache` (a fresh one when
         None). ``inputs.relation_inputs``: attach to the detections their query rows in the last local
-        stage (for BLR, spec §13.12); the detections are the same."""
+        stage (for BLR, docs/departures.md#blr-as-megavod-reads-the-paper); the detections are the same."""
         cache = cache if cache is not None else MEGAStreamCache()
         key, n = inputs.key, self.ref_proposals
         pool = [self._rows(g, n) for g in inputs.global_pool]
@@ -125,16 +125,16 @@ class MEGADetector(RelationDetector):
         stages = self.aggregator.local_stages
         return stages[-1] if len(stages) else None
 
-    # -- training (spec §5.2) -------------------------------------------------------------------------
+    # -- training (docs/conventions.md#training-forward) ----------------------------------------------
 
     def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
-        """Training losses for one sample (one key frame per process, spec §0): a
+        """Training losses for one sample (one key frame per process, docs/conventions.md#one-key-frame-per-process): a
         :class:`~megavod.data.vid_dataset.TrainSample` whose ``refs`` hold ``local``, ``memory`` and
         ``global`` images of the key's size and flip."""
         if not self.training:
             raise ValueError("MEGADetector.forward computes training losses; use the streaming engine to detect")
         if len(batch) != 1:
-            raise ValueError(f"MEGA trains one key frame per process (spec §0), got {len(batch)}")
+            raise ValueError(f"MEGA trains one key frame per process (docs/conventions.md#one-key-frame-per-process), got {len(batch)}")
         sample = batch[0]
         size = sample.image_size
         extractor = self.box_head.feature_extractor

@@ -1,4 +1,4 @@
-"""MEGA's box-feature aggregation (paper §3, spec §3.5, §4.3 steps 3-5, §5.2, §13.6): pure modules on
+"""MEGA's box-feature aggregation (paper §3, docs/conventions.md#mega-aggregation-head, docs/conventions.md#mega-inference-schedule, docs/conventions.md#training-forward, docs/departures.md#ablations-the-released-code-cannot-run): pure modules on
 RoI features, no backbone, no state. The streaming engine owns the local window, the global pool and
 the Long Range Memory (:mod:`megavod.inference.memory`) and passes them in.
 
@@ -15,7 +15,7 @@ MEGA's three ideas each live in one named method of :class:`MEGAAggregator`:
   level receives from this frame is returned as ``memory_push`` (the oldest window frame's rows as
   stage i saw them).
 
-Parameter names -> the authors' ``roi_heads.box.feature_extractor.*`` keys (spec §9), via
+Parameter names -> the authors' ``roi_heads.box.feature_extractor.*`` keys (docs/conventions.md#state-dict-names), via
 :meth:`MEGAAggregator.authors_key_mapping`:
 
 =====================================  =====================================
@@ -51,7 +51,7 @@ class RoiRows:
     """RoI rows of one or more frames.
 
     feats: [R, C]; boxes: [R, 4] proposals of the rows' own frames (None where no module needs geometry);
-    frames: [R] frame index of each row (only needed by the temporal embedding, spec §13.7).
+    frames: [R] frame index of each row (only needed by the temporal embedding, docs/departures.md#temporal-embedding).
     """
 
     feats: Tensor
@@ -100,7 +100,7 @@ class RoiRows:
 
 @dataclass
 class MEGAOutput:
-    """features: [K, C] key-frame features for the box predictor (no final ReLU, spec §3.5 step 4).
+    """features: [K, C] key-frame features for the box predictor (no final ReLU, docs/conventions.md#mega-aggregation-head).
     memory_push: per level i < N_l, the oldest window frame's rows as local stage i used them as
     references (all its rows after the global stage at level 0, its distilled rows after stage i-1's
     FC+ReLU at levels >= 1); push them to memory *after* this call (memory is read before the push)."""
@@ -110,18 +110,18 @@ class MEGAOutput:
 
 
 class MEGAAggregator(nn.Module):
-    """MEGA's aggregation head on RoI features (spec §3.5).
+    """MEGA's aggregation head on RoI features (docs/conventions.md#mega-aggregation-head).
 
     Args:
         in_features: size of a flattened pooled RoI (2048*49 R-101, 256*49 R-50 with the reduce conv).
         feat_dim: C of the relation features (1024).
-        num_heads, embed_dim, wave_length: of every relation module (16, 64, 1000; spec §3.4).
+        num_heads, embed_dim, wave_length: of every relation module (16, 64, 1000; docs/conventions.md#relation-module).
         N_g: stacked location-free modules of the global stage (1; 0 = no global stage, Table 4).
-        N_l: location-based local stages (3; 0 = the key only queries the global pool, spec §13.6).
+        N_l: location-based local stages (3; 0 = the key only queries the global pool, docs/departures.md#ablations-the-released-code-cannot-run).
         global_res_stages: global modules on the key after the local stack (R-101: 1, R-50: 0).
         advanced_num: rows per local/memory frame kept in D for the later stages (int(75 * 0.2) = 15).
         location_based_global: give the global modules the geometry term too (paper §4.5 ablation).
-        temporal_embedding: the paper's relative frame-index term (spec §13.7; rows need ``frames``).
+        temporal_embedding: the paper's relative frame-index term (docs/departures.md#temporal-embedding; rows need ``frames``).
     """
 
     def __init__(
@@ -228,7 +228,7 @@ class MEGAAggregator(nn.Module):
         geometry: GeometryBiasCache | None = None,
         memory_counts: Sequence[Sequence[int]] | None = None,
     ) -> tuple[RoiRows, list[RoiRows]]:
-        """The N_l location-based stages (spec §3.5 table); memory level i joins the references of stage i.
+        """The N_l location-based stages (docs/conventions.md#mega-aggregation-head); memory level i joins the references of stage i.
 
         ``local`` holds the window's rows after the global stage, frame by frame (``counts`` rows each,
         oldest first). Queries are [key; D] (D: the first ``advanced_num`` rows of every frame); the
@@ -294,7 +294,7 @@ class MEGAAggregator(nn.Module):
         geometry: GeometryBiasCache | None = None,
         memory_counts: Sequence[Sequence[int]] | None = None,
     ) -> MEGAOutput:
-        """Aggregate the key frame's RoI features (spec §4.3 steps 3-5; training §5.2 step 4).
+        """Aggregate the key frame's RoI features (docs/conventions.md#mega-inference-schedule; training: docs/conventions.md#training-forward).
 
         Args:
             key: the key frame's proposals: raw features (:meth:`embed`), boxes, [frames].
@@ -331,7 +331,7 @@ class MEGAAggregator(nn.Module):
 
     @torch.no_grad()
     def memory_from_frames(self, frames: Sequence[RoiRows], global_pool: RoiRows) -> list[RoiRows]:
-        """Training memory (spec §5.2 step 4): memory frames' raw rows go through the global stage and
+        """Training memory (docs/conventions.md#training-forward): memory frames' raw rows go through the global stage and
         the local stack among themselves (no memory of memory), with stop-gradient. Level 0 = all rows
         after the global stage, level i = their D rows after stage i-1 and its FC+ReLU."""
         if not frames:
@@ -342,7 +342,7 @@ class MEGAAggregator(nn.Module):
         return [refs.detach() for refs in stage_refs]
 
     def authors_key_mapping(self) -> dict[str, str]:
-        """{our parameter name: the authors' feature-extractor key} (spec §9), e.g.
+        """{our parameter name: the authors' feature-extractor key} (docs/conventions.md#state-dict-names), e.g.
         ``local_stages.0.Wq.weight`` -> ``l_Wqs.0.weight``."""
         rules = [
             (r"^fcs\.(\d+)\.", r"l_fcs.\1."),

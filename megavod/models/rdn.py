@@ -1,4 +1,4 @@
-"""RDN, relation distillation networks (Deng et al. 2019; spec §3.6, §6.4): RDN-base and RDN.
+"""RDN, relation distillation networks (Deng et al. 2019; docs/conventions.md#rdn): RDN-base and RDN.
 
 The key frame's proposals are enhanced by location-based relation modules (:mod:`megavod.models.relation`,
 no content bias) over the supportive proposals of a window of T = 37 frames (the key at 18, ±18 frames):
@@ -133,7 +133,7 @@ class RDNAggregator(nn.Module):
 
     def authors_key_mapping(self) -> dict[str, str]:
         """{our parameter name: the authors' feature-extractor key}, e.g. ``relations.3.Wq.weight`` ->
-        ``Wqs.3.weight`` (spec §9)."""
+        ``Wqs.3.weight`` (docs/conventions.md#state-dict-names)."""
         mapping = {}
         for name, _ in self.named_parameters():
             m = re.match(r"^relations\.(\d+)\.(W[gqkv])\.(.+)$", name)
@@ -156,7 +156,7 @@ class RDNDetector(RelationDetector):
         both must be empty, and nothing is pushed to memory.
 
         ``inputs.relation_inputs``: attach to the detections their query rows in the last relation
-        module (for BLR, spec §13.12); the detections are the same."""
+        module (for BLR, docs/departures.md#blr-as-megavod-reads-the-paper); the detections are the same."""
         if inputs.global_pool or inputs.memory is not None:
             raise ValueError("RDN uses neither a global pool nor a memory (its schedule has none)")
         if not inputs.local:
@@ -174,7 +174,7 @@ class RDNDetector(RelationDetector):
         its queries are the key rows."""
         return self.aggregator.relations[-1]
 
-    # -- training (spec §6.4) --------------------------------------------------------------------------
+    # -- training (docs/conventions.md#rdn) ------------------------------------------------------------
 
     def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
         """Training losses for one :class:`~megavod.data.vid_dataset.TrainSample` whose ``refs["ref"]``
@@ -185,7 +185,7 @@ class RDNDetector(RelationDetector):
         if not self.training:
             raise ValueError("RDNDetector.forward computes training losses; use the streaming engine to detect")
         if len(batch) != 1:
-            raise ValueError(f"RDN trains one key frame per process (spec §0), got {len(batch)}")
+            raise ValueError(f"RDN trains one key frame per process (docs/conventions.md#one-key-frame-per-process), got {len(batch)}")
         parts = self.key_and_references(batch[0], batch[0].refs.get("ref", []))
         feats = self.aggregator(parts.key_feats, parts.sampled.boxes[0], torch.cat(parts.ref_feats),
                                 torch.cat(parts.ref_boxes), [len(b) for b in parts.ref_boxes])

@@ -1,4 +1,4 @@
-"""The object relation module (paper Eq. 1-2, spec §3.4), shared by MEGA and RDN.
+"""The object relation module (paper Eq. 1-2, docs/conventions.md#relation-module), shared by MEGA and RDN.
 
 For queries X (N x C) and references R (M x C), head m of M_h heads (C / M_h = d dims each) computes
 
@@ -87,7 +87,7 @@ def box_geometry_embedding(
     [sin, cos] each. This is the authors' ``position_embedding`` [1, dim, N, M] channel-last.
 
     With ``query_frames`` [N] and ``ref_frames`` [M] (frame indices) the paper's relative frame-index
-    term (spec §13.7, not in the authors' code or weights) is appended: dt = t_j - t_i embedded by the
+    term (docs/departures.md#temporal-embedding, not in the authors' code or weights) is appended: dt = t_j - t_i embedded by the
     same sin/cos scheme, giving [N, M, dim + dim/4].
     """
     if dim % 8 != 0:
@@ -119,7 +119,7 @@ class RelationModule(nn.Module):
             global module, which has no ``Wg``.
         content_bias: MEGA's learnable content bias ``u`` (Transformer-XL's global content term); RDN has
             none.
-        temporal_embedding: also embed the relative frame index (spec §13.7); off in every preset.
+        temporal_embedding: also embed the relative frame index (docs/departures.md#temporal-embedding); off in every preset.
         wave_length: of the sinusoidal embedding (1000).
 
     Parameter names and shapes match one authors' module (e.g. MEGA ``l_Wqs.i`` -> ``Wq``, ``l_us.i`` ->
@@ -307,7 +307,7 @@ class RelationModule(nn.Module):
         x_frames: Tensor | None = None,
         ref_frames: Tensor | None = None,
     ) -> Tensor:
-        """The relation weights w_ij^m, [M_h, N, M] (rows sum to 1), e.g. for BLR's link scores (§13.12)."""
+        """The relation weights w_ij^m, [M_h, N, M] (rows sum to 1), e.g. for BLR's link scores (docs/departures.md#blr-as-megavod-reads-the-paper)."""
         n, m = x.shape[0], refs.shape[0]
         h, d = self.num_heads, self.head_dim
         q = self.Wq(x).view(n, h, d).transpose(0, 1)

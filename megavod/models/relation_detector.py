@@ -6,9 +6,9 @@ runs once (C4, the 300 test proposals, their raw features); a frame met as a ref
 ``ref_proposals`` (75) rows, which are exactly the authors' separate "ref" RPN's proposals (same RPN
 pass and NMS order, so ``rpn.ref_pre_nms_top_n`` must equal ``rpn.pre_nms_top_n_test``). In training,
 the key image and its local references share one backbone batch and the key is also a reference
-frame (its first 75 proposals, spec §5.2 / §6.4): :meth:`RelationDetector.key_and_references`.
+frame (its first 75 proposals, docs/conventions.md#training-forward / docs/conventions.md#rdn): :meth:`RelationDetector.key_and_references`.
 
-For BLR (spec §13.12) the detector can also hand back, per detection, its query row in the last
+For BLR (docs/departures.md#blr-as-megavod-reads-the-paper) the detector can also hand back, per detection, its query row in the last
 location-based relation module (when the stream asks for it, :attr:`KeyFrameInputs.relation_inputs`,
 as ``megavod detect --postprocess blr`` does): a forward pre-hook on that module reads the key rows it is given (no
 change to the aggregation or its numbers), and :meth:`RelationDetector.predict` keeps the rows of the
@@ -62,7 +62,7 @@ class RelationQueryTap:
 
 
 class RelationDetector(nn.Module):
-    """Backbone, RPN and ``roi_heads["box"]`` (names as the authors', spec §9) of MEGA and RDN."""
+    """Backbone, RPN and ``roi_heads["box"]`` (names as the authors', docs/conventions.md#state-dict-names) of MEGA and RDN."""
 
     def __init__(self, backbone: C4Backbone, rpn: RPN, box_head: RoIBoxHead, ref_proposals: int = 75) -> None:
         super().__init__()
@@ -111,7 +111,7 @@ class RelationDetector(nn.Module):
         (h, w), (oh, ow) = key.image_size, key.original_size
         return detections.scale(ow / w, oh / h)
 
-    # -- BLR's relation weights (spec §13.12) -----------------------------------------------------------
+    # -- BLR's relation weights (docs/departures.md#blr-as-megavod-reads-the-paper) ---------------------
 
     def blr_relation_module(self) -> RelationModule | None:
         """The last location-based relation module, whose queries give BLR's relation weights; None
@@ -136,9 +136,9 @@ class RelationDetector(nn.Module):
 
     @torch.inference_mode()
     def blr_relation_weights(self, a: RelationInputs, b: RelationInputs, frame_a: int, frame_b: int) -> Tensor:
-        """Relation weights [n_a, n_b] between the detections of two frames (spec §13.12): the last
+        """Relation weights [n_a, n_b] between the detections of two frames (docs/departures.md#blr-as-megavod-reads-the-paper): the last
         location-based module's softmax weights of ``a``'s query rows over ``b``'s, mean over heads;
-        on the CPU. ``frame_a``/``frame_b`` tag the rows for the temporal embedding (spec §13.7)."""
+        on the CPU. ``frame_a``/``frame_b`` tag the rows for the temporal embedding (docs/departures.md#temporal-embedding)."""
         module = self.blr_relation_module()
         if module is None:
             raise ValueError(f"{type(self).__name__} has no location-based relation module")

@@ -1,4 +1,4 @@
-"""Single-level RPN on C4 (spec §2): legacy anchors, head, proposal selection in key/ref modes, loss.
+"""Single-level RPN on C4 (docs/conventions.md#rpn): legacy anchors, head, proposal selection in key/ref modes, loss.
 
 State-dict names equal the authors': ``rpn.anchor_generator.cell_anchors.0`` [A,4] (buffer),
 ``rpn.head.conv``, ``rpn.head.cls_logits``, ``rpn.head.bbox_pred`` (torchvision >= 0.13 would call
@@ -155,7 +155,7 @@ def _flatten(objectness: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class RPN(nn.Module):
-    """Region proposal network on C4 (spec §2). See the module docstring for the modes."""
+    """Region proposal network on C4 (docs/conventions.md#rpn). See the module docstring for the modes."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Bilinear feature warping by an optical flow field (FGFA and DFF, spec §6.2 "Warp").
+"""Bilinear feature warping by an optical flow field (FGFA and DFF, docs/conventions.md#fgfa-and-dff).
 
 ``warp(features, flow)`` samples ``features`` [B, C, H, W] at (x + flow_x, y + flow_y) for every output
 pixel (x, y): ``flow[:, 0]`` is the column (x) displacement and ``flow[:, 1]`` the row (y) displacement,

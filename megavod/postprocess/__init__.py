@@ -1,4 +1,4 @@
-"""Video-level post-processing of detections: Seq-NMS (spec §13.11) and BLR (spec §13.12)."""
+"""Video-level post-processing of detections: Seq-NMS (docs/departures.md#seq-nms-post-processing) and BLR (docs/departures.md#blr-as-megavod-reads-the-paper)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ A training checkpoint is one ``torch.save`` file::
      "model": state_dict (no DDP "module." prefix), "optimizer": ..., "scheduler": ...,
      "iteration": completed iterations, "rng": [per-rank RNG state], "config": to_dict(cfg)}
 
-The authors' files (spec §9) hold ``model``/``optimizer``/``scheduler``/``iteration``; megavod adds
+The authors' files (docs/conventions.md#checkpoint-files-and-key-listings) hold ``model``/``optimizer``/``scheduler``/``iteration``; megavod adds
 the random states (python, numpy, torch, CUDA) of every rank and the config, so that a run killed and
 resumed ends with the same weights as an uninterrupted one, and ``detect``/``eval`` can rebuild the
 model. Everything in it is tensors and plain Python values, so it loads with

@@ -165,7 +165,7 @@ class IterationSampler:
     The whole run reads one endless stream of indices: epoch ``e`` is a permutation of the dataset
     seeded by (seed, e), and iteration ``i`` takes the ``world_size * images_per_process`` positions
     starting at ``i * world_size * images_per_process``, rank ``r`` the ``r``-th slice. So, as with
-    ``DistributedSampler`` + ``IterationBasedBatchSampler`` (spec §5.1), the ranks see disjoint
+    ``DistributedSampler`` + ``IterationBasedBatchSampler`` (docs/departures.md#training-order-and-exact-resume), the ranks see disjoint
     samples, every item is seen once per epoch, and the data are shuffled uniformly over the
     concatenated DET + VID lists; unlike the authors' sampler (which reseeds with the start iteration)
     the order depends on (seed, iteration) only, so a resumed run reads what the uninterrupted one

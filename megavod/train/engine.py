@@ -1,12 +1,12 @@
-"""The training loop shared by every method (``megavod train``, :func:`megavod.api.train`; spec §5).
+"""The training loop shared by every method (``megavod train``, :func:`megavod.api.train`; docs/conventions.md#training-forward).
 
 The loop knows nothing about the method: the model's ``forward(batch)`` in train mode takes a list of
 :class:`~megavod.data.vid_dataset.TrainSample` (one per image of this process, already on the device)
-and returns a dict of losses, which are summed (all weights 1, spec §5.2).
+and returns a dict of losses, which are summed (all weights 1, docs/conventions.md#training-forward).
 
-What one iteration does, as the authors' ``do_train``: skip it when a sample has no box left (spec
-§5.1); forward under bf16 autocast on CUDA (the authors train in fp32, ``apex O0``; bf16 is our
-speed choice, ``solver.bf16``); backward; SGD step; learning-rate schedule step (spec §5.3).
+What one iteration does, as the authors' ``do_train``: skip it when a sample has no box left
+(docs/departures.md#skipped-iterations); forward under bf16 autocast on CUDA (the authors train in fp32, ``apex O0``; bf16 is our
+speed choice, ``solver.bf16``); backward; SGD step; learning-rate schedule step (docs/conventions.md#solver).
 
 **Resuming is exact**: the samples of iteration ``i`` are a function of (seed, i, rank)
 (:class:`~megavod.train.distributed.IterationSampler`), their random choices come from a seed of the
@@ -244,7 +244,7 @@ def train(
         for iteration in range(start_iter, max_iter):
             batch = [_to_device(s, device) for s in next(batches)]
             if any_rank(any(_num_boxes(s) == 0 for s in batch), device):
-                skipped += 1  # spec §5.1: a sample without boxes skips the whole iteration
+                skipped += 1  # docs/departures.md#skipped-iterations: a sample without boxes skips the whole iteration
             else:
                 with torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext():
                     losses = ddp_model(batch)

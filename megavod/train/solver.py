@@ -1,4 +1,4 @@
-"""SGD and the warm-up + step learning-rate schedule (spec §5.3, ``mega_core/solver/*``).
+"""SGD and the warm-up + step learning-rate schedule (docs/conventions.md#solver, ``mega_core/solver/*``).
 
 * SGD, momentum 0.9, weight decay 1e-4; **biases get lr x 2 and no weight decay** (``BIAS_LR_FACTOR``,
   ``WEIGHT_DECAY_BIAS``). The authors make one param group per tensor; two groups (weights, biases)
@@ -8,7 +8,7 @@
   step (80k).
 * ``attention_lr_factor`` (ours, default 1 = the authors) multiplies the lr of the relation modules'
   attention parameters (``Wq``, ``Wk``, ``u``, ``Wg``; not the value projection ``Wv``). Their gradients
-  pass through ``Wv``, which starts near zero (std 0.01, spec §3.4): on a budget tens of times shorter
+  pass through ``Wv``, which starts near zero (std 0.01, docs/conventions.md#relation-module): on a budget tens of times shorter
   than the authors' 120k iterations, ``Wq``/``Wk`` never leave their initialisation at the detector's lr
   (measured on the synthetic benchmark: 5% relative change in 9,000 iterations, most of it weight
   decay). Raising the whole module's lr instead inflates ``Wv`` and with it the relation term, which
