@@ -144,8 +144,9 @@ def relation_macs(n: int, m: int, c: int = 1024, heads: int = 16, geometry: bool
 
 def steady_state_sizes(cfg, s: RelationSchedule, key: int, authors: bool) -> list[tuple[int, int, bool, int]]:
     """(queries, references, location-based, references projected here) of every relation module at
-    steady state (docs/conventions.md#mega-inference-schedule) for frames of ``key`` proposals (300 unless the RPN keeps fewer). Ours
-    projects the global pool and memory rows once (:func:`new_rows_macs`); the authors every time."""
+    steady state (docs/conventions.md#mega-inference-schedule) for frames of ``key`` proposals (300 unless the
+    RPN keeps fewer). Ours projects the global pool and memory rows once (:func:`new_rows_macs`); the authors
+    every time."""
     ref = min(key, cfg.model.rpn.ref_post_nms_top_n)
     dis = min(ref, max(1, int(cfg.model.rpn.ref_post_nms_top_n * cfg.mega.distill_ratio + 1e-9)))
     local, local_dis = s.T_l * ref, s.T_l * dis

@@ -270,9 +270,9 @@ def profile_frame_pass(config: str, single: str, size: int, frames: int) -> tupl
 def geometry_sweep(n: int, m: int, chunks: list[int], repeats: int = 2) -> None:
     """Time local stage 0's geometry term (n queries x m references, default sizes of MEGA R-101) with
     several values of ``relation._GEOMETRY_CHUNK_ELEMENTS`` (chunks split the query rows: the same
-    values up to the rounding of differently shaped products), the whole-embedding formula it replaces (N x M x 64 sin/cos, then Wg; what
-    ``geometry_bias`` computed before the w/h terms were factored), and the attention with the bias as
-    returned (contiguous) and as a permuted copy."""
+    values up to the rounding of differently shaped products), the whole-embedding formula it replaces
+    (N x M x 64 sin/cos, then Wg; what ``geometry_bias`` computed before the w/h terms were factored), and the
+    attention with the bias as returned (contiguous) and as a permuted copy."""
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)

@@ -118,18 +118,15 @@ class _Frames:
     def __init__(self, source: Source, random_access: bool) -> None:
         self.files: list[str] | None = None
         self.size: tuple[int, int] | None = None  # (height, width) when known before reading
-        self.name = "frames"
-        self.is_stream = False
         self._close: list[Any] = []
         if isinstance(source, (str, os.PathLike)):
             opened = open_source(source)
             self._close.append(opened)
-            self.name, self.is_stream = str(source), opened.is_stream
             self.size = (opened.height, opened.width)
-            self.fps = opened.fps
             self.files = [p.name for p in opened.files] if hasattr(opened, "files") else None
             if random_access:
                 if opened.is_stream:
+                    opened.close()
                     raise MegavodError(f"{source}: a live stream can only run causally: use mode='online'")
                 frames = RandomAccessFrames(opened)
                 self._close.insert(0, frames)
@@ -139,7 +136,6 @@ class _Frames:
         else:
             if isinstance(source, (np.ndarray, Tensor)) and source.ndim == 3:
                 raise MegavodError("got one frame: pass a sequence of frames (e.g. [frame])")
-            self.fps = 25.0
             opened = getattr(source, "source", source)  # a FrameSource, or RandomAccessFrames over one
             files = getattr(opened, "files", None)
             self.files = [Path(p).name for p in files] if files is not None else None
@@ -151,12 +147,18 @@ class _Frames:
     def __len__(self) -> int:
         return len(self.frames)
 
+    def _seen(self, frame: Frame) -> np.ndarray:
+        array = as_rgb_array(frame)
+        if self.size is None:
+            self.size = (array.shape[0], array.shape[1])
+        return array
+
     def __getitem__(self, k: int) -> np.ndarray:
-        return as_rgb_array(self.frames[k])
+        return self._seen(self.frames[k])
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for frame in self.frames:
-            yield as_rgb_array(frame)
+            yield self._seen(frame)
 
     def close(self) -> None:
         for item in self._close:
@@ -210,13 +212,16 @@ class Detector:
         config's ``mega.online``). Methods whose schedule is causal (single frame, DFF) always run
         online. ``relation_inputs`` (MEGA, RDN): attach BLR's relation-module inputs to each result.
         """
-        if mode not in (None, "offline", "online"):
-            raise MegavodError(f"mode must be 'offline' or 'online', got {mode!r}")
-        frames = _Frames(source, random_access=not self.runs_causally(mode))
+        frames = self._open(source, mode)
         try:
             yield from self._run(frames, mode, relation_inputs)
         finally:
             frames.close()
+
+    def _open(self, source: Source, mode: Mode | None) -> _Frames:
+        if mode not in (None, "offline", "online"):
+            raise MegavodError(f"mode must be 'offline' or 'online', got {mode!r}")
+        return _Frames(source, random_access=not self.runs_causally(mode))
 
     @torch.inference_mode()
     def _run(self, frames: _Frames, mode: Mode | None, relation_inputs: bool) -> Iterator[FrameResult]:
@@ -237,23 +242,21 @@ class Detector:
         ``.to_coco``), optionally post-processed (``"seqnms"``, ``"blr"``) over the whole video."""
         if postprocess not in ("none", "seqnms", "blr"):
             raise MegavodError(f"postprocess must be 'none', 'seqnms' or 'blr', got {postprocess!r}")
-        records, relations, size = [], [], None
-        for result in self.stream(source, "offline" if postprocess != "none" else mode,
-                                  relation_inputs=postprocess == "blr"):
-            if result.relation is not None:
-                relations.append(result.relation.to("cpu"))
-            records.append(FramePrediction(result.frame, result.file, result.detections.to("cpu")))
-        if isinstance(source, (str, os.PathLike)):
-            with open_source(source) as opened:
-                size = (opened.height, opened.width)
+        mode = "offline" if postprocess != "none" else mode  # post-processing needs the whole video
+        frames = self._open(source, mode)
+        records: list[FramePrediction] = []
+        relations: list[RelationInputs] = []
+        try:
+            for result in self._run(frames, mode, relation_inputs=postprocess == "blr"):
+                if result.relation is not None:
+                    relations.append(result.relation.to("cpu"))
+                records.append(FramePrediction(result.frame, result.file, result.detections.to("cpu")))
+        finally:
+            frames.close()
         records = self.postprocess(records, postprocess, relations)
-        height, width = size or self._frame_size(source)
+        height, width = frames.size or (0, 0)
         video = name or (Path(str(source)).stem if isinstance(source, (str, os.PathLike)) else "frames")
         return VideoPredictions(video, width, height, records)
-
-    def _frame_size(self, source: Source) -> tuple[int, int]:
-        first = next(iter(source), None) if not isinstance(source, (str, os.PathLike)) else None
-        return (0, 0) if first is None else as_rgb_array(first).shape[:2]
 
     def postprocess(self, records: list[FramePrediction], method: str,
                     relations: Sequence[RelationInputs] = ()) -> list[FramePrediction]:

@@ -201,8 +201,9 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
 
 def read_detectron_pickle(path: str | Path) -> dict[str, Any]:
     """The blobs of a Detectron C2 weight pickle (the MSRA ``R-50.pkl`` / ``R-101.pkl`` and FAIR
-    ``X-101-32x8d.pkl`` files the authors start from, docs/conventions.md#backbone-and-frozen-batch-norm): {blob name: numpy array}. Python 2
-    pickles are read as latin-1. Only numpy arrays and plain containers are built."""
+    ``X-101-32x8d.pkl`` files the authors start from, docs/conventions.md#backbone-and-frozen-batch-norm):
+    {blob name: numpy array}. Python 2 pickles are read as latin-1. Only numpy arrays and plain containers are
+    built."""
     path = Path(path)
     if not path.is_file():
         raise MegavodError(f"{path}: file not found")

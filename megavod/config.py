@@ -1,4 +1,5 @@
-"""Typed configuration: dataclasses whose defaults are the authors' numbers (docs/conventions.md), YAML presets, overrides.
+"""Typed configuration: dataclasses whose defaults are the authors' numbers (docs/conventions.md), YAML
+presets, overrides.
 
 A preset is a YAML file under ``megavod/configs/`` holding only what differs from the defaults below,
 optionally on top of another preset (``_base_: mega_R_101``). ``load_config("mega_R_101",
@@ -36,12 +37,14 @@ Arch = Literal["R-50-C4", "R-101-C4", "X-101-C4", "small"]
 
 @dataclass
 class BackboneConfig:
-    """ResNet "C4" body (stem..res4, stride 16) and the res5 stage that runs in the box head (docs/conventions.md#backbone-and-frozen-batch-norm)."""
+    """ResNet "C4" body (stem..res4, stride 16) and the res5 stage that runs in the box head
+    (docs/conventions.md#backbone-and-frozen-batch-norm)."""
 
     arch: Arch = "R-101-C4"
     num_groups: int = 1
     width_per_group: int = 64
-    stride_in_1x1: bool = True  # MSRA weights put the stride on the 1x1 conv (docs/conventions.md#backbone-and-frozen-batch-norm)
+    # MSRA weights put the stride on the 1x1 conv (docs/conventions.md#backbone-and-frozen-batch-norm)
+    stride_in_1x1: bool = True
     res5_dilation: int = 2
     freeze_at: int = 2  # stem and res2 are frozen
     weights: str | None = None  # local ImageNet-pretrained file; never downloaded
@@ -72,7 +75,8 @@ class RPNConfig:
 
 @dataclass
 class ROIHeadConfig:
-    """RoIAlign on the res5 map, fc6/fc7 (or MEGA/RDN relation head) and the predictor (docs/conventions.md#box-head-and-predictor)."""
+    """RoIAlign on the res5 map, fc6/fc7 (or MEGA/RDN relation head) and the predictor
+    (docs/conventions.md#box-head-and-predictor)."""
 
     pooler_resolution: int = 7
     pooler_scale: float = 1.0 / 16
@@ -110,12 +114,14 @@ class RelationConfig:
     num_heads: int = 16
     embed_dim: int = 64
     wave_length: float = 1000.0
-    temporal_embedding: bool = False  # the paper's relative frame-index term (docs/departures.md#temporal-embedding), off in presets
+    # the paper's relative frame-index term (docs/departures.md#temporal-embedding), off in presets
+    temporal_embedding: bool = False
 
 
 @dataclass
 class MEGAConfig:
-    """MEGA (docs/conventions.md#mega-aggregation-head, docs/conventions.md#mega-inference-schedule, docs/departures.md#summary); names follow the paper."""
+    """MEGA (docs/conventions.md#mega-aggregation-head, docs/conventions.md#mega-inference-schedule,
+    docs/departures.md#summary); names follow the paper."""
 
     T_l: int = 25
     T_g: int = 10
@@ -124,12 +130,14 @@ class MEGAConfig:
     N_l: int = 3
     global_res_stages: int = 1  # code's GLOBAL.RES_STAGE: global modules after the local stack (R-50: 0)
     memory: bool = True  # False gives the paper's "base model"
-    global_shuffle: bool = True  # code's GLOBAL.SHUFFLE, seeded by `seed` (docs/departures.md#seeded-global-permutation)
+    # code's GLOBAL.SHUFFLE, seeded by `seed` (docs/departures.md#seeded-global-permutation)
+    global_shuffle: bool = True
     location_based_global: bool = False  # §4.5 ablation (82.5 mAP)
     # Proposals per local/global/memory frame are model.rpn.ref_post_nms_top_n (code 75, paper 80);
     # this share of them (the highest-objectness ones) feeds the later local stages (75 -> 15).
     distill_ratio: float = 0.2
-    online: bool = False  # causal mode: no look-ahead, global frames from the past only (docs/departures.md#online-mode)
+    # causal mode: no look-ahead, global frames from the past only (docs/departures.md#online-mode)
+    online: bool = False
     train_local_refs: int = 2
     train_global_refs: int = 2
     train_memory_refs: int = 3  # code 3, paper 2 (docs/departures.md#where-the-paper-and-the-code-disagree)

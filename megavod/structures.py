@@ -26,7 +26,8 @@ def _check_rows(name: str, boxes: Tensor, *others: tuple[str, Tensor]) -> None:
 class RelationInputs:
     """Per detection, its query row in the detector's last location-based relation module: the
     feature row ``feats`` [N, C] and the proposal box ``boxes`` [N, 4] (resized-image pixels, as the
-    module saw it). BLR (docs/departures.md#blr-as-megavod-reads-the-paper) computes relation weights between adjacent frames from them."""
+    module saw it). BLR (docs/departures.md#blr-as-megavod-reads-the-paper) computes relation weights between
+    adjacent frames from them."""
 
     feats: Tensor
     boxes: Tensor

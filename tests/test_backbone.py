@@ -1,4 +1,5 @@
-"""C4 ResNet body, res5 head, FrozenBN, freezing, calibration and pretrained loading (docs/conventions.md#backbone-and-frozen-batch-norm, docs/conventions.md#state-dict-names)."""
+"""C4 ResNet body, res5 head, FrozenBN, freezing, calibration and pretrained loading
+(docs/conventions.md#backbone-and-frozen-batch-norm, docs/conventions.md#state-dict-names)."""
 
 from __future__ import annotations
 

@@ -114,7 +114,8 @@ def test_run_bench_single_and_mega_on_the_same_frames():
     # the engine runs each frame's pass exactly once, and one key pass per frame
     assert len(v.pass_s) == 3 and len(v.key_s) == 3
     assert sum(v.pass_s) + sum(v.key_s) <= v.wall_s
-    assert mega.settings.T_m == load_config("synthetic_mega").mega.T_m and mega.steady_ms is None  # 3 frames: memory never full
+    # 3 frames: memory never full
+    assert mega.settings.T_m == load_config("synthetic_mega").mega.T_m and mega.steady_ms is None
 
 
 def test_cli_bench_prints_table(capsys):

@@ -1,6 +1,7 @@
-"""BLR's relation weights from the detector (docs/departures.md#blr-as-megavod-reads-the-paper): the kept proposal of each detection, the
-query rows of the last location-based relation module (MEGA's last local stage, RDN's last module),
-the weights handed to BLR by ``megavod detect --postprocess blr``, and w = 0 without a relation module."""
+"""BLR's relation weights from the detector (docs/departures.md#blr-as-megavod-reads-the-paper): the kept
+proposal of each detection, the query rows of the last location-based relation module (MEGA's last local
+stage, RDN's last module), the weights handed to BLR by ``megavod detect --postprocess blr``, and w = 0
+without a relation module."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
-"""Loading and converting checkpoints (docs/conventions.md#state-dict-names, docs/conventions.md#checkpoint-files-and-key-listings): the authors' released files key for key,
-megavod's own files, recognition of the method from the keys, and one exact line for each bad file.
+"""Loading and converting checkpoints (docs/conventions.md#state-dict-names,
+docs/conventions.md#checkpoint-files-and-key-listings): the authors' released files key for key, megavod's own
+files, recognition of the method from the keys, and one exact line for each bad file.
 
-Synthetic checkpoints are built from the key listings of docs/conventions.md#checkpoint-files-and-key-listings (``tests/data/checkpoint_keys``: every
-key and shape of every released model, in the authors' state-dict order) with seeded random values
-and the authors' top-level layout. R-101 models are built on the ``meta`` device and filled with
-cheap strided views of one random pool (names and shapes are what is checked; layers are then run
-on their loaded weights); R-50 models get real independent values and a full forward pass.
+Synthetic checkpoints are built from the key listings of docs/conventions.md#checkpoint-files-and-key-listings
+(``tests/data/checkpoint_keys``: every key and shape of every released model, in the authors' state-dict
+order) with seeded random values and the authors' top-level layout. R-101 models are built on the ``meta``
+device and filled with cheap strided views of one random pool (names and shapes are what is checked; layers
+are then run on their loaded weights); R-50 models get real independent values and a full forward pass.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ KEYS_DIR = CHECKPOINT_KEYS
 FE = "roi_heads.box.feature_extractor."
 
 # listing -> (preset, description, tensors renamed by the mapping). Only the aggregators of MEGA and
-# RDN are named differently (docs/conventions.md#state-dict-names): MEGA R-101 l_fcs 3x2 + l_W{g,q,k,v}s 3x4x2 + l_us 3 +
-# g_W{q,k,v}s 2x3x2 + g_us 2 = 47; RDN fcs Bx2 + W{g,q,k,v}s (B+A+1 or B)x4x2.
+# RDN are named differently (docs/conventions.md#state-dict-names): MEGA R-101 l_fcs 3x2 +
+# l_W{g,q,k,v}s 3x4x2 + l_us 3 + g_W{q,k,v}s 2x3x2 + g_us 2 = 47; RDN fcs Bx2 + W{g,q,k,v}s (B+A+1 or B)x4x2.
 RELEASED = {
     "vid_R_50_C4_1x": ("single_R_50", "single-frame Faster R-CNN R-50 (256-channel reduce conv)", 0),
     "vid_R_101_C4_1x": ("single_R_101", "single-frame Faster R-CNN R-101", 0),
@@ -130,8 +131,8 @@ def cheap_values(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, Ten
 
 def real_values(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, Tensor]:
     """Independent seeded tensors with sane magnitudes (a forward pass stays finite): weights
-    N(0, 1/fan_in), FrozenBN scale and variance around 1, the 12 anchors of docs/conventions.md#anchors shifted by 0.5 so
-    that a model keeping its own anchors would differ."""
+    N(0, 1/fan_in), FrozenBN scale and variance around 1, the 12 anchors of docs/conventions.md#anchors
+    shifted by 0.5 so that a model keeping its own anchors would differ."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for key, shape in shapes.items():
@@ -148,8 +149,8 @@ def real_values(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, Tens
 
 
 def write_authors_file(path: Path, values: dict[str, Tensor], training_layout: bool) -> Path:
-    """The authors' layouts (docs/conventions.md#checkpoint-files-and-key-listings): a 4-GPU training checkpoint (``module.`` prefix, optimizer,
-    scheduler, iteration) or a bare single-process state dict."""
+    """The authors' layouts (docs/conventions.md#checkpoint-files-and-key-listings): a 4-GPU training
+    checkpoint (``module.`` prefix, optimizer, scheduler, iteration) or a bare single-process state dict."""
     if training_layout:
         obj = {
             "model": {f"module.{k}": v for k, v in values.items()},
@@ -287,8 +288,8 @@ def r50_files(tmp_path_factory):
 
 
 def _placed_by_hand(preset: str, values: dict[str, Tensor]) -> nn.Module:
-    """Our model with every tensor copied in by hand under the names of docs/conventions.md#state-dict-names (storage left
-    uninitialised first: a tensor not placed would show in the output)."""
+    """Our model with every tensor copied in by hand under the names of docs/conventions.md#state-dict-names
+    (storage left uninitialised first: a tensor not placed would show in the output)."""
     with torch.device("meta"):
         model = build_detector(load_config(preset))
     model = model.to_empty(device="cpu").eval()

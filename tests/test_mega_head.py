@@ -1,5 +1,8 @@
-"""MEGA aggregation head (docs/conventions.md#mega-aggregation-head, docs/conventions.md#mega-inference-schedule, docs/conventions.md#training-forward, docs/departures.md#ablations-the-released-code-cannot-run): parameter layout against the authors' keys, the
-pipeline against the stage table of docs/conventions.md#mega-aggregation-head written out, memory push, ablations, training memory."""
+"""MEGA aggregation head (docs/conventions.md#mega-aggregation-head,
+docs/conventions.md#mega-inference-schedule, docs/conventions.md#training-forward,
+docs/departures.md#ablations-the-released-code-cannot-run): parameter layout against the authors' keys, the
+pipeline against the stage table of docs/conventions.md#mega-aggregation-head written out, memory push,
+ablations, training memory."""
 
 from __future__ import annotations
 
@@ -77,8 +80,9 @@ def test_r101_aggregation_parameter_count():
 
 
 def spec_pipeline(agg, key, frames, pool, memory):
-    """docs/conventions.md#mega-aggregation-head / docs/conventions.md#mega-inference-schedule written out the authors' way: key, local refs and the distilled set D are separate
-    tensors, each updated by the global stage; then the stage table; then the global residual stages."""
+    """docs/conventions.md#mega-aggregation-head / docs/conventions.md#mega-inference-schedule written out the
+    authors' way: key, local refs and the distilled set D are separate tensors, each updated by the global
+    stage; then the stage table; then the global residual stages."""
     G = pool.feats
     n0 = len(frames[0])
     x, xb = key.feats, key.boxes
@@ -208,8 +212,8 @@ def test_temporal_embedding_needs_frame_indices():
 
 
 def test_training_memory_and_backward():
-    """docs/conventions.md#training-forward: memory frames go through global + local stages among themselves under no_grad; the
-    key/local pass backpropagates into every parameter."""
+    """docs/conventions.md#training-forward: memory frames go through global + local stages among themselves
+    under no_grad; the key/local pass backpropagates into every parameter."""
     agg = small(N_g=1, N_l=3, global_res_stages=1)
     g = torch.Generator().manual_seed(0)
 

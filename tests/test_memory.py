@@ -1,4 +1,5 @@
-"""Long Range Memory (docs/conventions.md#long-range-memory, docs/departures.md#memory-length-as-its-own-parameter): bounded per-level queues, read-before-push with the
+"""Long Range Memory (docs/conventions.md#long-range-memory,
+docs/departures.md#memory-length-as-its-own-parameter): bounded per-level queues, read-before-push with the
 aggregator, detached storage, T_m = 0 == no memory."""
 
 from __future__ import annotations

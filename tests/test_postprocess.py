@@ -1,4 +1,5 @@
-"""Seq-NMS and BLR (docs/departures.md#seq-nms-post-processing, docs/departures.md#blr-as-megavod-reads-the-paper): hand-built tubes, reference oracles, CLI round trip."""
+"""Seq-NMS and BLR (docs/departures.md#seq-nms-post-processing,
+docs/departures.md#blr-as-megavod-reads-the-paper): hand-built tubes, reference oracles, CLI round trip."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Relation module (docs/conventions.md#relation-module): the authors' reference vectors, the fast path against the plain formula,
-hand-computed examples, parameter layout."""
+"""Relation module (docs/conventions.md#relation-module): the authors' reference vectors, the fast path
+against the plain formula, hand-computed examples, parameter layout."""
 
 from __future__ import annotations
 

@@ -271,6 +271,7 @@ def test_hidden_cue_boxes_split_by_distance_to_a_visible_frame(tmp_path):
     loaded = load_for_evaluation(tmp_path / "data", tmp_path / "pred.json")[:2]
     maps = cue_visibility_maps(*loaded, window=1)
     assert (maps["cue_hidden_near"], maps["cue_hidden_far"]) == pytest.approx((100.0, 0.0))
-    assert maps["cue_hidden"] == pytest.approx(50.0)  # one of the two hidden airplanes found, no false positive ranked above it
+    # one of the two hidden airplanes found, no false positive ranked above it
+    assert maps["cue_hidden"] == pytest.approx(50.0)
     wide = cue_visibility_maps(*loaded, window=2)  # both hidden frames within reach: none is far
     assert wide["cue_hidden_near"] == pytest.approx(50.0) and wide["cue_hidden_far"] != wide["cue_hidden_far"]

@@ -1,4 +1,5 @@
-"""Box head: RoIAlign on res5, fc6/fc7, predictor, Fast R-CNN sampling/loss, postprocess (docs/conventions.md#box-head-and-predictor)."""
+"""Box head: RoIAlign on res5, fc6/fc7, predictor, Fast R-CNN sampling/loss, postprocess
+(docs/conventions.md#box-head-and-predictor)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Legacy anchors, +1 box coder / IoU / NMS, proposal selection in key/ref modes, RPN loss (docs/conventions.md#anchors, docs/conventions.md#legacy-plus-one-boxes, docs/conventions.md#rpn)."""
+"""Legacy anchors, +1 box coder / IoU / NMS, proposal selection in key/ref modes, RPN loss
+(docs/conventions.md#anchors, docs/conventions.md#legacy-plus-one-boxes, docs/conventions.md#rpn)."""
 
 from __future__ import annotations
 

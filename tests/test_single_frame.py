@@ -1,4 +1,5 @@
-"""Single-frame detector (docs/conventions.md#single-frame-detector): presets build, train/eval forward, and a tiny model overfits."""
+"""Single-frame detector (docs/conventions.md#single-frame-detector): presets build, train/eval forward, and a
+tiny model overfits."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Input pipeline (docs/conventions.md#input-pipeline): resize rule, PIL bilinear, BGR x 255 - mean, +1 flip, shared draws."""
+"""Input pipeline (docs/conventions.md#input-pipeline): resize rule, PIL bilinear, BGR x 255 - mean, +1 flip,
+shared draws."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""ImageNet VID evaluation (docs/conventions.md#evaluation-protocol, docs/departures.md#motion-iou-from-track-ids, docs/departures.md#ilsvrc-small-object-protocol): AP by hand, the authors' reference case, an
-independent loop implementation on random cases, motion IoU, and the on-disk entry point."""
+"""ImageNet VID evaluation (docs/conventions.md#evaluation-protocol, docs/departures.md#motion-iou-from-track-ids,
+docs/departures.md#ilsvrc-small-object-protocol): AP by hand, the authors' reference case, an independent loop
+implementation on random cases, motion IoU, and the on-disk entry point."""
 
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ def test_read_fields_and_clamping(tmp_path):
     path = _write(tmp_path, _xml(_obj() + _obj(LIZARD, (-4, -2, 120, 70), extra="")))
     ann = read_annotation(path, "val/ILSVRC2015_val_00000000", 7)
     assert (ann.video, ann.frame, ann.width, ann.height) == ("val/ILSVRC2015_val_00000000", 7, 100, 50)
-    # docs/conventions.md#annotations-and-classes: x1 = max(x1, 0), y1 = max(y1, 0), x2 = min(x2, W-1), y2 = min(y2, H-1), no -1 shift.
+    # docs/conventions.md#annotations-and-classes: x1 = max(x1, 0), y1 = max(y1, 0), x2 = min(x2, W-1),
+    # y2 = min(y2, H-1), no -1 shift.
     assert ann.boxes.tolist() == [[10, 5, 30, 20], [0, 0, 99, 49]]
     assert ann.boxes.dtype == torch.float32
     assert ann.labels.tolist() == [30, 17]  # zebra, lizard

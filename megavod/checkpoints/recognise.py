@@ -1,4 +1,5 @@
-"""Which detector a checkpoint holds, read from its key names and shapes alone (docs/conventions.md#state-dict-names, docs/conventions.md#checkpoint-files-and-key-listings).
+"""Which detector a checkpoint holds, read from its key names and shapes alone
+(docs/conventions.md#state-dict-names, docs/conventions.md#checkpoint-files-and-key-listings).
 
 :func:`recognise` turns a state dict (the authors' names or megavod's, ``module.`` already stripped)
 into a :class:`ModelSignature`: the method, the ResNet (blocks per stage, stem width, groups) and the
@@ -193,7 +194,8 @@ def _overrides(sig: ModelSignature, cfg: Any) -> list[str]:
             out += [f"model.backbone.arch={arch}", f"model.backbone.num_groups={sig.groups}",
                     f"model.backbone.width_per_group={sig.width_per_group}"]
             if (sig.groups > 1) != (b.num_groups > 1):
-                # FAIR's ResNeXt puts the stride on the 3x3, MSRA's ResNets on the 1x1 (docs/conventions.md#backbone-and-frozen-batch-norm).
+                # FAIR's ResNeXt puts the stride on the 3x3, MSRA's ResNets on the 1x1
+                # (docs/conventions.md#backbone-and-frozen-batch-norm).
                 out.append(f"model.backbone.stride_in_1x1={str(sig.groups == 1).lower()}")
         elif sig.groups == 1 and sig.width_per_group == sig.stem_channels:
             out += ["model.backbone.arch=small", f"model.backbone.small_stem_channels={sig.stem_channels}",

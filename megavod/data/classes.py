@@ -1,4 +1,5 @@
-"""The 30 ImageNet VID classes in the authors' label order (docs/conventions.md#annotations-and-classes); index 0 is background."""
+"""The 30 ImageNet VID classes in the authors' label order (docs/conventions.md#annotations-and-classes);
+index 0 is background."""
 
 from __future__ import annotations
 

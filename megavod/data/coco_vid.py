@@ -13,11 +13,11 @@ and give the same ground truth as the ILSVRC XMLs they came from:
 
 * **Boxes**: that script writes ``bbox = [xmin, ymin, xmax - xmin, ymax - ymin]`` (no +1) and
   mmdet reads ``x2 = x + w``. megavod does the same: ``x2 = x + w``, ``y2 = y + h``, and the result is
-  read as a box of megavod's +1 convention, exactly as the XML's ``xmax``/``ymax`` are (docs/conventions.md#legacy-plus-one-boxes). So
-  an ILSVRC box goes XML -> JSON -> megavod with the same four numbers. Boxes are then clamped to the
-  image like the XML loader (x1 = max(x1, 0), x2 = min(x2, W-1), ...). A consequence: ``w`` is one
-  less than the box's pixel width; a box with ``w <= 0`` or ``h <= 0`` is an error (mmdet silently
-  drops boxes with ``w`` or ``h`` below 1; ``skip_degenerate=True`` drops those <= 0).
+  read as a box of megavod's +1 convention, exactly as the XML's ``xmax``/``ymax`` are
+  (docs/conventions.md#legacy-plus-one-boxes). So an ILSVRC box goes XML -> JSON -> megavod with the same four
+  numbers. Boxes are then clamped to the image like the XML loader (x1 = max(x1, 0), x2 = min(x2, W-1), ...).
+  A consequence: ``w`` is one less than the box's pixel width; a box with ``w <= 0`` or ``h <= 0`` is an error
+  (mmdet silently drops boxes with ``w`` or ``h`` below 1; ``skip_degenerate=True`` drops those <= 0).
 * **Classes**: categories are matched by ``name`` to the 30 ImageNet VID classes (a WordNet id as
   name works too), so ``category_id`` values are free. With ``class_names`` the file's own classes
   are used instead (label = position in ``class_names`` + 1). A category that no annotation uses

@@ -1,4 +1,5 @@
-"""Conversion both ways between the ImageNet VID layout (docs/conventions.md#image-set-files, docs/conventions.md#annotations-and-classes) and COCO-VID JSON.
+"""Conversion both ways between the ImageNet VID layout (docs/conventions.md#image-set-files,
+docs/conventions.md#annotations-and-classes) and COCO-VID JSON.
 
 ``vid_layout_to_coco`` does what mmtracking's ``imagenet2coco_vid.py`` does (same fields, ids
 counted from 1, ``bbox = [xmin, ymin, xmax - xmin, ymax - ymin]``, ``file_name`` relative to
@@ -186,7 +187,8 @@ def coco_to_vid_layout(
     link: bool = True,
     skip_degenerate: bool = False,
 ) -> ConversionStats:
-    """Write a COCO-VID dataset in the ImageNet VID layout under ``out_dir`` (docs/conventions.md#image-set-files, docs/conventions.md#annotations-and-classes).
+    """Write a COCO-VID dataset in the ImageNet VID layout under ``out_dir``
+    (docs/conventions.md#image-set-files, docs/conventions.md#annotations-and-classes).
 
     Writes ``Data/VID/<split>/<video>/%06d.JPEG`` (hard links to JPEG files when ``link`` and
     possible, else copies; other formats re-encoded), ``Annotations/VID/<split>/<video>/%06d.xml``
@@ -245,7 +247,8 @@ def coco_to_vid_layout(
             write_annotation(xml, replace(ann, video=name, frame=index), folder, f"{index:06d}")
             stats.annotations += len(ann)
         running = len(lists[f"VID_{split}_videos.txt"])
-        # Column 2 is a running index in the authors' val list and 1 in their train list (docs/conventions.md#image-set-files).
+        # Column 2 is a running index in the authors' val list and 1 in their train list
+        # (docs/conventions.md#image-set-files).
         lists[f"VID_{split}_videos.txt"] += [
             ImageSetEntry(name, t, length, running + t + 1) for t in range(length)
         ]

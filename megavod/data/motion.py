@@ -21,8 +21,9 @@ from torch import Tensor
 
 from megavod.structures import FrameAnnotation
 
-#: Inclusive motion-IoU ranges of the authors' evaluation (docs/conventions.md#evaluation-protocol). "all" is special-cased by the
-#: evaluator: it ignores no ground truth whatever the motion IoU (docs/departures.md#motion-iou-from-track-ids).
+#: Inclusive motion-IoU ranges of the authors' evaluation (docs/conventions.md#evaluation-protocol). "all" is
+#: special-cased by the evaluator: it ignores no ground truth whatever the motion IoU
+#: (docs/departures.md#motion-iou-from-track-ids).
 MOTION_RANGES: dict[str, tuple[float, float]] = {
     "all": (0.0, 1.0),
     "fast": (0.0, 0.7),
@@ -108,11 +109,11 @@ def motion_ious_for_video(frames: Sequence[FrameAnnotation], radius: int = 10) -
 def bucket_shares(motion_ious: Sequence[Tensor | np.ndarray | Sequence[float]]) -> dict[str, float]:
     """Share of motion-IoU entries inside each bucket, counted as the authors' code counts them.
 
-    This is the ``empty_weight`` of each bucket (docs/conventions.md#evaluation-protocol, docs/departures.md#motion-iou-from-track-ids): the entries are all per-box values of
-    all frames, where a frame without ground truth contributes one entry 0 (the authors' reading of
-    an empty ``.mat`` cell) and -1 entries count in the denominator only. Ranges are inclusive, so a
-    value of exactly 0.7 or 0.9 counts in two buckets. Also returns ``"no_neighbour"``: the share of
-    -1 entries, and ``"entries"``: the denominator.
+    This is the ``empty_weight`` of each bucket (docs/conventions.md#evaluation-protocol,
+    docs/departures.md#motion-iou-from-track-ids): the entries are all per-box values of all frames, where a
+    frame without ground truth contributes one entry 0 (the authors' reading of an empty ``.mat`` cell) and -1
+    entries count in the denominator only. Ranges are inclusive, so a value of exactly 0.7 or 0.9 counts in
+    two buckets. Also returns ``"no_neighbour"``: the share of -1 entries, and ``"entries"``: the denominator.
     """
     parts = [np.asarray(m, dtype=np.float64).reshape(-1) for m in motion_ious]
     parts = [p if p.size else np.zeros(1) for p in parts]

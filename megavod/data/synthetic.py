@@ -1,4 +1,5 @@
-"""``megavod synth``: a synthetic benchmark in the exact ImageNet VID layout (docs/conventions.md#image-set-files, docs/conventions.md#annotations-and-classes).
+"""``megavod synth``: a synthetic benchmark in the exact ImageNet VID layout
+(docs/conventions.md#image-set-files, docs/conventions.md#annotations-and-classes).
 
 What it writes under ``OUT``::
 
@@ -20,9 +21,9 @@ objects), so evaluations can split hidden from visible boxes; ``generated`` is a
 are written DET-style (no trackid/occluded); a quarter of them have their cue hidden.
 
 Motion profiles (static / slow / medium / fast) are stratified per block of 20 videos of a split, so
-even a 20-video val set fills the fast, medium and slow buckets (docs/conventions.md#evaluation-protocol) in about the shares of
-ImageNet VID val. ``OUT`` must be empty or hold an earlier synthetic set (complete or interrupted),
-which is replaced; any other non-empty folder is refused.
+even a 20-video val set fills the fast, medium and slow buckets (docs/conventions.md#evaluation-protocol) in
+about the shares of ImageNet VID val. ``OUT`` must be empty or hold an earlier synthetic set (complete or
+interrupted), which is replaced; any other non-empty folder is refused.
 
 Deterministic by seed: every video (and DET image) draws from its own generator seeded with
 ``(seed, split, index)``, so the same seed gives the same bytes of annotations and the same images,
@@ -68,8 +69,8 @@ FPS = 25.0
 JPEG_QUALITY = 90
 DET_HIDDEN_PROB = 0.25
 _SPLIT_CODE = {"train": 0, "val": 1, "det": 2}
-# Motion-IoU buckets as an exclusive partition of the inclusive ranges of docs/conventions.md#evaluation-protocol (a value of exactly 0.7
-# counts as fast, exactly 0.9 as slow).
+# Motion-IoU buckets as an exclusive partition of the inclusive ranges of
+# docs/conventions.md#evaluation-protocol (a value of exactly 0.7 counts as fast, exactly 0.9 as slow).
 FAST_MAX, SLOW_MIN = 0.7, 0.9
 
 
@@ -97,7 +98,8 @@ class SyntheticStats:
 
 
 def _motion_ious(anns: list[FrameAnnotation]) -> np.ndarray:
-    """Per-box motion IoU of one video (docs/departures.md#motion-iou-from-track-ids), -1 where the track has no neighbour."""
+    """Per-box motion IoU of one video (docs/departures.md#motion-iou-from-track-ids), -1 where the track has
+    no neighbour."""
     values = motion_ious_for_video(anns)
     return torch.cat(values).numpy() if values else np.zeros(0)
 

@@ -13,7 +13,8 @@ Why temporal context matters here, by construction:
   background) or ``backlit`` (a dark silhouette, the object turned away from the light). A hidden frame
   alone therefore cannot tell the two classes of a pair apart; other frames of the same track can.
 * Motion is drawn per video (static / slow / medium / fast with direction changes, per-track jitter),
-  so that the motion-IoU buckets of docs/conventions.md#evaluation-protocol (fast <= 0.7 < medium < 0.9 <= slow) are all populated.
+  so that the motion-IoU buckets of docs/conventions.md#evaluation-protocol
+  (fast <= 0.7 < medium < 0.9 <= slow) are all populated.
 
 Everything is a pure function of a ``numpy.random.Generator``; drawing is vectorised numpy on small
 per-object patches plus a few PIL primitives for the background.

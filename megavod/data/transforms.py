@@ -1,4 +1,5 @@
-"""Input pipeline of the authors' code (docs/conventions.md#input-pipeline): resize, horizontal flip, BGR x 255 minus the mean.
+"""Input pipeline of the authors' code (docs/conventions.md#input-pipeline): resize, horizontal flip,
+BGR x 255 minus the mean.
 
 Order: PIL RGB -> resize (PIL bilinear) -> optional flip -> ToTensor ([0, 1]) -> channels to BGR,
 x 255 -> subtract ``pixel_mean`` (B, G, R), divide by ``pixel_std``. The ops are the authors' own
@@ -6,9 +7,9 @@ x 255 -> subtract ``pixel_mean`` (B, G, R), divide by ``pixel_std``. The ops are
 
 Randomness is an explicit draw (:meth:`FrameTransform.draw`), made once per training sample and
 applied to the key frame and all of its reference frames: the authors' flip transform keeps its draw
-for the reference frames processed after the key frame, so a sample's frames flip together (docs/conventions.md#input-pipeline).
-The train short side is drawn with the flip, once per sample (the authors draw it per frame; with the
-reference setting ``min_size_train = (600,)`` the two are the same).
+for the reference frames processed after the key frame, so a sample's frames flip together
+(docs/conventions.md#input-pipeline). The train short side is drawn with the flip, once per sample (the
+authors draw it per frame; with the reference setting ``min_size_train = (600,)`` the two are the same).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""ImageNet VID and DET training sets (docs/conventions.md#training-samples, docs/conventions.md#image-set-files, docs/conventions.md#annotations-and-classes), for every method.
+"""ImageNet VID and DET training sets (docs/conventions.md#training-samples,
+docs/conventions.md#image-set-files, docs/conventions.md#annotations-and-classes), for every method.
 
 The root folder is the ``ILSVRC2015`` layout::
 
@@ -30,8 +31,8 @@ lists (malformed JSON as :func:`read_coco_vid`, a missing image file, an image o
 
 Each item is a :class:`TrainSample`: the key frame resized (short side 600, long side at most 1000)
 and normalised, its target boxes mapped into the resized image, and the reference images, all
-flipped together with the key (docs/conventions.md#input-pipeline) and resized to the same size. All randomness of an item
-(short side, flip, reference frames) comes from the seed in its :class:`SampleKey`.
+flipped together with the key (docs/conventions.md#input-pipeline) and resized to the same size. All
+randomness of an item (short side, flip, reference frames) comes from the seed in its :class:`SampleKey`.
 """
 
 from __future__ import annotations

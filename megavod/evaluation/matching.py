@@ -1,5 +1,6 @@
-"""Greedy matching of predictions to ground truth for the VID evaluation (docs/conventions.md#evaluation-protocol), vectorised:
-:func:`match_all` is what ``evaluate_vid`` runs for every motion range / subset at once.
+"""Greedy matching of predictions to ground truth for the VID evaluation
+(docs/conventions.md#evaluation-protocol), vectorised: :func:`match_all` is what ``evaluate_vid`` runs for
+every motion range / subset at once.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Per-class AP and mAP on ImageNet VID, computed exactly as the authors' evaluation does (docs/conventions.md#evaluation-protocol).
+"""Per-class AP and mAP on ImageNet VID, computed exactly as the authors' evaluation does
+(docs/conventions.md#evaluation-protocol).
 
 The authors' ``vid_eval.py`` loops over images, classes, predictions and ground truths in Python.
 This module reproduces its numbers (to the last bit on the reference case) with vectorised numpy:
@@ -10,13 +11,13 @@ This module reproduces its numbers (to the last bit on the reference case) with 
   annotation order), or the last ignored one if all are ignored. The greedy loop is run in *rounds*:
   round r handles the r-th competing prediction of every (image, class) group at once, and only
   predictions with some IoU >= threshold compete (the others cannot match whatever the order).
-* **FP weight** of an unmatched prediction from its ignore value p (docs/conventions.md#evaluation-protocol): 1 if p = 0, 0 if p = 1,
-  else p; a prediction matched to an ignored GT is neither TP nor FP.
+* **FP weight** of an unmatched prediction from its ignore value p (docs/conventions.md#evaluation-protocol):
+  1 if p = 0, 0 if p = 1, else p; a prediction matched to an ignored GT is neither TP nor FP.
 * **AP**: VOC all-point AP with sentinels; mAP = mean over classes with non-ignored GT (NaN elsewhere).
 
-Protocols (docs/departures.md#ilsvrc-small-object-protocol): ``"authors"`` uses IoU >= 0.5 for every box; ``"ilsvrc"`` uses the official
-devkit's per-GT threshold min(0.5, wh / ((w + 10)(h + 10))) with w = x2 - x1 + 1 and h = y2 - y1 + 1 of
-the GT box (``eval_vid_detection.m``), everything else as the authors'.
+Protocols (docs/departures.md#ilsvrc-small-object-protocol): ``"authors"`` uses IoU >= 0.5 for every box;
+``"ilsvrc"`` uses the official devkit's per-GT threshold min(0.5, wh / ((w + 10)(h + 10))) with
+w = x2 - x1 + 1 and h = y2 - y1 + 1 of the GT box (``eval_vid_detection.m``), everything else as the authors'.
 
 Tie orders the authors leave to numpy's unstable sort are fixed here: equal scores are taken later
 index first (what numpy's argsort reversed gives on small arrays). An IoU that is NaN (two boxes of
@@ -154,7 +155,8 @@ def evaluate_vid(
     classes: Sequence[str] = VID_CLASSES,
     subsets: Mapping[str, Sequence[Tensor | np.ndarray]] | None = None,
 ) -> VIDEvalResult:
-    """AP50 per class and mAP of ``preds`` against ``gts`` (docs/conventions.md#evaluation-protocol, docs/departures.md#motion-iou-from-track-ids, docs/departures.md#ilsvrc-small-object-protocol).
+    """AP50 per class and mAP of ``preds`` against ``gts`` (docs/conventions.md#evaluation-protocol,
+    docs/departures.md#motion-iou-from-track-ids, docs/departures.md#ilsvrc-small-object-protocol).
 
     Args:
         gts: ground truth per frame, boxes in original pixels (as clamped by the XML reader).

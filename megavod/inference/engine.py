@@ -50,7 +50,7 @@ class StreamState:
               online: bool = False) -> "StreamState":
         memory = None
         if schedule.memory_levels:
-            memory = LongRangeMemory(schedule.memory_levels, schedule.T_m, getattr(schedule, "feat_dim", 1024))
+            memory = LongRangeMemory(schedule.memory_levels, schedule.T_m, schedule.feat_dim)
         return cls(memory, model.new_stream_cache(), relation_inputs,
                    schedule.online_planner() if online else None)
 

@@ -1,4 +1,5 @@
-"""MEGA's Long Range Memory (paper §3.3, docs/conventions.md#long-range-memory, docs/departures.md#memory-length-as-its-own-parameter).
+"""MEGA's Long Range Memory (paper §3.3, docs/conventions.md#long-range-memory,
+docs/departures.md#memory-length-as-its-own-parameter).
 
 Level i (i < N_l) keeps, for each of the T_m most recent frames that left the local window, the rows
 that frame contributed as references of local stage i: all its proposals at level 0 (after the global
@@ -25,7 +26,8 @@ class LongRangeMemory:
 
     Args:
         num_levels: N_l, one level per local stage.
-        T_m: frames kept per level (a real parameter, default 25: docs/departures.md#memory-length-as-its-own-parameter).
+        T_m: frames kept per level (a real parameter, default 25:
+            docs/departures.md#memory-length-as-its-own-parameter).
         feat_dim: feature size, for the empty rows :meth:`read_rows` returns before the first push.
     """
 

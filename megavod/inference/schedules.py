@@ -55,7 +55,8 @@ class Schedule(Protocol):
 
     #: Frame k's step needs no later frame, so offline equals online (single frame, DFF).
     causal: bool
-    #: Long Range Memory levels kept by the stream (0: none) and frames per level.
+    #: Long Range Memory levels kept by the stream (0: none) and frames per level; a schedule with
+    #: memory also says the width of its rows, ``feat_dim``.
     memory_levels: int
     T_m: int
 

@@ -16,8 +16,9 @@ from megavod.registry import get_method
 
 
 def build_detector(cfg: Config) -> nn.Module:
-    """The detector of ``cfg.method`` (the method table's ``build``), randomly initialised (plus ``model.backbone.weights`` if set),
-    then filled from ``model.init_weights`` if set (:func:`load_initial_weights`)."""
+    """The detector of ``cfg.method`` (the method table's ``build``), randomly initialised (plus
+    ``model.backbone.weights`` if set), then filled from ``model.init_weights`` if set
+    (:func:`load_initial_weights`)."""
     model = get_method(cfg.method).build(cfg)
     if cfg.model.init_weights:
         load_initial_weights(model, cfg.model.init_weights)

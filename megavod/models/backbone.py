@@ -1,4 +1,5 @@
-"""ResNet / ResNeXt "C4" backbone and the res5 stage of the box head (docs/conventions.md#backbone-and-frozen-batch-norm), from torchvision parts.
+"""ResNet / ResNeXt "C4" backbone and the res5 stage of the box head
+(docs/conventions.md#backbone-and-frozen-batch-norm), from torchvision parts.
 
 The network is torchvision's ``Bottleneck`` with ``FrozenBatchNorm2d``, adjusted where the authors'
 MSRA models differ (docs/conventions.md#backbone-and-frozen-batch-norm):
@@ -158,7 +159,8 @@ class C4Backbone(nn.Module):
 
 
 class ResNetHead(nn.Module):
-    """res5 (``layer4``) on the whole C4 map: stride 1, dilation ``dilation`` in every block (docs/conventions.md#backbone-and-frozen-batch-norm).
+    """res5 (``layer4``) on the whole C4 map: stride 1, dilation ``dilation`` in every block
+    (docs/conventions.md#backbone-and-frozen-batch-norm).
 
     With ``dilation == 1`` the authors' code strides block 0 by 2 (output stride 32).
     """

@@ -1,4 +1,5 @@
-"""The legacy "+1" box convention of the authors' code (docs/conventions.md#legacy-plus-one-boxes): coder, IoU, clipping, NMS.
+"""The legacy "+1" box convention of the authors' code (docs/conventions.md#legacy-plus-one-boxes): coder,
+IoU, clipping, NMS.
 
 Every box is ``(x1, y1, x2, y2)`` in pixels with width ``x2 - x1 + 1``. The published numbers and the
 released weights were produced with this convention, so megavod keeps it everywhere a box is encoded,
@@ -102,7 +103,8 @@ def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
-    """NMS with +1 areas that suppresses when IoU > threshold (the authors' CUDA kernel, docs/conventions.md#legacy-plus-one-boxes).
+    """NMS with +1 areas that suppresses when IoU > threshold (the authors' CUDA kernel,
+    docs/conventions.md#legacy-plus-one-boxes).
 
     torchvision's kernel also suppresses on ``IoU > threshold`` but measures width as ``x2 - x1``;
     shifting x2, y2 by one pixel makes its intersections and areas exactly the +1 ones. Returns kept

@@ -1,4 +1,5 @@
-"""Flow networks of FGFA and DFF (docs/conventions.md#fgfa-and-dff): FlowNet Simple as the authors use it, and RAFT-small.
+"""Flow networks of FGFA and DFF (docs/conventions.md#fgfa-and-dff): FlowNet Simple as the authors use it, and
+RAFT-small.
 
 :class:`FlowNetS` is the authors' network layer for layer, with their layer names, so the ``flownet.*``
 entries of their FGFA/DFF checkpoints (and the converted ``flownet.ckpt``) load key for key:

@@ -1,11 +1,13 @@
-"""The MEGA detector (docs/conventions.md#mega-aggregation-head, docs/conventions.md#mega-inference-schedule, docs/conventions.md#training-forward): the single-frame detector's backbone and RPN, and a box head
-whose features are aggregated by :class:`~megavod.models.mega_head.MEGAAggregator`.
+"""The MEGA detector (docs/conventions.md#mega-aggregation-head, docs/conventions.md#mega-inference-schedule,
+docs/conventions.md#training-forward): the single-frame detector's backbone and RPN, and a box head whose
+features are aggregated by :class:`~megavod.models.mega_head.MEGAAggregator`.
 
 The detector holds weights only. At test time the streaming engine (:mod:`megavod.inference.engine`)
 calls :meth:`MEGADetector.frame_features` once per frame and :meth:`MEGADetector.detect_key` once per
 key frame with the local window, the global pool and the memory of the stream, and the stream's own
 :class:`MEGAStreamCache` (detector contract: :mod:`megavod.models.contract`). Training
-(:meth:`MEGADetector.forward` on a :class:`~megavod.data.vid_dataset.TrainSample`) follows docs/conventions.md#training-forward.
+(:meth:`MEGADetector.forward` on a :class:`~megavod.data.vid_dataset.TrainSample`) follows
+docs/conventions.md#training-forward.
 
 Work the authors' code repeats and megavod does once (same numbers):
 
@@ -15,10 +17,10 @@ Work the authors' code repeats and megavod does once (same numbers):
   proposals, and serve it as key, local, global and memory frame;
 * the value projection runs before the attention-weighted sum (:mod:`megavod.models.relation`).
 
-State-dict names equal the authors' (docs/conventions.md#state-dict-names) except inside the aggregator, whose names map one to one
-(:meth:`MEGAAggregator.authors_key_mapping`): ``roi_heads.box.feature_extractor.aggregator.fcs.0`` is
-their ``roi_heads.box.feature_extractor.l_fcs.0``. The per-frame pass and the shared training rows are
-in :mod:`megavod.models.relation_detector`.
+State-dict names equal the authors' (docs/conventions.md#state-dict-names) except inside the aggregator, whose
+names map one to one (:meth:`MEGAAggregator.authors_key_mapping`):
+``roi_heads.box.feature_extractor.aggregator.fcs.0`` is their ``roi_heads.box.feature_extractor.l_fcs.0``. The
+per-frame pass and the shared training rows are in :mod:`megavod.models.relation_detector`.
 """
 
 from __future__ import annotations

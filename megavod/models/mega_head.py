@@ -1,6 +1,8 @@
-"""MEGA's box-feature aggregation (paper §3, docs/conventions.md#mega-aggregation-head, docs/conventions.md#mega-inference-schedule, docs/conventions.md#training-forward, docs/departures.md#ablations-the-released-code-cannot-run): pure modules on
-RoI features, no backbone, no state. The streaming engine owns the local window, the global pool and
-the Long Range Memory (:mod:`megavod.inference.memory`) and passes them in.
+"""MEGA's box-feature aggregation (paper §3, docs/conventions.md#mega-aggregation-head,
+docs/conventions.md#mega-inference-schedule, docs/conventions.md#training-forward,
+docs/departures.md#ablations-the-released-code-cannot-run): pure modules on RoI features, no backbone, no
+state. The streaming engine owns the local window, the global pool and the Long Range Memory
+(:mod:`megavod.inference.memory`) and passes them in.
 
 MEGA's three ideas each live in one named method of :class:`MEGAAggregator`:
 
@@ -100,7 +102,8 @@ class RoiRows:
 
 @dataclass
 class MEGAOutput:
-    """features: [K, C] key-frame features for the box predictor (no final ReLU, docs/conventions.md#mega-aggregation-head).
+    """features: [K, C] key-frame features for the box predictor (no final ReLU,
+    docs/conventions.md#mega-aggregation-head).
     memory_push: per level i < N_l, the oldest window frame's rows as local stage i used them as
     references (all its rows after the global stage at level 0, its distilled rows after stage i-1's
     FC+ReLU at levels >= 1); push them to memory *after* this call (memory is read before the push)."""
@@ -117,11 +120,13 @@ class MEGAAggregator(nn.Module):
         feat_dim: C of the relation features (1024).
         num_heads, embed_dim, wave_length: of every relation module (16, 64, 1000; docs/conventions.md#relation-module).
         N_g: stacked location-free modules of the global stage (1; 0 = no global stage, Table 4).
-        N_l: location-based local stages (3; 0 = the key only queries the global pool, docs/departures.md#ablations-the-released-code-cannot-run).
+        N_l: location-based local stages (3; 0 = the key only queries the global pool,
+            docs/departures.md#ablations-the-released-code-cannot-run).
         global_res_stages: global modules on the key after the local stack (R-101: 1, R-50: 0).
         advanced_num: rows per local/memory frame kept in D for the later stages (int(75 * 0.2) = 15).
         location_based_global: give the global modules the geometry term too (paper §4.5 ablation).
-        temporal_embedding: the paper's relative frame-index term (docs/departures.md#temporal-embedding; rows need ``frames``).
+        temporal_embedding: the paper's relative frame-index term (docs/departures.md#temporal-embedding; rows
+            need ``frames``).
     """
 
     def __init__(
@@ -228,7 +233,8 @@ class MEGAAggregator(nn.Module):
         geometry: GeometryBiasCache | None = None,
         memory_counts: Sequence[Sequence[int]] | None = None,
     ) -> tuple[RoiRows, list[RoiRows]]:
-        """The N_l location-based stages (docs/conventions.md#mega-aggregation-head); memory level i joins the references of stage i.
+        """The N_l location-based stages (docs/conventions.md#mega-aggregation-head); memory level i joins the
+        references of stage i.
 
         ``local`` holds the window's rows after the global stage, frame by frame (``counts`` rows each,
         oldest first). Queries are [key; D] (D: the first ``advanced_num`` rows of every frame); the
@@ -294,7 +300,8 @@ class MEGAAggregator(nn.Module):
         geometry: GeometryBiasCache | None = None,
         memory_counts: Sequence[Sequence[int]] | None = None,
     ) -> MEGAOutput:
-        """Aggregate the key frame's RoI features (docs/conventions.md#mega-inference-schedule; training: docs/conventions.md#training-forward).
+        """Aggregate the key frame's RoI features (docs/conventions.md#mega-inference-schedule; training:
+        docs/conventions.md#training-forward).
 
         Args:
             key: the key frame's proposals: raw features (:meth:`embed`), boxes, [frames].
@@ -331,9 +338,9 @@ class MEGAAggregator(nn.Module):
 
     @torch.no_grad()
     def memory_from_frames(self, frames: Sequence[RoiRows], global_pool: RoiRows) -> list[RoiRows]:
-        """Training memory (docs/conventions.md#training-forward): memory frames' raw rows go through the global stage and
-        the local stack among themselves (no memory of memory), with stop-gradient. Level 0 = all rows
-        after the global stage, level i = their D rows after stage i-1 and its FC+ReLU."""
+        """Training memory (docs/conventions.md#training-forward): memory frames' raw rows go through the
+        global stage and the local stack among themselves (no memory of memory), with stop-gradient.
+        Level 0 = all rows after the global stage, level i = their D rows after stage i-1 and its FC+ReLU."""
         if not frames:
             empty = RoiRows(global_pool.feats.new_zeros(0, self.feat_dim), global_pool.feats.new_zeros(0, 4))
             return [empty for _ in range(self.N_l)]

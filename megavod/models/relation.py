@@ -87,8 +87,8 @@ def box_geometry_embedding(
     [sin, cos] each. This is the authors' ``position_embedding`` [1, dim, N, M] channel-last.
 
     With ``query_frames`` [N] and ``ref_frames`` [M] (frame indices) the paper's relative frame-index
-    term (docs/departures.md#temporal-embedding, not in the authors' code or weights) is appended: dt = t_j - t_i embedded by the
-    same sin/cos scheme, giving [N, M, dim + dim/4].
+    term (docs/departures.md#temporal-embedding, not in the authors' code or weights) is appended:
+    dt = t_j - t_i embedded by the same sin/cos scheme, giving [N, M, dim + dim/4].
     """
     if dim % 8 != 0:
         raise ValueError(f"dim must be a multiple of 8 (4 terms x sin/cos), got {dim}")
@@ -119,7 +119,8 @@ class RelationModule(nn.Module):
             global module, which has no ``Wg``.
         content_bias: MEGA's learnable content bias ``u`` (Transformer-XL's global content term); RDN has
             none.
-        temporal_embedding: also embed the relative frame index (docs/departures.md#temporal-embedding); off in every preset.
+        temporal_embedding: also embed the relative frame index (docs/departures.md#temporal-embedding); off
+            in every preset.
         wave_length: of the sinusoidal embedding (1000).
 
     Parameter names and shapes match one authors' module (e.g. MEGA ``l_Wqs.i`` -> ``Wq``, ``l_us.i`` ->
@@ -292,7 +293,8 @@ class RelationModule(nn.Module):
         freqs = _frequencies(f, self.wave_length, x_boxes.device, torch.float64)
         qa = _widths_heights(x_boxes).double().log()[:, :, None] * freqs  # [N, 2, f]: w and h angles
         ra = _widths_heights(ref_boxes).double().log().T[:, None, :] * freqs[:, None]  # [2, f, M]
-        query_factors = torch.cat([qa.sin(), qa.cos()], dim=2).flatten(1).to(weight.dtype)  # [N, (w, h) x (sin, cos) x f]
+        # [N, (w, h) x (sin, cos) x f]
+        query_factors = torch.cat([qa.sin(), qa.cos()], dim=2).flatten(1).to(weight.dtype)
         a, b = weight.view(-1, 2, 2, f, 1).unbind(2)  # Wg's sin / cos columns, [M_h, 2, f, 1] each
         rs, rc = ra.sin().to(weight.dtype), ra.cos().to(weight.dtype)
         ref_factors = torch.stack([a * rc + b * rs, b * rc - a * rs], dim=2)  # [M_h, (w, h), (sin, cos), f, M]
@@ -307,7 +309,8 @@ class RelationModule(nn.Module):
         x_frames: Tensor | None = None,
         ref_frames: Tensor | None = None,
     ) -> Tensor:
-        """The relation weights w_ij^m, [M_h, N, M] (rows sum to 1), e.g. for BLR's link scores (docs/departures.md#blr-as-megavod-reads-the-paper)."""
+        """The relation weights w_ij^m, [M_h, N, M] (rows sum to 1), e.g. for BLR's link scores
+        (docs/departures.md#blr-as-megavod-reads-the-paper)."""
         n, m = x.shape[0], refs.shape[0]
         h, d = self.num_heads, self.head_dim
         q = self.Wq(x).view(n, h, d).transpose(0, 1)

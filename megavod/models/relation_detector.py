@@ -6,14 +6,15 @@ runs once (C4, the 300 test proposals, their raw features); a frame met as a ref
 ``ref_proposals`` (75) rows, which are exactly the authors' separate "ref" RPN's proposals (same RPN
 pass and NMS order, so ``rpn.ref_pre_nms_top_n`` must equal ``rpn.pre_nms_top_n_test``). In training,
 the key image and its local references share one backbone batch and the key is also a reference
-frame (its first 75 proposals, docs/conventions.md#training-forward / docs/conventions.md#rdn): :meth:`RelationDetector.key_and_references`.
+frame (its first 75 proposals, docs/conventions.md#training-forward / docs/conventions.md#rdn):
+:meth:`RelationDetector.key_and_references`.
 
-For BLR (docs/departures.md#blr-as-megavod-reads-the-paper) the detector can also hand back, per detection, its query row in the last
-location-based relation module (when the stream asks for it, :attr:`KeyFrameInputs.relation_inputs`,
-as ``megavod detect --postprocess blr`` does): a forward pre-hook on that module reads the key rows it is given (no
-change to the aggregation or its numbers), and :meth:`RelationDetector.predict` keeps the rows of the
-proposals the kept detections came from. :meth:`RelationDetector.blr_relation_weights` then gives
-the relation weights between two frames' detections.
+For BLR (docs/departures.md#blr-as-megavod-reads-the-paper) the detector can also hand back, per detection,
+its query row in the last location-based relation module (when the stream asks for it,
+:attr:`KeyFrameInputs.relation_inputs`, as ``megavod detect --postprocess blr`` does): a forward pre-hook on
+that module reads the key rows it is given (no change to the aggregation or its numbers), and
+:meth:`RelationDetector.predict` keeps the rows of the proposals the kept detections came from.
+:meth:`RelationDetector.blr_relation_weights` then gives the relation weights between two frames' detections.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class RelationQueryTap:
 
 
 class RelationDetector(nn.Module):
-    """Backbone, RPN and ``roi_heads["box"]`` (names as the authors', docs/conventions.md#state-dict-names) of MEGA and RDN."""
+    """Backbone, RPN and ``roi_heads["box"]`` (names as the authors', docs/conventions.md#state-dict-names) of
+    MEGA and RDN."""
 
     def __init__(self, backbone: C4Backbone, rpn: RPN, box_head: RoIBoxHead, ref_proposals: int = 75) -> None:
         super().__init__()
@@ -136,9 +138,10 @@ class RelationDetector(nn.Module):
 
     @torch.inference_mode()
     def blr_relation_weights(self, a: RelationInputs, b: RelationInputs, frame_a: int, frame_b: int) -> Tensor:
-        """Relation weights [n_a, n_b] between the detections of two frames (docs/departures.md#blr-as-megavod-reads-the-paper): the last
-        location-based module's softmax weights of ``a``'s query rows over ``b``'s, mean over heads;
-        on the CPU. ``frame_a``/``frame_b`` tag the rows for the temporal embedding (docs/departures.md#temporal-embedding)."""
+        """Relation weights [n_a, n_b] between the detections of two frames
+        (docs/departures.md#blr-as-megavod-reads-the-paper): the last location-based module's softmax weights
+        of ``a``'s query rows over ``b``'s, mean over heads; on the CPU. ``frame_a``/``frame_b`` tag the rows
+        for the temporal embedding (docs/departures.md#temporal-embedding)."""
         module = self.blr_relation_module()
         if module is None:
             raise ValueError(f"{type(self).__name__} has no location-based relation module")

@@ -1,5 +1,5 @@
-"""Box head of the C4 detector (docs/conventions.md#box-head-and-predictor): res5 on the whole map, RoIAlign, fc6/fc7, predictor,
-Fast R-CNN sampling and loss, test-time postprocess.
+"""Box head of the C4 detector (docs/conventions.md#box-head-and-predictor): res5 on the whole map, RoIAlign,
+fc6/fc7, predictor, Fast R-CNN sampling and loss, test-time postprocess.
 
 Pieces MEGA/RDN/FGFA/DFF reuse:
 
@@ -47,8 +47,8 @@ class ResNetC5RoIPooler(nn.Module):
     """res5 on the whole C4 map -> [1x1 reduce conv + ReLU] -> RoIAlign 7x7, flattened.
 
     RoIAlign is legacy (``aligned=False``), ``sampling_ratio=0`` (adaptive), scale 1/16, applied to the
-    res5 output of the whole image, not res5 applied to pooled C4 (docs/conventions.md#box-head-and-predictor). Every C4 box head (plain,
-    MEGA, RDN) starts with this; they differ in what follows the pooled features.
+    res5 output of the whole image, not res5 applied to pooled C4 (docs/conventions.md#box-head-and-predictor).
+    Every C4 box head (plain, MEGA, RDN) starts with this; they differ in what follows the pooled features.
     """
 
     def __init__(
@@ -155,7 +155,8 @@ class SampledRoIs:
 
 class FastRCNNLossComputation:
     """Matching (IoU >= 0.5 fg, < 0.5 bg, no low-quality matches), 128 RoIs per image at most 25% fg,
-    cross-entropy + smooth-L1 (beta 1) on the class-specific deltas / number sampled (docs/conventions.md#box-head-and-predictor)."""
+    cross-entropy + smooth-L1 (beta 1) on the class-specific deltas / number sampled
+    (docs/conventions.md#box-head-and-predictor)."""
 
     def __init__(
         self,
@@ -214,9 +215,10 @@ class FastRCNNLossComputation:
 
 
 class BoxPostProcessor:
-    """Test-time detections (docs/conventions.md#box-head-and-predictor): softmax, per-class decode and clip, for each class j >= 1 keep
-    score > ``score_thresh`` and NMS at ``nms_thresh``, then the top ``detections_per_img`` over all
-    classes by kth-value threshold (ties at the threshold may keep a few more, as the authors')."""
+    """Test-time detections (docs/conventions.md#box-head-and-predictor): softmax, per-class decode and clip,
+    for each class j >= 1 keep score > ``score_thresh`` and NMS at ``nms_thresh``, then the top
+    ``detections_per_img`` over all classes by kth-value threshold (ties at the threshold may keep a few more,
+    as the authors')."""
 
     def __init__(self, box_coder: BoxCoder, score_thresh: float = 0.001, nms_thresh: float = 0.5,
                  detections_per_img: int = 300):
@@ -235,7 +237,8 @@ class BoxPostProcessor:
     ) -> list[Detections] | tuple[list[Detections], list[Tensor]]:
         """Detections per image. With ``return_indices`` also, per image, the index [N] of the proposal
         (row of that image's proposals) each detection was decoded from, e.g. to find a detection's
-        relation-module input for BLR (docs/departures.md#blr-as-megavod-reads-the-paper); the detections are the same either way."""
+        relation-module input for BLR (docs/departures.md#blr-as-megavod-reads-the-paper); the detections are
+        the same either way."""
         boxes_list = _as_boxes(proposals)
         probs = F.softmax(class_logits.float(), -1)
         num_classes = probs.shape[1]

@@ -1,4 +1,5 @@
-"""Single-frame Faster R-CNN (docs/conventions.md#single-frame-detector): C4 backbone -> RPN (300) -> res5/fc6/fc7 box head -> predictor.
+"""Single-frame Faster R-CNN (docs/conventions.md#single-frame-detector):
+C4 backbone -> RPN (300) -> res5/fc6/fc7 box head -> predictor.
 
 Composed like torchvision's ``GeneralizedRCNN`` from parts passed in. ``forward`` takes images that
 are already resized and normalised (BGR x 255 minus the pixel mean, see ``megavod.data.transforms``),

@@ -1,4 +1,5 @@
-"""Video-level post-processing of detections: Seq-NMS (docs/departures.md#seq-nms-post-processing) and BLR (docs/departures.md#blr-as-megavod-reads-the-paper)."""
+"""Video-level post-processing of detections: Seq-NMS (docs/departures.md#seq-nms-post-processing) and BLR
+(docs/departures.md#blr-as-megavod-reads-the-paper)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""BLR, box linking with relations (RDN, Deng et al. 2019), as megavod reads the paper (docs/departures.md#blr-as-megavod-reads-the-paper).
+"""BLR, box linking with relations (RDN, Deng et al. 2019), as megavod reads the paper
+(docs/departures.md#blr-as-megavod-reads-the-paper).
 
 The authors released no code. megavod runs Seq-NMS (:mod:`megavod.postprocess.seqnms`: same
 candidates, links, greedy path extraction, suppression and final NMS) with one change: a path is

@@ -1,4 +1,5 @@
-"""Seq-NMS (Han et al. 2016) as FGFA's reference ``lib/nms/seq_nms.py`` runs it (docs/departures.md#seq-nms-post-processing).
+"""Seq-NMS (Han et al. 2016) as FGFA's reference ``lib/nms/seq_nms.py`` runs it
+(docs/departures.md#seq-nms-post-processing).
 
 Per video and class, every box with score > 1e-3 (no per-frame NMS before) is a node; boxes of the
 same class in adjacent frames are linked when their IoU >= 0.5. Then, repeatedly:

@@ -6,11 +6,11 @@ A training checkpoint is one ``torch.save`` file::
      "model": state_dict (no DDP "module." prefix), "optimizer": ..., "scheduler": ...,
      "iteration": completed iterations, "rng": [per-rank RNG state], "config": to_dict(cfg)}
 
-The authors' files (docs/conventions.md#checkpoint-files-and-key-listings) hold ``model``/``optimizer``/``scheduler``/``iteration``; megavod adds
-the random states (python, numpy, torch, CUDA) of every rank and the config, so that a run killed and
-resumed ends with the same weights as an uninterrupted one, and ``detect``/``eval`` can rebuild the
-model. Everything in it is tensors and plain Python values, so it loads with
-``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code.
+The authors' files (docs/conventions.md#checkpoint-files-and-key-listings) hold
+``model``/``optimizer``/``scheduler``/``iteration``; megavod adds the random states (python, numpy, torch,
+CUDA) of every rank and the config, so that a run killed and resumed ends with the same weights as an
+uninterrupted one, and ``detect``/``eval`` can rebuild the model. Everything in it is tensors and plain Python
+values, so it loads with ``torch.load(weights_only=True)``: loading a checkpoint never runs pickled code.
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the target:
 a crash at any moment leaves either the old file or the new one, never a partial file. The folder's

@@ -86,10 +86,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()
@@ -165,9 +161,9 @@ class IterationSampler:
     The whole run reads one endless stream of indices: epoch ``e`` is a permutation of the dataset
     seeded by (seed, e), and iteration ``i`` takes the ``world_size * images_per_process`` positions
     starting at ``i * world_size * images_per_process``, rank ``r`` the ``r``-th slice. So, as with
-    ``DistributedSampler`` + ``IterationBasedBatchSampler`` (docs/departures.md#training-order-and-exact-resume), the ranks see disjoint
-    samples, every item is seen once per epoch, and the data are shuffled uniformly over the
-    concatenated DET + VID lists; unlike the authors' sampler (which reseeds with the start iteration)
+    ``DistributedSampler`` + ``IterationBasedBatchSampler`` (docs/departures.md#training-order-and-exact-resume),
+    the ranks see disjoint samples, every item is seen once per epoch, and the data are shuffled uniformly
+    over the concatenated DET + VID lists; unlike the authors' sampler (which reseeds with the start iteration)
     the order depends on (seed, iteration) only, so a resumed run reads what the uninterrupted one
     would have read.
     """

@@ -1,12 +1,14 @@
-"""The training loop shared by every method (``megavod train``, :func:`megavod.api.train`; docs/conventions.md#training-forward).
+"""The training loop shared by every method (``megavod train``, :func:`megavod.api.train`;
+docs/conventions.md#training-forward).
 
 The loop knows nothing about the method: the model's ``forward(batch)`` in train mode takes a list of
 :class:`~megavod.data.vid_dataset.TrainSample` (one per image of this process, already on the device)
 and returns a dict of losses, which are summed (all weights 1, docs/conventions.md#training-forward).
 
 What one iteration does, as the authors' ``do_train``: skip it when a sample has no box left
-(docs/departures.md#skipped-iterations); forward under bf16 autocast on CUDA (the authors train in fp32, ``apex O0``; bf16 is our
-speed choice, ``solver.bf16``); backward; SGD step; learning-rate schedule step (docs/conventions.md#solver).
+(docs/departures.md#skipped-iterations); forward under bf16 autocast on CUDA (the authors train in fp32,
+``apex O0``; bf16 is our speed choice, ``solver.bf16``); backward; SGD step; learning-rate schedule step
+(docs/conventions.md#solver).
 
 **Resuming is exact**: the samples of iteration ``i`` are a function of (seed, i, rank)
 (:class:`~megavod.train.distributed.IterationSampler`), their random choices come from a seed of the

@@ -8,10 +8,10 @@
   step (80k).
 * ``attention_lr_factor`` (ours, default 1 = the authors) multiplies the lr of the relation modules'
   attention parameters (``Wq``, ``Wk``, ``u``, ``Wg``; not the value projection ``Wv``). Their gradients
-  pass through ``Wv``, which starts near zero (std 0.01, docs/conventions.md#relation-module): on a budget tens of times shorter
-  than the authors' 120k iterations, ``Wq``/``Wk`` never leave their initialisation at the detector's lr
-  (measured on the synthetic benchmark: 5% relative change in 9,000 iterations, most of it weight
-  decay). Raising the whole module's lr instead inflates ``Wv`` and with it the relation term, which
+  pass through ``Wv``, which starts near zero (std 0.01, docs/conventions.md#relation-module): on a budget
+  tens of times shorter than the authors' 120k iterations, ``Wq``/``Wk`` never leave their initialisation at
+  the detector's lr (measured on the synthetic benchmark: 5% relative change in 9,000 iterations, most of it
+  weight decay). Raising the whole module's lr instead inflates ``Wv`` and with it the relation term, which
   raised the training loss (README "Synthetic Table 3").
 * The base lr is for ``reference_batch`` images per iteration (4 GPUs x 1 image); it scales linearly
   with the images one iteration actually sees, ``world_size * images_per_process``.
