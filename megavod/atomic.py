@@ -38,6 +38,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any other file
     try:
         yield tmp
+        # Again: a writer may have replaced the file (safetensors' save_file makes a new one, 0600).
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -17,14 +17,18 @@ unpickling at all. This module only reads: filling a model from a file is
 from __future__ import annotations
 
 import collections
+import os
 import pickle
+import pickletools
 import re
+import tarfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from safetensors import SafetensorError, safe_open
@@ -64,7 +68,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
     if not path.is_file():
         raise MegavodError(f"{path}: checkpoint not found")
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(8)
     if not head:
         raise MegavodError(f"{path}: empty file")
     if head.startswith(b"PK") and not zipfile.is_zipfile(path):
@@ -81,15 +85,41 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
                 f"{path}: refused: loading it needs arbitrary unpickling (it references {unsafe.group(1)}); "
                 "pass --trust-pickle only if you trust where the file comes from"
             ) from None
-        raise MegavodError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, KeyError, ValueError) as e:
-        raise MegavodError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)})") from None
+        raise MegavodError(_load_failure(path, head, _unpickler_reason(e))) from None
+    except MemoryError:  # a machine out of memory is no damaged file (MemoryError is an Exception too)
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged bytes make torch.load raise anything (IndexError, struct.error, ...)
+        raise MegavodError(_load_failure(path, head, _first_line(e))) from None
+
+
+def _load_failure(path: Path, head: bytes, reason: str) -> str:
+    # torch writes zip archives ("PK"), before 1.6 pickles (b"\x80") and long before tar archives: a file of
+    # none of these kinds was never a checkpoint (a text file, an HTML error page saved as a download, ...).
+    if head.startswith((b"PK", b"\x80")) or tarfile.is_tarfile(path):
+        return f"{path}: truncated or corrupt checkpoint ({reason})"
+    return f"{path}: not a PyTorch checkpoint (it starts with {head!r}: neither a zip archive nor a pickle)"
+
+
+# Errors whose message says what went wrong by itself; other types are named in front of their message
+# ("IndexError: pop from empty list" rather than "pop from empty list", "KeyError: 101" rather than "101").
+_SELF_EXPLAINING = (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile,
+                    SafetensorError, yaml.YAMLError)
 
 
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     text = lines[0] if lines else type(e).__name__
+    if lines and not isinstance(e, _SELF_EXPLAINING):
+        text = f"{type(e).__name__}: {text}"
     return text[:160]
+
+
+def _unpickler_reason(e: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler found wrong: its long message opens with advice about
+    ``weights_only=False`` that does not apply to a damaged file; the reason follows "WeightsUnpickler error:"."""
+    _, found, rest = str(e).partition("WeightsUnpickler error:")
+    reason = next((ln.strip() for ln in rest.splitlines() if ln.strip()), "") if found else ""
+    return reason[:160] if reason else _first_line(e)
 
 
 def state_dict_of(obj: object, path: str | Path = "checkpoint") -> dict[str, Tensor]:
@@ -115,10 +145,23 @@ def _unwrap(obj: object, path: Path) -> tuple[dict[str, Tensor], list[str], bool
     bad = [str(k) for k, v in sd.items() if not isinstance(v, Tensor)]
     if bad:
         raise MegavodError(f"{path}: entries that are not tensors: {', '.join(bad[:3])}")
+    unnamed = [repr(k) for k in sd if not isinstance(k, str)]
+    if unnamed:
+        raise MegavodError(f"{path}: tensor names that are not strings: {', '.join(unnamed[:3])}")
+    # Sparse, quantized or meta tensors hold no plain weights: a model cannot be filled from them.
+    odd = [f"{k} ({_kind(v)})" for k, v in sd.items() if v.layout != torch.strided or v.is_quantized or v.is_meta]
+    if odd:
+        raise MegavodError(f"{path}: entries that are not dense tensors with data: {', '.join(odd[:3])}")
     stripped = all(str(k).startswith(_MODULE_PREFIX) for k in sd)
     if stripped:
         sd = {k[len(_MODULE_PREFIX):]: v for k, v in sd.items()}
     return dict(sd), dropped, stripped
+
+
+def _kind(t: Tensor) -> str:
+    if t.is_meta:
+        return "meta, no data"
+    return "quantized" if t.is_quantized else str(t.layout).removeprefix("torch.")
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -140,20 +183,30 @@ def _read_safetensors(path: Path) -> Checkpoint:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - SafetensorError, or whatever a damaged header makes torch raise
         raise MegavodError(f"{path}: truncated or corrupt safetensors file ({_first_line(e)})") from None
     if not sd:
         raise MegavodError(f"{path}: holds no tensors")
     text = metadata.get("config")
     where = f"{path} (metadata 'config')"
     if text is None and sidecar_path(path).is_file():
-        text, where = sidecar_path(path).read_text(encoding="utf-8"), str(sidecar_path(path))
+        where = str(sidecar_path(path))
+        try:
+            text = sidecar_path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MegavodError(f"{where}: cannot read the recorded config ({_first_line(e)})") from None
     config = None
     if text is not None:
         try:
             config = yaml.safe_load(text)
         except yaml.YAMLError:
             raise MegavodError(f"{where}: the recorded config is not valid YAML") from None
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - YAML values can fail as Python values (a date "2020-13-45", deep nesting)
+            raise MegavodError(f"{where}: the recorded config is not valid YAML ({_first_line(e)})") from None
         if not isinstance(config, dict):
             raise MegavodError(f"{where}: the recorded config is not a mapping")
     stripped = all(k.startswith(_MODULE_PREFIX) for k in sd)
@@ -189,6 +242,10 @@ _NUMPY_GLOBALS = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    """A global outside ``_NUMPY_GLOBALS``; the message is its dotted name."""
+
+
 class _ArraysOnlyUnpickler(pickle.Unpickler):
     """Builds dicts, lists, strings, numbers and numpy arrays; refuses every other global (so no
     pickled code can run)."""
@@ -196,7 +253,31 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _NUMPY_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
+        raise _Refused(f"{module}.{name}")
+
+
+class _Capped:
+    """Reads of a file that never ask for more than what is left of it, so that a damaged length field
+    cannot make a reader allocate gigabytes."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.size = f, os.fstat(f.fileno()).st_size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(self.size - self.f.tell(), 0)
+        return self.f.read(left if n is None or n < 0 or n > left else n)
+
+    def readline(self) -> bytes:
+        return self.f.readline()
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+
+def _is_number_or_array(value: Any) -> bool:
+    if isinstance(value, np.ndarray):
+        return value.dtype.kind in "biuf"
+    return isinstance(value, (int, float, np.integer, np.floating))
 
 
 def read_detectron_pickle(path: str | Path) -> dict[str, Any]:
@@ -209,12 +290,30 @@ def read_detectron_pickle(path: str | Path) -> dict[str, Any]:
         raise MegavodError(f"{path}: file not found")
     try:
         with open(path, "rb") as f:
+            # The opcodes first, with reads capped at the file's end: the unpickler allocates what a length
+            # field, a frame size or a memo index says before reading on, so a damaged one must be caught first.
+            capped = _Capped(f)
+            for opcode, arg, pos in pickletools.genops(capped):
+                if ((opcode.name == "FRAME" and arg > capped.size - capped.tell())
+                        or (opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and int(arg) > pos)):
+                    raise ValueError(f"at position {pos}, {opcode.name} {arg} is out of range")
+            f.seek(0)
             data = _ArraysOnlyUnpickler(f, encoding="latin1").load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise MegavodError(f"{path}: refused: the pickle references {e}, not only numpy arrays") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - damaged bytes make the unpickler raise anything
         raise MegavodError(f"{path}: truncated or corrupt Detectron weight pickle ({_first_line(e)})") from None
     blobs = data.get("blobs", data) if isinstance(data, dict) else None
     if not isinstance(blobs, dict):
         raise MegavodError(f"{path}: not a Detectron weight pickle (expected a dict of blobs)")
+    unnamed = next((k for k in blobs if not isinstance(k, str)), None)
+    if unnamed is not None:
+        raise MegavodError(f"{path}: not a Detectron weight pickle: blob name {unnamed!r} is not a string")
+    bad = next(((k, v) for k, v in blobs.items() if not _is_number_or_array(v)), None)
+    if bad is not None:
+        k, v = bad
+        what = f"{type(v).__name__}" + (f" of {v.dtype}" if isinstance(v, np.ndarray) else "")
+        raise MegavodError(f"{path}: not a Detectron weight pickle: blob {k!r} is a {what}, not a numeric array")
     return blobs

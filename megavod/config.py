@@ -168,8 +168,8 @@ class FGFAConfig:
     min_offset: int = -9
     max_offset: int = 9
     train_refs: int = 2
-    flow_network: Literal["flownet_s", "raft_small"] = "flownet_s"  # raft_small: torchvision, random init
-    flownet_weights: str | None = None  # the authors' FLOWNET_WEIGHT (flownet.ckpt), local file
+    flow_network: Literal["flownet_s", "raft_small"] = "flownet_s"  # raft_small: torchvision's (random init without weights)
+    flownet_weights: str | None = None  # local file: the authors' FLOWNET_WEIGHT, or RAFT-small weights
 
 
 @dataclass
@@ -180,7 +180,7 @@ class DFFConfig:
     min_offset: int = -9
     max_offset: int = 0
     flow_network: Literal["flownet_s", "raft_small"] = "flownet_s"  # raft_small has no scale map (scale 1)
-    flownet_weights: str | None = None  # the authors' FLOWNET_WEIGHT (flownet.ckpt), local file
+    flownet_weights: str | None = None  # local file: the authors' FLOWNET_WEIGHT, or RAFT-small weights
 
 
 @dataclass
@@ -216,6 +216,8 @@ class SolverConfig:
     images_per_process: int = 1
     checkpoint_period: int = 2500
     bf16: bool = True  # autocast on CUDA only
+    # torch.use_deterministic_algorithms (warn_only), CUBLAS_WORKSPACE_CONFIG, cuDNN deterministic (train/engine.py)
+    deterministic: bool = False
 
 
 @dataclass
@@ -254,15 +256,27 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def _reason(e: BaseException) -> str:
+    """The first line of an error's message, for one-line errors about a file."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:160]
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or _reason(e)})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{where} not valid YAML") from None
+    except MemoryError:  # the machine's, not the file's (MemoryError is an Exception too)
+        raise
+    except Exception as e:  # noqa: BLE001 - YAML values that fail as Python values: a date 2020-13-45, deep nesting
+        raise ConfigError(f"{path}: not valid YAML ({_reason(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -270,18 +284,28 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _locate(name_or_path: str) -> Path:
+    """The YAML file of a preset name or a path."""
+    path = Path(name_or_path)
+    try:
+        if not (path.suffix in (".yaml", ".yml") or path.exists()):
+            path = PRESET_DIR / f"{name_or_path}.yaml"
+            if not path.exists():
+                raise ConfigError(
+                    f"unknown config '{name_or_path}': not a file and not a preset "
+                    f"(presets: {', '.join(available_presets())})"
+                )
+        elif not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+    except OSError as e:  # a name the file system refuses, e.g. too long
+        shown = name_or_path if len(name_or_path) <= 80 else name_or_path[:77] + "..."
+        raise ConfigError(f"{shown}: cannot read config ({e.strerror or _reason(e)})") from None
+    return path
+
+
 def _resolve(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a preset (by name) or a YAML file (by path), following ``_base_`` links."""
-    path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") or path.exists()):
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-        if not path.exists():
-            raise ConfigError(
-                f"unknown config '{name_or_path}': not a file and not a preset "
-                f"(presets: {', '.join(available_presets())})"
-            )
-    elif not path.exists():
-        raise ConfigError(f"{path}: config file not found")
+    path = _locate(name_or_path)
     key = str(path.resolve())
     if key in seen:
         raise ConfigError(f"{path}: _base_ chain loops back on itself")
@@ -290,7 +314,12 @@ def _resolve(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if base is None:
         data.setdefault("name", path.stem)
         return data
-    merged = _resolve(str(base), seen + (key,))
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: _base_ must be a preset name or a YAML path, got {base!r}")
+    try:
+        merged = _resolve(base, seen + (key,))
+    except ConfigError as e:  # say which file the broken link is in
+        raise ConfigError(f"{path}: _base_: {e}") from None
     merged["name"] = path.stem
     return _deep_merge(merged, data)
 
@@ -340,8 +369,14 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
     for text in overrides:
         keys, value = parse_override(text)
         _set_dotted(data, keys, value)
-    cfg = from_dict(Config, data)
-    validate(cfg)
+    try:
+        cfg = from_dict(Config, data)
+        validate(cfg)
+    except ConfigError as e:
+        source = _locate(name_or_path) if name_or_path else None
+        if source is not None and source.parent.resolve() != PRESET_DIR.resolve():  # a user's file: name it
+            raise ConfigError(f"{source}: {e}") from None
+        raise
     return cfg
 
 
@@ -400,7 +435,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+        # Within int64: every count and size goes to torch or into float arithmetic.
+        if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -432,6 +468,13 @@ def dump_config(cfg: Config) -> str:
 # Validation: ranges and combinations that types cannot express
 
 
+def _is_file(path: str) -> bool:
+    try:
+        return Path(path).is_file()
+    except (OSError, ValueError):  # a name the file system refuses (too long, a NUL byte): no such file
+        return False
+
+
 def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': must be {allowed} (got {value!r})")
@@ -447,13 +490,13 @@ def validate(cfg: Config) -> None:
     _require(len(b.small_blocks) == 4 and min(b.small_blocks) >= 1, "model.backbone.small_blocks",
              "4 block counts >= 1 (res2..res5)", list(b.small_blocks))
     _require(b.small_stem_channels >= 1, "model.backbone.small_stem_channels", ">= 1", b.small_stem_channels)
-    if b.weights is not None and not Path(b.weights).is_file():
+    if b.weights is not None and not _is_file(b.weights):
         raise ConfigError(f"config key 'model.backbone.weights': file not found: {b.weights}")
-    if cfg.model.init_weights is not None and not Path(cfg.model.init_weights).is_file():
+    if cfg.model.init_weights is not None and not _is_file(cfg.model.init_weights):
         raise ConfigError(f"config key 'model.init_weights': file not found: {cfg.model.init_weights}")
     for name in ("fgfa", "dff"):
         path = getattr(cfg, name).flownet_weights
-        if path is not None and not Path(path).is_file():
+        if path is not None and not _is_file(path):
             raise ConfigError(f"config key '{name}.flownet_weights': file not found: {path}")
 
     _require(len(r.anchor_sizes) >= 1 and min(r.anchor_sizes) > 0, "model.rpn.anchor_sizes", "positive sizes", list(r.anchor_sizes))

@@ -22,7 +22,7 @@ from megavod.apps.bench import (
 )
 from megavod.apps.cli import main as cli_main
 from megavod.errors import MegavodError
-from megavod.inference.schedules import RelationSchedule, build_schedule
+from megavod.inference.schedules import RelationSchedule
 from megavod.models.relation import RelationModule
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

@@ -42,6 +42,9 @@ def test_defaults_equal_the_spec():
     assert (s.base_lr, s.momentum, s.weight_decay, s.bias_lr_factor) == (0.001, 0.9, 0.0001, 2.0)
     assert (s.steps, s.max_iter, s.warmup_iters, s.checkpoint_period) == ((80000,), 120000, 500, 2500)
     assert s.warmup_factor == pytest.approx(1 / 3)
+    # ours: bf16 autocast on CUDA (the authors: fp32); deterministic algorithms off unless asked for
+    assert s.bf16 is True and s.deterministic is False
+    assert load_config("synthetic_single", ["solver.deterministic=true"]).solver.deterministic is True
     assert i.pixel_mean == (102.9801, 115.9465, 122.7717) and (i.min_size_test, i.max_size_test) == (600, 1000)
     assert (cfg.rdn.min_offset, cfg.rdn.max_offset, cfg.fgfa.max_offset, cfg.dff.key_interval) == (-18, 18, 9, 10)
 

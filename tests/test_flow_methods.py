@@ -11,7 +11,7 @@ import torch
 
 from megavod.config import load_config
 from megavod.data.predictions import read_predictions
-from megavod.errors import ConfigError
+from megavod.errors import ConfigError, MegavodError
 from megavod.apps.detect import DetectOptions, run_detect
 from megavod.api import Detector
 from megavod.inference.engine import detect_offline, detect_online
@@ -158,6 +158,35 @@ def test_raft_small_switch():
     with torch.no_grad():
         out = model.flownet.eval()(image, image)
     assert out.flow.shape == (1, 2, 3, 4) and out.scale is None
+
+
+def test_raft_small_weights_load_from_a_local_file(tmp_path):
+    """torchvision's RAFT-small weights (a state dict saved by torch.save) fill the flow network, and
+    the flow megavod computes equals torchvision's RAFT-small with those weights on the same frames."""
+    from torchvision.models.optical_flow import raft_small
+
+    torch.manual_seed(5)
+    reference = raft_small(weights=None, progress=False).eval()
+    torch.save(reference.state_dict(), tmp_path / "raft_small.pth")
+    cfg = load_config("synthetic_single", ["method=fgfa", "fgfa.flow_network=raft_small",
+                                           f"fgfa.flownet_weights={tmp_path / 'raft_small.pth'}"])
+    model = build_detector(cfg).eval()
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.flownet.raft.state_dict().items())
+    flow = model.flownet
+    flow.num_flow_updates = 2
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1, 3, 128, 128, generator=g) * 40 for _ in range(2))
+    with torch.no_grad():
+        ours = flow(a, b).flow
+        rgb = [flow._rgb(t) for t in (a, b)]
+        theirs = reference(*rgb, num_flow_updates=2)[-1]
+        theirs = torch.nn.functional.avg_pool2d(theirs, 16, stride=16, ceil_mode=True) / 16
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    # A file that is not RAFT-small is refused in one line, loading nothing.
+    torch.save({"conv1.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(MegavodError, match="other.pth: not torchvision RAFT-small weights"):
+        build_detector(load_config("synthetic_single", ["method=fgfa", "fgfa.flow_network=raft_small",
+                                                        f"fgfa.flownet_weights={tmp_path / 'other.pth'}"]))
 
 
 # -- FGFA's aggregation ----------------------------------------------------------------------------------

@@ -60,6 +60,42 @@ def test_res5_runs_on_the_whole_map_and_feature_sizes():
     assert logits.shape == (2, 31) and deltas.shape == (2, 124)
 
 
+def test_pool_keeps_box_coordinates_float32_under_bf16_autocast():
+    # CUDA training runs under bf16 autocast; the reduce conv then gives a bf16 map. A bf16 box coordinate
+    # is rounded (200.7 -> 201.0; near 1000 by up to 2 px): the boxes must reach RoIAlign in float32.
+    ext = _extractor(reduce_channels=16, scale=1.0)
+    # columns alternate 0 / 1, so a shift of 0.3 px moves every sample by 0.3; one sample per bin (box < 7 px)
+    zigzag = (torch.arange(256) % 2).float().repeat(1, 2, 16, 1)
+    box = torch.tensor([[200.7, 2.0, 206.7, 9.0]])
+    rounded = box.bfloat16().float()
+    assert rounded[0, 0] == 201.0 and rounded[0, 2] == 207.0
+    exact = roi_align(zigzag, [box], 7, 1.0, 0, aligned=False).flatten(1)
+    off = roi_align(zigzag, [rounded], 7, 1.0, 0, aligned=False).flatten(1)
+    assert (exact - off).abs().max() > 0.25  # the two are far apart, in bf16 terms
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pooled = ext.pool(zigzag.bfloat16(), [box])
+    assert pooled.dtype == torch.bfloat16  # the map's dtype, as torchvision's autocast rule returns it
+    torch.testing.assert_close(pooled.float(), exact, rtol=2**-8, atol=2**-8)  # bf16 output rounding only
+
+    # The real path: res5 + reduce conv under autocast give a bf16 map; pooling it equals float32 RoIAlign of
+    # that map with the float32 boxes, to the output's bf16 rounding.
+    ext = _extractor(reduce_channels=16)
+    c4 = torch.randn(1, SPEC.c4_channels, 40, 70)
+    boxes = torch.tensor([[1000.7, 300.3, 1090.2, 610.9], [17.3, 5.6, 620.1, 402.7]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feature_map = ext.res5(c4)
+        pooled = ext.pool(feature_map, [boxes])
+    assert feature_map.dtype == torch.bfloat16
+    expected = roi_align(feature_map.float(), [boxes], 7, 1 / 16, 0, aligned=False).flatten(1)
+    torch.testing.assert_close(pooled.float(), expected, rtol=2**-8, atol=1e-5)
+    # float32 (and float64) maps: exactly torchvision's RoIAlign, boxes in the map's precision
+    fp32 = ext.res5(c4)
+    assert torch.equal(ext.pool(fp32, [boxes]), roi_align(fp32, [boxes], 7, 1 / 16, 0, aligned=False).flatten(1))
+    fp64 = fp32.double()
+    assert torch.equal(ext.pool(fp64, [boxes]),
+                       roi_align(fp64, [boxes.double()], 7, 1 / 16, 0, aligned=False).flatten(1))
+
+
 def test_subsample_128_at_most_25_percent_foreground_in_proposal_order():
     torch.manual_seed(0)
     coder = BoxCoder((10.0, 10.0, 5.0, 5.0))

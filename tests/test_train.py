@@ -298,6 +298,42 @@ def test_iterations_without_boxes_are_skipped(tmp_path):
     assert sorted(set(model.seen)) == [0, 1, 2, 4, 5, 6]
 
 
+def test_solver_deterministic_holds_for_the_run_and_is_restored(tmp_path, monkeypatch):
+    class Recording(TinyModel):
+        """Records the determinism settings each forward runs under."""
+
+        def __init__(self):
+            super().__init__()
+            self.modes: set[tuple] = set()
+
+        def forward(self, batch):
+            cudnn = torch.backends.cudnn
+            self.modes.add((torch.are_deterministic_algorithms_enabled(),
+                            torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.benchmark,
+                            cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+            return super().forward(batch)
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")  # not a deterministic value: replaced (undone after)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+              torch.backends.cudnn.deterministic)
+    assert before[0] is False
+    runs = {}
+    for deterministic in (True, False):
+        torch.manual_seed(0)
+        model = Recording()
+        out = tmp_path / str(deterministic)
+        final = train(tiny_cfg(max_iter=4, deterministic=deterministic), model, TinyDataset(), out, progress=False,
+                      info=CPU)
+        runs[deterministic] = (model.modes, final_weights(final))
+        # the process-wide switches are the caller's again after the run
+        assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+                torch.backends.cudnn.deterministic) == before
+    assert runs[True][0] == {(True, True, False, True, ":4096:8")}  # warn_only; the cuBLAS setting stays set
+    assert {mode[0] for mode in runs[False][0]} == {False}
+    a, b = runs[True][1], runs[False][1]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # on the CPU the switch changes no number
+
+
 _DDP_SCRIPT = textwrap.dedent(
     """
     import sys, torch

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from megavod.checkpoints.signatures import FE, count_indices, has_flow_network
 from megavod.config import load_config
-from megavod.errors import MegavodError
+from megavod.errors import ConfigError, MegavodError
 from megavod.models.backbone import spec_from_config
 from megavod.registry import get_method, registered_methods
 
@@ -121,6 +121,10 @@ def _not_a_detector(keys: list[str], where: str) -> MegavodError:
     return MegavodError(f"{where}: {what}")
 
 
+def _dims(shape: tuple[int, ...]) -> str:
+    return f"{len(shape)}-d {list(shape)}"
+
+
 def recognise(state_dict: Mapping[str, Tensor | tuple[int, ...]], where: str = "checkpoint") -> ModelSignature:
     """The :class:`ModelSignature` of a state dict (values: tensors or shapes); ``MegavodError`` (one
     line, naming ``where``) when it is no detector megavod knows."""
@@ -128,6 +132,8 @@ def recognise(state_dict: Mapping[str, Tensor | tuple[int, ...]], where: str = "
     keys = list(shapes)
     if STEM not in shapes:
         raise _not_a_detector(keys, where)
+    if len(shapes[STEM]) != 4:
+        raise MegavodError(f"{where}: '{STEM}' is {_dims(shapes[STEM])}, not a 4-d conv weight: not a C4 ResNet detector")
     if len(shapes.get(PREDICTOR, ())) != 2:
         raise MegavodError(f"{where}: no box predictor ('{PREDICTOR}', 2-d): not a complete detector checkpoint")
 
@@ -140,6 +146,8 @@ def recognise(state_dict: Mapping[str, Tensor | tuple[int, ...]], where: str = "
     conv2 = shapes.get("backbone.body.layer1.0.conv2.weight")
     if conv2 is None or len(conv2) != 4:
         raise MegavodError(f"{where}: no 'backbone.body.layer1.0.conv2.weight' (a 4-d conv weight): not a C4 ResNet detector")
+    if not 0 < conv2[1] <= conv2[0]:
+        raise MegavodError(f"{where}: 'backbone.body.layer1.0.conv2.weight' is {_dims(conv2)}: not a ResNet's 3x3 conv")
     groups = conv2[0] // conv2[1]
     num_classes, representation_size = shapes[PREDICTOR][:2]
     reduce = shapes.get(FE + "conv.weight")
@@ -227,7 +235,11 @@ def config_for(sig: ModelSignature, overrides: list[str] | tuple[str, ...] = (),
         raise MegavodError(f"{where}: holds {sig.describe()}, which no preset builds; pass --config")
     preset = sig.preset or fallback
     needed = _overrides(sig, load_config(preset))
-    built = signature_of_config(load_config(preset, needed))
+    try:
+        built = signature_of_config(load_config(preset, needed))
+    except ConfigError as e:  # sizes no config accepts (e.g. 0 classes): the file's numbers, not the user's
+        raise MegavodError(f"{where}: holds {sig.describe()}, which no megavod config builds "
+                           f"({preset} with {' '.join(needed)}: {e})") from None
     if built != sig:
         raise MegavodError(f"{where}: holds {sig.describe()}, which no megavod config builds from its keys "
                            f"(closest: {preset} with {' '.join(needed) or 'no overrides'} builds {built.describe()}); "

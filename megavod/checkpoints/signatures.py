@@ -31,10 +31,10 @@ def count_indices(keys: list[str], pattern: str) -> int:
 def relation_dims(shapes: Shapes, wg_keys: list[str], u_keys: list[str]) -> tuple[int, int]:
     """(heads, geometry channels) from a ``Wg`` weight, else (heads, 0) from a content bias ``u``."""
     wg = next((shapes[k] for k in wg_keys if k in shapes), None)
-    if wg is not None:
+    if wg is not None and len(wg) >= 2:
         return wg[0], wg[1]
     u = next((shapes[k] for k in u_keys if k in shapes), None)
-    return (u[0], 0) if u is not None else (0, 0)
+    return (u[0], 0) if u else (0, 0)  # a malformed shape gives dims no config has: refused by the caller
 
 
 def has_flow_network(keys: list[str]) -> bool:

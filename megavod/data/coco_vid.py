@@ -110,6 +110,11 @@ class CocoVidDataset:
 # Reading
 
 
+def _reason(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:160]
+
+
 def _show(value: Any) -> str:
     """A field's value as the file spells it, cut to fit on the error's line."""
     try:
@@ -151,6 +156,8 @@ class _Reader:
             raise self.fail(where, f"{key} is not an integer: {_show(value)}")
         if isinstance(value, float) and not value.is_integer():
             raise self.fail(where, f"{key} is not an integer: {_show(value)}")
+        if not -(2**63) <= value < 2**63:  # ids and sizes go into int64 tensors
+            raise self.fail(where, f"{key} is out of range: {_show(value)}")
         return int(value)
 
     def number(self, value: Any, key: str, where: str) -> float:
@@ -232,6 +239,8 @@ def _load_json(path: Path) -> dict:
         raise MegavodError(
             f"{path}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})"
         ) from None
+    except (ValueError, RecursionError) as exc:  # a number of over 4300 digits, nesting too deep
+        raise MegavodError(f"{path}: not valid JSON ({_reason(exc)})") from None
     if not isinstance(data, dict):
         raise MegavodError(f"{path}: the top level must be an object with {', '.join(_SECTIONS)}")
     return data
@@ -369,10 +378,28 @@ def read_coco_vid(
     ImageNet VID classes.
     """
     path = Path(path)
-    reader = _Reader(path)
-    data = _load_json(path)
-    categories, videos, images, annotations = (reader.entries(data, s) for s in _SECTIONS)
     classes, name_to_label = _class_table(class_names)
+    data = _load_json(path)
+    try:
+        return _read_dataset(path, data, image_root, classes, name_to_label, class_names is not None, skip_degenerate)
+    except (MegavodError, MemoryError):  # MemoryError: the machine's, not the file's
+        raise
+    except Exception as exc:  # noqa: BLE001 - content none of the checks foresaw is still the file's fault
+        raise MegavodError(f"{path}: malformed COCO-VID file ({type(exc).__name__}: {_reason(exc)})") from None
+
+
+def _read_dataset(
+    path: Path,
+    data: dict,
+    image_root: str | Path | None,
+    classes: tuple[str, ...],
+    name_to_label: dict[str, int],
+    custom_classes: bool,
+    skip_degenerate: bool,
+) -> CocoVidDataset:
+    """The body of :func:`read_coco_vid`: validate ``data`` (the file's JSON) section by section."""
+    reader = _Reader(path)
+    categories, videos, images, annotations = (reader.entries(data, s) for s in _SECTIONS)
 
     category_ids = reader.unique_ids(categories, "categories")
     category_names = reader.unique_names(categories, "categories")
@@ -390,7 +417,7 @@ def read_coco_vid(
     used = sorted({o[1] for image in image_by_id.values() for o in image.objects}, key=category_ids.get)
     label_of = {c: name_to_label.get(category_names[category_ids[c]]) for c in used}
     unknown = ", ".join(repr(category_names[category_ids[c]]) for c in used if label_of[c] is None)
-    if unknown and class_names is None:
+    if unknown and not custom_classes:
         raise MegavodError(
             f"{path}: categories not among the 30 ImageNet VID classes: {unknown} "
             f"(give class_names for a custom dataset)"

@@ -167,7 +167,9 @@ def _place_image(coco_json: Path, src: Path, dst: Path, video: CocoVidVideo, ind
                 return True
     except FileNotFoundError:
         raise MegavodError(f"{where}: image file not found: {src}") from None
-    except OSError as exc:
+    except (MegavodError, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - PIL reports damaged images through many types (SyntaxError, ...)
         raise MegavodError(f"{where}: cannot read image {src} ({exc})") from None
     if link:
         try:

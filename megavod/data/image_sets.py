@@ -105,7 +105,11 @@ def read_image_set(path: str | Path, must_exist_root: str | Path | None = None) 
             entry = ImageSetEntry(fields[0], frame, video_len, n)
         if root is not None:
             image = root / (entry.image_id + IMAGE_EXT)
-            if not image.is_file():
+            try:
+                found = image.is_file()
+            except (OSError, ValueError) as exc:  # a name the file system refuses, e.g. too long
+                raise MegavodError(f"{path}:line {line_no}: not a usable image path ({getattr(exc, 'strerror', None) or exc})") from None
+            if not found:
                 raise MegavodError(f"{path}:line {line_no}: missing image {image}")
         entries.append(entry)
     if not entries:

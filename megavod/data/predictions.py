@@ -238,6 +238,23 @@ def read_predictions(
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise MegavodError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except (ValueError, RecursionError) as e:  # a number of over 4300 digits, nesting too deep
+        raise MegavodError(f"{path}: not valid JSON: {_reason(e)}") from None
+    try:
+        return _read_document(path, doc, classes)
+    except (MegavodError, MemoryError):  # MemoryError: the machine's, not the file's
+        raise
+    except Exception as e:  # noqa: BLE001 - content none of the checks foresaw is still the file's fault
+        raise MegavodError(f"{path}: malformed prediction file ({type(e).__name__}: {_reason(e)})") from None
+
+
+def _reason(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:160]
+
+
+def _read_document(path: Path, doc: Any, classes: Sequence[str]) -> list[VideoPredictions]:
+    """The body of :func:`read_predictions`: validate the parsed JSON ``doc``."""
     if not isinstance(doc, dict):
         raise MegavodError(f"{path}: top level must be an object")
     for key in ("format", "version", "classes", "videos"):

@@ -286,7 +286,9 @@ class VIDTrainDataset(Dataset):
             raise MegavodError(
                 f"{path}: frame not found (a reference of {record.image_id}, listed in {record.image_set})"
             ) from None
-        except OSError as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PIL reports damaged images through many types (SyntaxError, ...)
             raise MegavodError(f"{path}: cannot read image ({exc})") from None
         if image.size != (record.width, record.height):
             if record.files is not None:

@@ -73,6 +73,8 @@ def _integer(path: Path, elem: ET.Element, tag: str, where: str, default: int | 
     value = _number(path, elem, tag, where, None if default is None else float(default))
     if not value.is_integer():
         raise MegavodError(f"{path}: {where}{tag} is not an integer: {_text(elem, tag)!r}")
+    if not -(2.0**63) <= value < 2.0**63:  # sizes and track ids go into int64 tensors
+        raise MegavodError(f"{path}: {where}{tag} is out of range: {_text(elem, tag)!r}")
     return int(value)
 
 
@@ -91,6 +93,25 @@ def read_annotation(xml_path: str | Path, video: str, frame: int) -> FrameAnnota
         root = ET.fromstring(data)
     except ET.ParseError as exc:
         raise MegavodError(f"{path}: not valid XML ({exc})") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. RecursionError, an encoding the parser cannot handle
+        raise MegavodError(f"{path}: not valid XML ({type(exc).__name__}: {_reason(exc)})") from None
+    try:
+        return _read_root(path, root, video, frame)
+    except (MegavodError, MemoryError):  # MemoryError: the machine's, not the file's
+        raise
+    except Exception as exc:  # noqa: BLE001 - content none of the checks foresaw is still the file's fault
+        raise MegavodError(f"{path}: malformed annotation ({type(exc).__name__}: {_reason(exc)})") from None
+
+
+def _reason(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:160]
+
+
+def _read_root(path: Path, root: ET.Element, video: str, frame: int) -> FrameAnnotation:
+    """The body of :func:`read_annotation`: the parsed XML's fields."""
     if root.tag != "annotation":
         raise MegavodError(f"{path}: root element is <{root.tag}>, expected <annotation>")
     size = root.find("size")

@@ -55,8 +55,6 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_FPS = 25.0
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
-# PIL reports unreadable images through several exception types (a broken PNG raises SyntaxError).
-_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _reason(err: BaseException) -> str:
@@ -132,7 +130,9 @@ def _read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
-    except _IMAGE_ERRORS as err:
+    except MemoryError:  # a machine out of memory is no damaged file (MemoryError is an Exception too)
+        raise
+    except Exception as err:  # noqa: BLE001 - PIL reports damaged images through many types (SyntaxError, struct.error, ...)
         raise MegavodError(f"{path}: cannot read image ({_reason(err)})") from None
 
 
@@ -196,8 +196,15 @@ class _Decoder:
                     self.owner._pass_ended(self)
                 raise StopIteration
             self._read_packet()
+        frame = self.pending.pop(0)
+        try:
+            rgb = _to_rgb(frame)
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a decoded frame in a layout that cannot become RGB
+            raise MegavodError(f"{self.owner.spec}: frame {self.decoded} cannot be converted to RGB ({_reason(err)})") from None
         self.decoded += 1
-        return _to_rgb(self.pending.pop(0))
+        return rgb
 
     def close(self) -> None:
         self.container.close()
@@ -208,13 +215,17 @@ class _Decoder:
         except StopIteration:
             self._finish()
             return
-        except av.FFmpegError as err:
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - av.FFmpegError, or whatever damaged data makes PyAV raise
             self.error = self.error or err
             self._finish(flush=True)
             return
         try:
             self.pending.extend(packet.decode())
-        except av.FFmpegError as err:
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - as above: a packet the decoder rejects is skipped
             self.bad_packets += 1
             self.error = self.error or err
 
@@ -223,7 +234,9 @@ class _Decoder:
         if flush:  # the demuxer died before its own flush packet: drain the decoder's delayed frames
             try:
                 self.pending.extend(self.stream.codec_context.decode(None))
-            except av.FFmpegError:
+            except MemoryError:
+                raise
+            except Exception:  # noqa: BLE001 - the pass already ends with an error to report
                 pass
 
 
@@ -269,6 +282,9 @@ class VideoSource(FrameSource):
         self.num_frames = None if self.is_stream or not stream.frames else int(stream.frames)
         try:
             self._first = next(decoder)
+        except MegavodError:
+            self.close()
+            raise
         except StopIteration:
             self.close()
             if decoder.error is not None:
@@ -290,8 +306,11 @@ class VideoSource(FrameSource):
             if path.is_file() and path.stat().st_size == 0:
                 raise MegavodError(f"{self.spec}: empty file (0 bytes), not a video")
         try:
-            container = av.open(self.spec, "r", **kwargs)
-        except av.FFmpegError as err:
+            # metadata_errors: a title or encoder tag that is not UTF-8 must not stop the frames from decoding.
+            container = av.open(self.spec, "r", metadata_errors="replace", **kwargs)
+        except MemoryError:
+            raise
+        except Exception as err:  # noqa: BLE001 - av.FFmpegError, or whatever a damaged header makes PyAV raise
             raise MegavodError(self._open_failure(err)) from None
         if not container.streams.video:
             others = sorted({s.type for s in container.streams})

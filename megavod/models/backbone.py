@@ -295,7 +295,7 @@ def _read_weights(path: Path) -> tuple[dict[str, Tensor], bool]:
     out = {}
     torchvision_names = "conv1.weight" in data or "module.conv1.weight" in data
     for k, v in data.items():
-        if not isinstance(v, Tensor):
+        if not isinstance(v, Tensor) or not isinstance(k, str):
             continue
         # megavod / authors' names (backbone.body.stem.conv1.weight, ...head.layer4.0...) -> torchvision's
         m = re.search(r"(?:^|\.)(layer[1-4]\..+)$", k) or re.search(r"(?:^|\.)stem\.(.+)$", k)
@@ -342,6 +342,8 @@ def load_pretrained_resnet(path: str | Path, body: ResNetC4Body, res5: ResNetHea
                 raise MegavodError(
                     f"{path}: '{name}' has shape {tuple(src.shape)}, the model expects {tuple(t.shape)}"
                 )
+            if not src.is_floating_point() or src.layout != torch.strided or src.is_meta:
+                raise MegavodError(f"{path}: '{name}' is a {src.dtype} {src.layout} tensor, not dense floating-point weights")
             if fold_eps and name.endswith("running_var"):
                 src = src + 1e-5
             t.copy_(src)

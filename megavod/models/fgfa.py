@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megavod.errors import ConfigError
 from megavod.models.backbone import C4Backbone, build_backbone, load_pretrained_resnet
-from megavod.models.flownet import build_flow_network, load_flownet_weights
+from megavod.models.flownet import build_flow_network, load_flow_weights
 from megavod.models.roi_heads import RoIBoxHead, build_box_head
 from megavod.models.rpn import RPN, build_rpn
 from megavod.models.warp import warp
@@ -187,9 +186,7 @@ def build_flow_parts(cfg: Any, method_cfg: Any, scale: bool) -> tuple[C4Backbone
     if m.backbone.weights:
         load_pretrained_resnet(m.backbone.weights, backbone.body, box_head.feature_extractor.head)
     if method_cfg.flownet_weights:
-        if method_cfg.flow_network != "flownet_s":
-            raise ConfigError(f"config key '{cfg.method}.flownet_weights': only for flow_network 'flownet_s'")
-        load_flownet_weights(flownet, method_cfg.flownet_weights)
+        load_flow_weights(flownet, method_cfg.flownet_weights)
     return backbone, flownet, build_rpn(m.rpn, backbone.out_channels), box_head
 
 

@@ -141,7 +141,8 @@ class FlowNetS(nn.Module):
 
 
 class RAFTFlow(nn.Module):
-    """torchvision's RAFT-small (random init) behind :class:`FlowNetS`'s interface.
+    """torchvision's RAFT-small behind :class:`FlowNetS`'s interface: randomly initialised, or filled by
+    :func:`load_raft_weights` from a local file (``*.flownet_weights``; nothing is downloaded).
 
     The images are turned back into RGB in [-1, 1] (RAFT's input) and padded at the bottom/right (edge
     replication) to a multiple of 8 and at least 128 pixels; the full-resolution flow of the last of
@@ -212,3 +213,36 @@ def load_flownet_weights(flownet: nn.Module, path: str | Path) -> int:
         raise MegavodError(f"{path}: no FlowNet tensor found (expected keys like flownet.flow_conv1.weight)")
     flownet.load_state_dict(loaded, strict=False)
     return len(loaded)
+
+
+# Prefixes under which RAFT-small's tensors may sit in a file: torchvision's own state dict (none), a
+# RAFTFlow's (``raft.``), an FGFA/DFF checkpoint trained with ``flow_network=raft_small`` (``flownet.raft.``).
+_RAFT_PREFIXES = ("flownet.raft.", "raft.", "")
+
+
+def load_raft_weights(flow: RAFTFlow, path: str | Path) -> int:
+    """Fill ``flow.raft`` from a local file holding torchvision's RAFT-small state dict (e.g. the
+    ``raft_small_C_T_V2`` weights torchvision publishes, saved with ``torch.save(model.state_dict())``),
+    a :class:`RAFTFlow`'s or an FGFA/DFF checkpoint with one. Every RAFT tensor must be in the file with
+    its shape, else nothing is loaded and one line names the first missing or misshapen keys. Returns
+    the number of tensors loaded."""
+    sd = read_weights(path).state_dict
+    own = flow.raft.state_dict()
+    for prefix in _RAFT_PREFIXES:
+        found = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and k[len(prefix):] in own}
+        if found:
+            break
+    missing = [k for k in own if k not in found]
+    wrong = [f"{k} is {tuple(v.shape)}, expected {tuple(own[k].shape)}" for k, v in found.items()
+             if tuple(v.shape) != tuple(own[k].shape)]
+    if not found or missing or wrong:
+        what = "; ".join(wrong[:2]) if wrong else f"missing {len(missing)} of {len(own)} RAFT-small tensors " \
+            f"({', '.join(missing[:3])})"
+        raise MegavodError(f"{path}: not torchvision RAFT-small weights: {what}")
+    flow.raft.load_state_dict(found)
+    return len(found)
+
+
+def load_flow_weights(flow: nn.Module, path: str | Path) -> int:
+    """``*.flownet_weights`` into whichever flow network the config built."""
+    return load_raft_weights(flow, path) if isinstance(flow, RAFTFlow) else load_flownet_weights(flow, path)

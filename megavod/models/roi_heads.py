@@ -83,10 +83,19 @@ class ResNetC5RoIPooler(nn.Module):
         return x
 
     def pool(self, feature_map: Tensor, boxes: Sequence[Tensor | Proposals]) -> Tensor:
-        """RoIAlign of ``boxes`` (one [N_i,4] tensor per image of the map's batch) -> [sum N_i, C*r*r]."""
-        rois = [b.to(feature_map.dtype) for b in _as_boxes(boxes)]
-        pooled = roi_align(feature_map, rois, self.resolution, self.scale, self.sampling_ratio, aligned=False)
-        return pooled.flatten(1)
+        """RoIAlign of ``boxes`` (one [N_i,4] tensor per image of the map's batch) -> [sum N_i, C*r*r].
+
+        The box coordinates stay float32 (float64 with a float64 map): a lower-precision map (bf16 under
+        CUDA autocast, where ``reduce_channels``' conv gives a bf16 map) is cast up for RoIAlign, never the
+        boxes down (a bf16 x near 1000 is off by up to 2 px). torchvision's autocast rule for ``roi_align``
+        does the same (both inputs to float32, the output back to the map's dtype) but only for what it is
+        given, so boxes cast to bf16 beforehand stay rounded. The output has the map's dtype; in float32
+        nothing changes."""
+        dtype = torch.promote_types(feature_map.dtype, torch.float32)
+        rois = [b.to(dtype) for b in _as_boxes(boxes)]
+        pooled = roi_align(feature_map.to(dtype), rois, self.resolution, self.scale, self.sampling_ratio,
+                           aligned=False)
+        return pooled.to(feature_map.dtype).flatten(1)
 
 
 class ResNetC5MLPFeatureExtractor(ResNetC5RoIPooler):

@@ -14,7 +14,9 @@ What one iteration does, as the authors' ``do_train``: skip it when a sample has
 (:class:`~megavod.train.distributed.IterationSampler`), their random choices come from a seed of the
 same (flip, reference frames), and a checkpoint stores the model, optimizer, scheduler, iteration and
 every rank's global random states. A run killed at any moment and restarted with ``--resume`` ends
-with the same weights, bit for bit, as one that was never interrupted (same hardware and world size).
+with the same weights, bit for bit, as one that was never interrupted (same hardware and world size):
+always on the CPU; on CUDA only with ``solver.deterministic`` (:func:`deterministic_algorithms`), since
+cuBLAS/cuDNN algorithm choices and atomic-add kernels otherwise differ from run to run in the last bits.
 
 Checkpoints go to ``OUT/model_XXXXXXX.pth`` every ``solver.checkpoint_period`` iterations and
 ``OUT/model_final.pth`` at the end, each written atomically, then ``OUT/last_checkpoint`` is pointed
@@ -24,7 +26,9 @@ at it. TensorBoard scalars go to ``OUT/tb``.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +60,9 @@ from megavod.methods import build_detector
 from megavod.train.solver import make_optimizer, make_scheduler, scaled_lr
 
 FINAL_NAME = "model_final.pth"
+CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
+# The two values PyTorch accepts as deterministic (at::Context::checkCuBLASConfigDeterministic).
+CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
 
 
 def _collate(samples: list[Any]) -> list[Any]:
@@ -85,6 +92,49 @@ def _current_dist_info() -> DistInfo:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     local = device.index or 0
     return DistInfo(get_rank(), get_world_size(), local, device)
+
+
+def set_cublas_workspace_config() -> None:
+    """Set ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless it already holds a deterministic value.
+
+    PyTorch reads the variable once per process, at the first cuBLAS call (the workspace size and the
+    determinism check are both cached then); where it was not deterministic then, every cuBLAS call in
+    deterministic mode raises (warn_only: warns, naming the variable). So it is set before CUDA is
+    initialised (:func:`run_training`, :func:`train`); a process that ran CUDA matmuls before should
+    export it before starting."""
+    if os.environ.get(CUBLAS_WORKSPACE_ENV) not in CUBLAS_DETERMINISTIC:
+        os.environ[CUBLAS_WORKSPACE_ENV] = CUBLAS_DETERMINISTIC[0]
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool, device: torch.device, announce: bool = False) -> Iterator[None]:
+    """``solver.deterministic``: inside, ``torch.use_deterministic_algorithms(True, warn_only=True)``,
+    ``CUBLAS_WORKSPACE_CONFIG`` (:func:`set_cublas_workspace_config`; it stays set), cuDNN
+    ``benchmark=False`` and ``deterministic=True``; the previous settings are restored on exit. Nothing
+    changes when ``enabled`` is false.
+
+    ``warn_only``: a few kernels megavod may use have no deterministic CUDA version, and strict mode would
+    make those methods untrainable: ``grid_sample``'s backward (FGFA's and DFF's warp, RAFT) and
+    torchvision's ``roi_align`` backward where torch.compile has no triton (with triton, torchvision runs
+    a compiled RoIAlign whose backward is deterministic). They run as before, with a PyTorch warning.
+    ``announce`` prints a one-line note of this (CUDA only)."""
+    if not enabled:
+        yield
+        return
+    set_cublas_workspace_config()
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.benchmark, cudnn.deterministic)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    cudnn.benchmark, cudnn.deterministic = False, True
+    if announce and device.type == "cuda":
+        print("note: solver.deterministic: deterministic algorithms on (warn_only); grid_sample's backward (FGFA, "
+              "DFF, RAFT) and roi_align's without triton stay non-deterministic, with a PyTorch warning", flush=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.benchmark, cudnn.deterministic = saved[2], saved[3]
 
 
 class _Log:
@@ -144,9 +194,20 @@ def train(
     process). The last ``keep_checkpoints`` periodic checkpoints are kept (0 keeps all). Under DDP,
     unused parameters are searched for each iteration unless the model sets
     ``find_unused_parameters = False`` (a model whose every trainable parameter gets a gradient).
+    With ``solver.deterministic`` the run is inside :func:`deterministic_algorithms`.
     """
-    out_dir = Path(out_dir)
+    if cfg.solver.deterministic:
+        set_cublas_workspace_config()  # before _current_dist_info() initialises CUDA
     info = info or _current_dist_info()
+    with deterministic_algorithms(cfg.solver.deterministic, info.device, announce=info.is_main):
+        return _train(cfg, model, dataset, out_dir, resume, max_iter, progress, info=info, log_period=log_period,
+                      keep_checkpoints=keep_checkpoints)
+
+
+def _train(cfg: Config, model: nn.Module, dataset: Dataset, out_dir: str | Path, resume: bool, max_iter: int | None,
+           progress: bool, *, info: DistInfo, log_period: int, keep_checkpoints: int) -> Path:
+    """The body of :func:`train`."""
+    out_dir = Path(out_dir)
     solver = cfg.solver
     max_iter = solver.max_iter if max_iter is None else max_iter
     device = info.device
@@ -284,6 +345,8 @@ def run_training(cfg: Config, data_dir: Path, out_dir: Path, resume: bool) -> Pa
 
     Under ``torchrun`` every process runs this; the process group is created from the environment.
     """
+    if cfg.solver.deterministic:
+        set_cublas_workspace_config()  # before CUDA is initialised (init_distributed), see its docstring
     info = init_distributed()
     try:
         dataset = build_train_dataset(cfg, data_dir)
