@@ -27,7 +27,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from megavod.errors import ConfigError
+from megavod.errors import ConfigError, first_line
 from megavod.registry import get_method
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -168,7 +168,7 @@ class FGFAConfig:
     min_offset: int = -9
     max_offset: int = 9
     train_refs: int = 2
-    flow_network: Literal["flownet_s", "raft_small"] = "flownet_s"  # raft_small: torchvision's (random init without weights)
+    flow_network: Literal["flownet_s", "raft_small"] = "flownet_s"  # raft_small: torchvision's
     flownet_weights: str | None = None  # local file: the authors' FLOWNET_WEIGHT, or RAFT-small weights
 
 
@@ -256,17 +256,12 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def _reason(e: BaseException) -> str:
-    """The first line of an error's message, for one-line errors about a file."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:160]
-
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror or _reason(e)})") from None
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or first_line(e)})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     except yaml.YAMLError as e:
@@ -276,7 +271,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except MemoryError:  # the machine's, not the file's (MemoryError is an Exception too)
         raise
     except Exception as e:  # noqa: BLE001 - YAML values that fail as Python values: a date 2020-13-45, deep nesting
-        raise ConfigError(f"{path}: not valid YAML ({_reason(e)})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -299,7 +294,7 @@ def _locate(name_or_path: str) -> Path:
             raise ConfigError(f"{path}: config file not found")
     except OSError as e:  # a name the file system refuses, e.g. too long
         shown = name_or_path if len(name_or_path) <= 80 else name_or_path[:77] + "..."
-        raise ConfigError(f"{shown}: cannot read config ({e.strerror or _reason(e)})") from None
+        raise ConfigError(f"{shown}: cannot read config ({e.strerror or first_line(e)})") from None
     return path
 
 

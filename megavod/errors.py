@@ -24,3 +24,10 @@ class ConfigError(MegavodError):
     """A bad config key, type or value (exit code 2, like argparse)."""
 
     exit_code = 2
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """The first non-empty line of an error's message (else its type's name), for one-line messages
+    about a file whose content made a parser or library fail."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return (lines[0] if lines else type(error).__name__)[:limit]

@@ -194,8 +194,8 @@ def test_resume_on_cuda_restores_the_cuda_random_state_bit_for_bit(tmp_path):
 
 
 def test_torchrun_one_process_trains_on_cuda(data, tmp_path):
-    # One process: megavod/train/distributed.py creates no process group for a world of 1 (no NCCL); the
-    # process trains on cuda:LOCAL_RANK. NCCL itself needs two GPUs (test below).
+    # One process under torchrun joins an NCCL process group of one (megavod/train/distributed.py) and
+    # trains on cuda:LOCAL_RANK; NCCL across processes needs two GPUs (test below).
     out = tmp_path / "run"
     overrides = [f"{k}={json.dumps(v) if isinstance(v, list) else v}" for k, v in TRAIN.items()]
     proc = subprocess.run(
@@ -204,6 +204,7 @@ def test_torchrun_one_process_trains_on_cuda(data, tmp_path):
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "process group nccl" in proc.stdout
     state = ckpt.load_checkpoint(out / FINAL_NAME)
     assert state["iteration"] == 3 and len(state["rng"]) == 1
     assert len(state["rng"][0]["cuda"]) == torch.cuda.device_count()  # CUDA was initialised: it trained there

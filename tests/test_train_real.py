@@ -334,3 +334,23 @@ def test_two_process_ddp_mega_matches_ranks_and_single_process_reference(tmp_pat
     ckpt.seed_all(cfg.seed)
     init = build_detector(cfg).state_dict()  # the weights did move
     assert not all(torch.equal(final["model"][k], init[k]) for k in init)
+
+
+@pytest.mark.slow
+def test_torchrun_with_one_process_uses_a_process_group_and_trains_the_same(tmp_path, data):
+    """Under torchrun even one process joins a process group (gloo here, NCCL on a GPU), so a 1-process
+    run takes the many-process path; its weights equal a plain `megavod train` run's, bit for bit."""
+    overrides = [*TINY[:2], "solver.max_iter=2", "solver.checkpoint_period=2", "solver.warmup_iters=1",
+                 "solver.steps=[1]", "data.num_workers=0"]
+    plain = _run([sys.executable, "-m", "megavod", *_train_args("synthetic_single", data, tmp_path / "plain",
+                                                                   overrides)], tmp_path)
+    assert plain.returncode == 0, _tail(plain)
+    assert "1 process(es) x" in plain.stdout and "process group" not in plain.stdout
+    launched = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                     "-m", "megavod", *_train_args("synthetic_single", data, tmp_path / "torchrun", overrides)],
+                    tmp_path)
+    assert launched.returncode == 0, _tail(launched)
+    assert "process group gloo" in launched.stdout
+    a = ckpt.load_checkpoint(tmp_path / "plain" / FINAL_NAME)
+    b = ckpt.load_checkpoint(tmp_path / "torchrun" / FINAL_NAME)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

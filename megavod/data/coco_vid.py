@@ -50,7 +50,7 @@ import torch
 
 from megavod.data.classes import VID_CLASSES, VID_WNIDS
 from megavod.atomic import atomic_write_bytes
-from megavod.errors import MegavodError
+from megavod.errors import MegavodError, first_line
 from megavod.structures import FrameAnnotation
 
 _SECTIONS = ("categories", "videos", "images", "annotations")
@@ -109,10 +109,6 @@ class CocoVidDataset:
 # ------------------------------------------------------------------------------------------------
 # Reading
 
-
-def _reason(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:160]
 
 
 def _show(value: Any) -> str:
@@ -240,7 +236,7 @@ def _load_json(path: Path) -> dict:
             f"{path}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})"
         ) from None
     except (ValueError, RecursionError) as exc:  # a number of over 4300 digits, nesting too deep
-        raise MegavodError(f"{path}: not valid JSON ({_reason(exc)})") from None
+        raise MegavodError(f"{path}: not valid JSON ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise MegavodError(f"{path}: the top level must be an object with {', '.join(_SECTIONS)}")
     return data
@@ -385,7 +381,7 @@ def read_coco_vid(
     except (MegavodError, MemoryError):  # MemoryError: the machine's, not the file's
         raise
     except Exception as exc:  # noqa: BLE001 - content none of the checks foresaw is still the file's fault
-        raise MegavodError(f"{path}: malformed COCO-VID file ({type(exc).__name__}: {_reason(exc)})") from None
+        raise MegavodError(f"{path}: malformed COCO-VID file ({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _read_dataset(

@@ -28,7 +28,7 @@ import torch
 
 from megavod.atomic import atomic_path, atomic_write_text
 from megavod.data.classes import VID_CLASSES
-from megavod.errors import MegavodError
+from megavod.errors import MegavodError, first_line
 from megavod.structures import Detections
 
 FORMAT_NAME = "megavod.predictions"
@@ -239,18 +239,14 @@ def read_predictions(
     except json.JSONDecodeError as e:
         raise MegavodError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except (ValueError, RecursionError) as e:  # a number of over 4300 digits, nesting too deep
-        raise MegavodError(f"{path}: not valid JSON: {_reason(e)}") from None
+        raise MegavodError(f"{path}: not valid JSON: {first_line(e)}") from None
     try:
         return _read_document(path, doc, classes)
     except (MegavodError, MemoryError):  # MemoryError: the machine's, not the file's
         raise
     except Exception as e:  # noqa: BLE001 - content none of the checks foresaw is still the file's fault
-        raise MegavodError(f"{path}: malformed prediction file ({type(e).__name__}: {_reason(e)})") from None
+        raise MegavodError(f"{path}: malformed prediction file ({type(e).__name__}: {first_line(e)})") from None
 
-
-def _reason(e: BaseException) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:160]
 
 
 def _read_document(path: Path, doc: Any, classes: Sequence[str]) -> list[VideoPredictions]:

@@ -40,7 +40,7 @@ import torch
 
 from megavod.atomic import atomic_write_bytes
 from megavod.data.classes import WNID_TO_LABEL, VID_WNIDS
-from megavod.errors import MegavodError
+from megavod.errors import MegavodError, first_line
 from megavod.structures import FrameAnnotation
 
 _WNID = re.compile(r"n\d{8}")
@@ -96,18 +96,14 @@ def read_annotation(xml_path: str | Path, video: str, frame: int) -> FrameAnnota
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - e.g. RecursionError, an encoding the parser cannot handle
-        raise MegavodError(f"{path}: not valid XML ({type(exc).__name__}: {_reason(exc)})") from None
+        raise MegavodError(f"{path}: not valid XML ({type(exc).__name__}: {first_line(exc)})") from None
     try:
         return _read_root(path, root, video, frame)
     except (MegavodError, MemoryError):  # MemoryError: the machine's, not the file's
         raise
     except Exception as exc:  # noqa: BLE001 - content none of the checks foresaw is still the file's fault
-        raise MegavodError(f"{path}: malformed annotation ({type(exc).__name__}: {_reason(exc)})") from None
+        raise MegavodError(f"{path}: malformed annotation ({type(exc).__name__}: {first_line(exc)})") from None
 
-
-def _reason(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(exc).__name__)[:160]
 
 
 def _read_root(path: Path, root: ET.Element, video: str, frame: int) -> FrameAnnotation:

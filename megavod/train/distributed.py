@@ -61,7 +61,10 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    # Under torchrun a process group is made even for one process, so that a 1-process run takes the
+    # same path (NCCL on a GPU) as a many-process one; a plain `megavod train` makes none.
+    launched_by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ and "MASTER_ADDR" in os.environ
+    if (world_size > 1 or launched_by_torchrun) and not dist.is_initialized():
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             init_method="env://",

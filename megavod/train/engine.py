@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -248,7 +249,8 @@ def _train(cfg: Config, model: nn.Module, dataset: Dataset, out_dir: str | Path,
         print(
             f"training {cfg.name} ({cfg.method}): {len(dataset)} images, {info.world_size} process(es) x "
             f"{solver.images_per_process} image(s), lr {scaled_lr(solver, info.world_size):g}, "
-            f"iterations {start_iter}..{max_iter}",
+            f"iterations {start_iter}..{max_iter}"
+            f"{f', process group {dist.get_backend()}' if dist.is_available() and dist.is_initialized() else ''}",
             flush=True,
         )
 
