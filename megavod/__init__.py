@@ -13,13 +13,13 @@ The public API (README "Python API"):
 from megavod.api import Detector, FrameResult, evaluate, load, train
 from megavod.config import Config, load_config
 from megavod.data.predictions import VideoPredictions, read_predictions
-from megavod.errors import ConfigError, MegavodError
+from megavod.errors import ConfigError, MegavodError, StreamError
 from megavod.registry import MethodSpec, get_method, method_names, register_method, unregister_method
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Config", "ConfigError", "Detector", "FrameResult", "MegavodError", "MethodSpec", "VideoPredictions",
+    "Config", "ConfigError", "Detector", "FrameResult", "MegavodError", "MethodSpec", "StreamError", "VideoPredictions",
     "evaluate", "get_method", "load", "load_config", "method_names", "read_predictions", "register_method",
     "train", "unregister_method",
 ]

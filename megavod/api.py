@@ -29,9 +29,9 @@ from megavod.data.classes import VID_CLASSES
 from megavod.data.predictions import FramePrediction, VideoPredictions
 from megavod.data.transforms import build_transform
 from megavod.data.video import RandomAccessFrames, open_source
-from megavod.errors import ConfigError, MegavodError
+from megavod.errors import ConfigError, MegavodError, StreamError
 from megavod.evaluation.vid_eval import VIDEvalResult, evaluate_dataset
-from megavod.inference.engine import detect_offline, detect_online
+from megavod.inference.engine import FrameLoader, detect_many_offline, detect_many_online, detect_offline, detect_online
 from megavod.inference.schedules import build_schedule
 from megavod.methods import build_detector, load_detector
 from megavod import postprocess as video_postprocess
@@ -218,6 +218,34 @@ class Detector:
         finally:
             frames.close()
 
+    def stream_many(self, sources: Sequence[Source], mode: Mode | None = None, *, relation_inputs: bool = False,
+                    batch_frames: bool = True) -> Iterator[tuple[int, FrameResult]]:
+        """Several videos or live streams through this one detector in lockstep: ``(i, result)`` for
+        stream ``sources[i]``, one frame of every unfinished stream per step.
+
+        At each step the per-frame passes of the streams' new frames run as one batched call per frame
+        size (``batch_frames=False``: one call per frame), then each stream's key-frame step; every
+        stream keeps its own window, pool, memory and caches, so its detections are those
+        :meth:`stream` gives for it alone (up to the float rounding of batched convolutions). Streams
+        may differ in length (a finished stream leaves the batch) and size (frames of one size are
+        batched together). Online, a stream's frame k is yielded before its frame k+1 is read. A
+        ``MegavodError`` while reading stream i comes out as :class:`~megavod.errors.StreamError` with
+        ``.stream == i``.
+        """
+        opened: list[_Frames] = []
+        try:
+            for i, source in enumerate(sources):
+                try:
+                    opened.append(self._open(source, mode))
+                except StreamError:
+                    raise
+                except MegavodError as error:
+                    raise StreamError(i, error) from None
+            yield from self._run_many(opened, mode, relation_inputs, batch_frames)
+        finally:
+            for frames in opened:
+                frames.close()
+
     def _open(self, source: Source, mode: Mode | None) -> _Frames:
         if mode not in (None, "offline", "online"):
             raise MegavodError(f"mode must be 'offline' or 'online', got {mode!r}")
@@ -235,6 +263,38 @@ class Detector:
         for k, dets in out:
             yield FrameResult(k, dets.boxes, dets.scores, dets.labels, self.classes,
                               frames.files[k] if frames.files else None, dets.relation)
+
+    @torch.inference_mode()
+    def _run_many(self, streams: Sequence[_Frames], mode: Mode | None, relation_inputs: bool,
+                  batch_frames: bool) -> Iterator[tuple[int, FrameResult]]:
+        relation_inputs = relation_inputs and self.has_relation_module()
+        if self.runs_causally(mode):
+            out = detect_many_online(self.model, [self._prepared(i, frames) for i, frames in enumerate(streams)],
+                                     self.schedule, relation_inputs=relation_inputs, batch_frames=batch_frames)
+        else:
+            videos = [(self._loader(i, frames), len(frames)) for i, frames in enumerate(streams)]
+            out = detect_many_offline(self.model, videos, self.schedule, relation_inputs=relation_inputs,
+                                      batch_frames=batch_frames)
+        for i, k, dets in out:
+            files = streams[i].files
+            yield i, FrameResult(k, dets.boxes, dets.scores, dets.labels, self.classes,
+                                 files[k] if files else None, dets.relation)
+
+    def _prepared(self, stream: int, frames: _Frames) -> Iterator[tuple[Tensor, tuple[int, int]]]:
+        """Stream ``stream``'s frames prepared for the model; its errors say which stream failed."""
+        try:
+            for frame in frames:
+                yield self.prepare(frame)
+        except MegavodError as error:
+            raise StreamError(stream, error) from None
+
+    def _loader(self, stream: int, frames: _Frames) -> FrameLoader:
+        def load_frame(t: int) -> tuple[Tensor, tuple[int, int]]:
+            try:
+                return self.prepare(frames[t])
+            except MegavodError as error:
+                raise StreamError(stream, error) from None
+        return load_frame
 
     def detect(self, source: Source, mode: Mode | None = None, *, postprocess: str = "none",
                name: str | None = None) -> VideoPredictions:

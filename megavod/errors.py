@@ -20,6 +20,15 @@ class MegavodError(Exception):
             self.exit_code = exit_code
 
 
+class StreamError(MegavodError):
+    """A ``MegavodError`` raised while reading one of several streams run together
+    (:meth:`megavod.Detector.stream_many`); ``stream`` is that stream's position among them."""
+
+    def __init__(self, stream: int, error: MegavodError) -> None:
+        super().__init__(str(error), error.exit_code)
+        self.stream = stream
+
+
 class ConfigError(MegavodError):
     """A bad config key, type or value (exit code 2, like argparse)."""
 

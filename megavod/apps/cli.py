@@ -29,6 +29,17 @@ def split_overrides(tokens: Sequence[str]) -> tuple[list[str], list[str]]:
     return inputs, overrides
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def _handler(module: str) -> Callable[[argparse.Namespace], int]:
     """The subcommand ``main`` of ``megavod.apps.<module>``, imported when the command runs (a command's
     own dependencies, e.g. the reproduction's plotting, load only for that command)."""
@@ -76,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--score-thresh", type=float, default=0.5,
                    help="minimum score of a box drawn on the annotated video (default: 0.5; the JSON keeps all)")
+    p.add_argument("--batch-streams", type=_positive_int, default=1, metavar="N",
+                   help="run N inputs at once through one model, their per-frame passes batched (default: 1)")
 
     p = add("train", "Train a detector (one process, or many through torchrun).",
             "train")

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,10 @@ from tqdm import tqdm
 from megavod.api import Detector, FrameResult, resolve_device
 from megavod.data.classes import VID_CLASSES
 from megavod.data.predictions import FramePrediction, VideoPredictions
-from megavod.data.video import RandomAccessFrames, draw_detections, list_frame_files, open_source, write_video
-from megavod.errors import MegavodError
+from megavod.data.video import (
+    RandomAccessFrames, VideoWriter, draw_detections, list_frame_files, open_source, write_video,
+)
+from megavod.errors import MegavodError, StreamError
 from megavod.methods import build_detector, load_detector
 from megavod.structures import Detections, RelationInputs
 
@@ -40,6 +43,7 @@ class DetectOptions:
     score_thresh: float = 0.5  # boxes drawn on the video; the JSON and CSV keep every detection
     device: str = "cpu"
     progress: bool = True
+    batch_streams: int = 1  # inputs run at once through one model (Detector.stream_many)
 
 
 def expand_inputs(tokens: Sequence[str]) -> list[str]:
@@ -88,63 +92,121 @@ class _LastFrame:
             yield frame
 
 
+class _InputJob:
+    """One input's run: opened and checked, fed its detections one frame at a time (:meth:`add`), then
+    written (:meth:`finish`): ``<name>.csv``, ``<name>.mp4`` and last ``<name>.json``.
+
+    Causal runs draw each frame as its detections arrive (the frame read last is the one detected, so
+    live streams need no buffer); offline runs decode the frames once for random access and draw them
+    after the whole video (and its post-processing)."""
+
+    def __init__(self, detector: Detector, spec: str, out_dir: Path, options: DetectOptions) -> None:
+        self.detector, self.spec, self.options = detector, spec, options
+        self.name = output_name(spec)
+        self.paths = _outputs(out_dir, self.name)
+        self.source = open_source(spec)
+        causal = detector.runs_causally(options.mode)
+        if self.source.is_stream and not causal:
+            self.source.close()
+            raise MegavodError(f"{spec}: a live stream can only run causally: use --mode online")
+        if options.postprocess != "none" and self.source.is_stream:
+            self.source.close()
+            raise MegavodError(f"{spec}: --postprocess {options.postprocess} needs the whole video, not a live stream")
+        self.writer: VideoWriter | None = None
+        if causal and options.postprocess == "none":
+            self.frames: Any = _LastFrame(self.source)
+            self.writer = VideoWriter(self.paths["mp4"], fps=self.source.fps)
+        else:
+            self.frames = RandomAccessFrames(self.source)
+        self.records: list[FramePrediction] = []
+        self.relations: list[RelationInputs] = []  # BLR only: per frame, its detections' relation inputs (CPU)
+        self.bar = tqdm(total=self.source.num_frames, desc=self.name, unit="frame", disable=not options.progress,
+                        leave=False)
+        self.start = time.perf_counter()
+
+    def _draw(self, frame: np.ndarray, d: Detections) -> np.ndarray:
+        return draw_detections(frame, d.boxes, d.labels, d.scores, VID_CLASSES, score_thresh=self.options.score_thresh)
+
+    def add(self, result: FrameResult) -> None:
+        if result.relation is not None:
+            self.relations.append(result.relation.to("cpu"))
+        record = FramePrediction(result.frame, result.file, result.detections.to("cpu"))
+        self.records.append(record)
+        if self.writer is not None:
+            self.writer.write(self._draw(self.frames.current, record.detections))
+        self.bar.update(1)
+
+    def finish(self) -> VideoPredictions:
+        self.bar.close()
+        if not self.records:
+            raise MegavodError(f"{self.spec}: no frames decoded")
+        if self.writer is not None:
+            self.writer.close()
+        else:
+            self.records = self.detector.postprocess(self.records, self.options.postprocess, self.relations)
+            self.relations.clear()  # frees the relation inputs before the video is written
+            write_video(self.paths["mp4"], (self._draw(self.frames[r.frame], r.detections) for r in self.records),
+                        fps=self.source.fps)
+        elapsed = time.perf_counter() - self.start
+        video = VideoPredictions(self.name, self.source.width, self.source.height, self.records)
+        video.save_csv(self.paths["csv"])
+        video.save_json(self.paths["json"])  # written last: its presence marks the input done
+        print(f"{self.spec}: {len(self.records)} frames, {sum(len(r.detections) for r in self.records)} detections, "
+              f"{1000 * elapsed / len(self.records):.1f} ms/frame -> {self.paths['json']}", file=sys.stderr)
+        return video
+
+    def close(self) -> None:
+        """Release the input (and remove a video left unfinished)."""
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.abort()
+        if isinstance(self.frames, RandomAccessFrames):
+            self.frames.close()
+        self.source.close()
+
+
 def detect_one(detector: Detector, spec: str, out_dir: Path, options: DetectOptions) -> VideoPredictions:
     """Detect on one input and write its three outputs (the JSON last: its presence marks the input done)."""
-    name = output_name(spec)
-    paths = _outputs(out_dir, name)
-    causal = detector.runs_causally(options.mode)
-    source = open_source(spec)
-    if source.is_stream and not causal:
-        source.close()
-        raise MegavodError(f"{spec}: a live stream can only run causally: use --mode online")
-    if options.postprocess != "none" and source.is_stream:
-        source.close()
-        raise MegavodError(f"{spec}: --postprocess {options.postprocess} needs the whole video, not a live stream")
-    # Offline (and for post-processing) the frames are decoded once and read by index.
-    frames = source if causal and options.postprocess == "none" else RandomAccessFrames(source)
-    records: list[FramePrediction] = []
-    relations: list[RelationInputs] = []  # BLR only: per frame, its detections' relation-module inputs (CPU)
-    bar = tqdm(total=source.num_frames, desc=name, unit="frame", disable=not options.progress, leave=False)
-    start = time.perf_counter()
-    size = (source.height, source.width)
-
-    def collect(frames) -> Iterator[FrameResult]:
-        for result in detector.stream(frames, options.mode, relation_inputs=options.postprocess == "blr"):
-            if result.relation is not None:
-                relations.append(result.relation.to("cpu"))
-            records.append(FramePrediction(result.frame, result.file, result.detections.to("cpu")))
-            bar.update(1)
-            yield result
-
-    def draw(frame: np.ndarray, d: Detections) -> np.ndarray:
-        return draw_detections(frame, d.boxes, d.labels, d.scores, VID_CLASSES, score_thresh=options.score_thresh)
-
+    job = _InputJob(detector, spec, out_dir, options)
     try:
-        if frames is source:
-            # One causal pass: frame k's detections come out before frame k+1 is read, so the frame
-            # last read is the one to draw on.
-            tap = _LastFrame(source)
-            write_video(paths["mp4"], (draw(tap.current, r.detections) for r in collect(tap)), fps=source.fps)
-        else:
-            for _ in collect(frames):
-                pass
-            records = detector.postprocess(records, options.postprocess, relations)
-            relations.clear()  # frees the relation inputs before the video is written
-            write_video(paths["mp4"], (draw(frames[r.frame], r.detections) for r in records), fps=source.fps)
+        for result in detector.stream(job.frames, options.mode, relation_inputs=options.postprocess == "blr"):
+            job.add(result)
+        return job.finish()
     finally:
-        bar.close()
-        if frames is not source:
-            frames.close()
-        source.close()
-    if not records:
-        raise MegavodError(f"{spec}: no frames decoded")
-    elapsed = time.perf_counter() - start
-    video = VideoPredictions(name, size[1], size[0], records)
-    video.save_csv(paths["csv"])
-    video.save_json(paths["json"])  # written last: its presence marks the input done
-    print(f"{spec}: {len(records)} frames, {sum(len(r.detections) for r in records)} detections, "
-          f"{1000 * elapsed / len(records):.1f} ms/frame -> {paths['json']}", file=sys.stderr)
-    return video
+        job.close()
+
+
+def detect_together(detector: Detector, specs: Sequence[str], out_dir: Path, options: DetectOptions) -> None:
+    """Detect on several inputs in lockstep through one model (:meth:`Detector.stream_many`) and write
+    each input's outputs when it ends. A bad input raises :class:`StreamError` naming its position."""
+    jobs: list[_InputJob] = []
+    try:
+        for i, spec in enumerate(specs):
+            try:
+                jobs.append(_InputJob(detector, spec, out_dir, options))
+            except MegavodError as error:
+                raise StreamError(i, error) from None
+        remaining = [len(job.frames) if isinstance(job.frames, RandomAccessFrames) else None for job in jobs]
+        for i, result in detector.stream_many([job.frames for job in jobs], options.mode,
+                                              relation_inputs=options.postprocess == "blr"):
+            jobs[i].add(result)
+            if remaining[i] is not None and len(jobs[i].records) == remaining[i]:
+                _finish(jobs[i], i)  # written as soon as the video ends, not when the group does
+        for i, job in enumerate(jobs):
+            if not job.paths["json"].exists():
+                _finish(job, i)
+    finally:
+        for job in jobs:
+            job.close()
+
+
+def _finish(job: _InputJob, i: int) -> None:
+    try:
+        job.finish()
+    except StreamError:
+        raise
+    except MegavodError as error:
+        raise StreamError(i, error) from None
 
 
 def run_detect(
@@ -159,7 +221,7 @@ def run_detect(
         if name in names:
             raise MegavodError(f"{spec} and {names[name]} would write the same outputs ({name}.*)")
         names[name] = spec
-    failed = 0
+    todo = []
     for i, spec in enumerate(inputs):
         name = output_name(spec)
         if i % world_size != rank:
@@ -169,11 +231,29 @@ def run_detect(
             continue
         for stale in out_dir.glob(f".{name}.*"):  # temporary files of a run that was killed
             stale.unlink(missing_ok=True)
-        try:
-            detect_one(detector, spec, out_dir, options)
-        except MegavodError as e:
-            failed += 1
-            print(f"megavod detect: error: {e}", file=sys.stderr)
+        todo.append(spec)
+    failed = 0
+    if options.batch_streams == 1:
+        for spec in todo:
+            try:
+                detect_one(detector, spec, out_dir, options)
+            except MegavodError as e:
+                failed += 1
+                print(f"megavod detect: error: {e}", file=sys.stderr)
+        return failed
+    for start in range(0, len(todo), options.batch_streams):
+        group = todo[start : start + options.batch_streams]
+        while group:
+            try:
+                detect_together(detector, group, out_dir, options)
+                break
+            except StreamError as e:
+                # The bad input fails alone: the others of its group start again without it (their
+                # finished outputs are kept; their partial ones were removed).
+                failed += 1
+                print(f"megavod detect: error: {e}", file=sys.stderr)
+                bad = group[e.stream]
+                group = [s for s in group if s != bad and not _outputs(out_dir, output_name(s))["json"].exists()]
     return failed
 
 
@@ -192,7 +272,8 @@ def main(args) -> int:
     detector = Detector(model, cfg, device)
     inputs = expand_inputs(args.inputs)
     options = DetectOptions(mode=args.mode or detector.default_mode, postprocess=args.postprocess,
-                            score_thresh=args.score_thresh, device=str(device))
+                            score_thresh=args.score_thresh, device=str(device),
+                            batch_streams=args.batch_streams)
     failed = run_detect(detector, inputs, args.out, options, rank, world)
     if failed:
         print(f"megavod detect: {failed} of {len(inputs)} inputs failed", file=sys.stderr)

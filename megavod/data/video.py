@@ -31,6 +31,7 @@ from PIL import Image
 
 from megavod.data.video_writer import (  # noqa: F401  (re-exported: one import site for video I/O)
     PALETTE,
+    VideoWriter,
     draw_detections,
     write_annotated_video,
     write_video,
@@ -46,6 +47,7 @@ __all__ = [
     "open_source",
     "list_frame_files",
     "write_video",
+    "VideoWriter",
     "draw_detections",
     "write_annotated_video",
     "PALETTE",

@@ -1,6 +1,6 @@
 """Writing videos and drawing detections on frames.
 
-``write_video`` encodes RGB frames to H.264 (libx264 when this PyAV build has it, MPEG-4 Part 2 otherwise)
+``write_video`` (and :class:`VideoWriter`, one frame at a time) encodes RGB frames to H.264 (libx264 when this PyAV build has it, MPEG-4 Part 2 otherwise)
 in yuv420p, the pixel format every player decodes. The file appears atomically: frames go to a hidden temp
 file in the target's folder, renamed over the target only once the encoder has flushed, so an interrupted
 run leaves no half-written video behind. MP4/MOV output puts its index first ("faststart"), so it can be
@@ -14,7 +14,6 @@ across frames. Boxes use the legacy inclusive convention (x2, y2 are the last pi
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from megavod.errors import MegavodError
 
-__all__ = ["PALETTE", "write_video", "draw_detections", "write_annotated_video"]
+__all__ = ["PALETTE", "VideoWriter", "write_video", "draw_detections", "write_annotated_video"]
 
 # 20 colours that stay apart from each other on screen (Tableau 10 then its light variants).
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -56,34 +55,126 @@ def _as_rgb(frame: Any, index: int) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
-def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 25.0) -> int:
-    """Encode RGB ``uint8`` frames ``[H, W, 3]`` to ``path`` and return how many were written.
+class VideoWriter:
+    """Encode RGB ``uint8`` frames ``[H, W, 3]`` to ``path`` one :meth:`write` at a time (the frames of
+    several live streams can be written side by side); :meth:`close` finishes the file and puts it in
+    place, :meth:`abort` (or an exception inside ``with``) leaves nothing at ``path``.
 
     All frames must have the first frame's size; odd sizes are padded by one row/column (repeating the
     edge) because yuv420p needs even dimensions. The container follows the suffix (``.mp4`` when none).
-    An empty ``frames`` raises ``ValueError``; nothing is left at ``path`` when writing fails.
     """
-    if not fps > 0:
-        raise ValueError(f"fps must be > 0, got {fps}")
-    path = Path(path)
-    suffix = path.suffix or ".mp4"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise MegavodError(f"{path}: cannot create its folder ({_reason(err)})") from None
-    # Same folder as the target, so the final rename cannot cross file systems; the real suffix last,
-    # because FFmpeg picks the muxer from it.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{suffix}")
-    try:
-        count = _encode(tmp, path, iter(frames), fps, suffix)
+
+    def __init__(self, path: str | Path, fps: float = 25.0) -> None:
+        if not fps > 0:
+            raise ValueError(f"fps must be > 0, got {fps}")
+        self.path = Path(path)
+        self.fps = fps
+        self.count = 0
+        self._suffix = self.path.suffix or ".mp4"
         try:
-            os.replace(tmp, path)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise MegavodError(f"{path}: cannot write video ({_reason(err)})") from None
+            raise MegavodError(f"{self.path}: cannot create its folder ({_reason(err)})") from None
+        # Same folder as the target, so the final rename cannot cross file systems; the real suffix
+        # last, because FFmpeg picks the muxer from it.
+        self._tmp = self.path.with_name(
+            f".{self.path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial{self._suffix}")
+        self._container: Any = None
+        self._stream: Any = None
+        self._size: tuple[int, int] = (0, 0)
+        self._pad = (0, 0)
+
+    def _open(self, height: int, width: int) -> None:
+        self._size, self._pad = (height, width), (height % 2, width % 2)
+        rate = Fraction(self.fps).limit_denominator(1001)
+        options = {"movflags": "+faststart"} if self._suffix.lower() in _FASTSTART_FORMATS else {}
+        try:
+            self._container = av.open(str(self._tmp), "w", options=options)
+        except (av.FFmpegError, ValueError) as err:  # ValueError: no muxer for this suffix
+            raise MegavodError(f"{self.path}: cannot write video ({_reason(err)})") from None
+        codec = _encoder()
+        stream = self._container.add_stream(codec, rate=rate)
+        stream.width, stream.height = width + self._pad[1], height + self._pad[0]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = 1 / rate
+        if codec == "libx264":
+            stream.options = {"crf": "18", "preset": "medium"}
+        else:
+            stream.bit_rate = max(1_000_000, int(stream.width * stream.height * float(rate) * 0.3))
+        self._stream = stream
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one frame."""
+        try:
+            arr = _as_rgb(frame, self.count)
+            if self._container is None:
+                self._open(*arr.shape[:2])
+            height, width = self._size
+            if arr.shape[:2] != (height, width):
+                raise ValueError(f"frame {self.count} is {arr.shape[1]}x{arr.shape[0]} but frame 0 is {width}x{height}")
+            if any(self._pad):
+                arr = np.pad(arr, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
+            video_frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
+            video_frame.pts = self.count
+            for packet in self._stream.encode(video_frame):
+                self._container.mux(packet)
+        except av.FFmpegError as err:
+            self.abort()
+            raise MegavodError(f"{self.path}: cannot write video ({_reason(err)})") from None
+        except BaseException:
+            self.abort()
+            raise
+        self.count += 1
+
+    def close(self) -> int:
+        """Flush the encoder, write the trailer and rename the file into place; returns the frame count.
+        A video needs at least one frame (``ValueError`` otherwise, nothing written)."""
+        if self._container is None:
+            self.abort()
+            raise ValueError("write_video: frames is empty; a video needs at least one frame")
+        try:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+            self._container.close()  # writes the trailer (and moves the index to the front): can fail too
+            self._container = None
+            os.replace(self._tmp, self.path)
+        except (av.FFmpegError, OSError) as err:
+            self.abort()
+            raise MegavodError(f"{self.path}: cannot write video ({_reason(err)})") from None
+        except BaseException:
+            self.abort()
+            raise
+        return self.count
+
+    def abort(self) -> None:
+        """Stop writing and remove the partial file (nothing is left at ``path``)."""
+        if self._container is not None:
+            _close_quietly(self._container)
+            self._container = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 25.0) -> int:
+    """Encode RGB ``uint8`` frames ``[H, W, 3]`` to ``path`` and return how many were written
+    (:class:`VideoWriter`). An empty ``frames`` raises ``ValueError``; nothing is left at ``path`` when
+    writing fails."""
+    writer = VideoWriter(path, fps)
+    try:
+        for frame in frames:
+            writer.write(frame)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        writer.abort()
         raise
-    return count
+    return writer.close()
 
 
 def _reason(err: BaseException) -> str:
@@ -95,56 +186,6 @@ def _close_quietly(container: Any) -> None:
         container.close()
     except av.FFmpegError:
         pass  # already failing; the first error is the one to report
-
-
-def _encode(tmp: Path, target: Path, frames: Iterable[np.ndarray], fps: float, suffix: str) -> int:
-    frames = iter(frames)
-    try:
-        first = _as_rgb(next(frames), 0)
-    except StopIteration:
-        raise ValueError("write_video: frames is empty; a video needs at least one frame") from None
-    height, width = first.shape[:2]
-    pad_h, pad_w = height % 2, width % 2
-    rate = Fraction(fps).limit_denominator(1001)
-    options = {"movflags": "+faststart"} if suffix.lower() in _FASTSTART_FORMATS else {}
-    try:
-        container = av.open(str(tmp), "w", options=options)
-    except (av.FFmpegError, ValueError) as err:  # ValueError: no muxer for this suffix
-        raise MegavodError(f"{target}: cannot write video ({_reason(err)})") from None
-    try:
-        codec = _encoder()
-        stream = container.add_stream(codec, rate=rate)
-        stream.width, stream.height = width + pad_w, height + pad_h
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.time_base = 1 / rate
-        if codec == "libx264":
-            stream.options = {"crf": "18", "preset": "medium"}
-        else:
-            stream.bit_rate = max(1_000_000, int(stream.width * stream.height * float(rate) * 0.3))
-        count = 0
-        for index, frame in enumerate(itertools.chain([first], frames)):
-            arr = first if index == 0 else _as_rgb(frame, index)
-            if arr.shape[:2] != (height, width):
-                raise ValueError(
-                    f"frame {index} is {arr.shape[1]}x{arr.shape[0]} but frame 0 is {width}x{height}"
-                )
-            if pad_h or pad_w:
-                arr = np.pad(arr, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-            video_frame = av.VideoFrame.from_ndarray(arr, format="rgb24")
-            video_frame.pts = index
-            for packet in stream.encode(video_frame):
-                container.mux(packet)
-            count += 1
-        for packet in stream.encode():
-            container.mux(packet)
-        container.close()  # writes the trailer (and moves the index to the front): can fail too
-    except av.FFmpegError as err:
-        _close_quietly(container)
-        raise MegavodError(f"{target}: cannot write video ({_reason(err)})") from None
-    except BaseException:
-        _close_quietly(container)
-        raise
-    return count
 
 
 def _numpy(values: Any, dtype: Any) -> np.ndarray:

@@ -15,20 +15,26 @@ Range Memory (:mod:`megavod.inference.memory`), the detector's per-stream cache 
 relation inputs are recorded. The detector holds weights only, so streams can share one model and be
 advanced in any interleaving. Every frame's per-frame pass runs exactly once, whatever role the frame
 plays; offline, the frame is released after the last key frame that uses it (:class:`FeatureStore`).
+
+Many streams go through one model in lockstep (:func:`detect_many_offline`, :func:`detect_many_online`):
+each step gathers the frames every stream's next key frame needs, runs their per-frame passes as one
+batched call per frame size (:func:`frame_passes`), then each stream's key-frame step. One stream at a
+time (:func:`detect_offline`, :func:`detect_online`) is the same loop with a single stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from megavod.inference.feature_store import FeatureStore
 from megavod.inference.memory import LongRangeMemory
 from megavod.inference.schedules import KeyPlan, OnlinePlanner, Schedule, last_use
-from megavod.models.contract import KeyFrameInputs, VideoDetector
+from megavod.models.contract import BatchedFramePass, KeyFrameInputs, VideoDetector
 from megavod.structures import Detections
 
 #: frame index -> (the detector's input tensor [3, H, W], the frame's original (height, width))
@@ -72,6 +78,110 @@ class StreamState:
         return out.detections
 
 
+@dataclass
+class FrameRequest:
+    """A frame whose per-frame pass a step needs: the detector's input tensor [3, H, W], the frame's
+    number in its video and its original (height, width)."""
+
+    index: int
+    image: Tensor
+    original_size: tuple[int, int]
+
+
+def frame_passes(model: VideoDetector, requests: Sequence[FrameRequest], batch: bool = True) -> list[Any]:
+    """The per-frame passes of ``requests``, in order. With ``batch`` and a detector that has a batched
+    pass (:class:`BatchedFramePass`), frames of one size run as one call (frames of different sizes are
+    not padded together: padding would change the features near the bottom and right edges)."""
+    out: list[Any] = [None] * len(requests)
+    groups: dict[Any, list[int]] = {}
+    batched = batch and isinstance(model, BatchedFramePass)
+    for i, request in enumerate(requests):
+        groups.setdefault(tuple(request.image.shape) if batched else i, []).append(i)
+    for members in groups.values():
+        if len(members) == 1:
+            r = requests[members[0]]
+            out[members[0]] = model.frame_features(r.image, r.index, r.original_size)
+            continue
+        passes = model.frame_features_batch(torch.stack([requests[i].image for i in members]),
+                                            [requests[i].index for i in members],
+                                            [requests[i].original_size for i in members])
+        for i, frame in zip(members, passes):
+            out[i] = frame
+    return out
+
+
+class OfflineStream:
+    """One video detected offline, one key frame per :meth:`step`.
+
+    ``load_frame(t)`` is called once per frame, when a key frame first needs frame t, unless the frame's
+    pass was handed in before by :meth:`provide` (the frames :meth:`needed` lists); ``store`` replaces
+    the default :class:`FeatureStore` (a test's, or one that spills to disk differently).
+    """
+
+    def __init__(self, model: VideoDetector, load_frame: FrameLoader | None, num_frames: int, schedule: Schedule,
+                 store: FeatureStore | None = None, *, relation_inputs: bool = False) -> None:
+        self.model = model
+        self.load_frame = load_frame
+        self.plans = schedule.plan_offline(num_frames) if num_frames > 0 else []
+        self.release_after: dict[int, list[int]] = {}
+        for frame, k in last_use(self.plans).items():
+            self.release_after.setdefault(k, []).append(frame)
+        self.store = store if store is not None else FeatureStore(self._frame_pass)
+        self.state = StreamState.start(model, schedule, relation_inputs)
+        self.k = 0
+
+    def _frame_pass(self, t: int) -> Any:
+        image, original_size = self.load_frame(t)
+        return self.model.frame_features(image, t, original_size)
+
+    @property
+    def done(self) -> bool:
+        return self.k >= len(self.plans)
+
+    def needed(self) -> list[int]:
+        """Frames the next key frame receives whose pass has not run yet, in the order it reads them."""
+        plan = self.plans[self.k]
+        return [t for t in dict.fromkeys((*plan.local, *plan.global_pool, plan.key)) if t not in self.store]
+
+    def provide(self, t: int, frame: Any) -> None:
+        self.store.put(t, frame)
+
+    def step(self) -> tuple[int, Detections]:
+        """Key frame k's detections; then the frames no later key frame uses are released."""
+        k = self.k
+        detections = self.state.detect_key(self.model, self.plans[k], self.store.get)
+        for frame in sorted(self.release_after.get(k, ())):
+            self.store.release(frame)
+        self.k += 1
+        return k, detections
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class OnlineStream:
+    """One live stream detected causally: :meth:`step` takes frame k's pass and returns its detections.
+
+    Memory use is bounded whatever the stream's length: the stream holds the frames a later key frame
+    may receive (MEGA: T_l window frames and T_g global frames) and T_m frames per memory level.
+    """
+
+    def __init__(self, model: VideoDetector, schedule: Schedule, *, relation_inputs: bool = False) -> None:
+        self.model = model
+        self.state = StreamState.start(model, schedule, relation_inputs, online=True)
+        self.k = 0
+
+    def step(self, frame: Any) -> tuple[int, Detections]:
+        k, state = self.k, self.state
+        state.held[k] = frame
+        detections = state.detect_key(self.model, state.planner.plan(k), state.held.__getitem__)
+        keep = state.planner.keep_after(k)
+        for t in [t for t in state.held if t not in keep]:
+            del state.held[t]
+        self.k += 1
+        return k, detections
+
+
 def detect_offline(
     model: VideoDetector,
     load_frame: FrameLoader | None,
@@ -81,31 +191,14 @@ def detect_offline(
     *,
     relation_inputs: bool = False,
 ) -> Iterator[tuple[int, Detections]]:
-    """Algorithm 1 (offline) over a video of ``num_frames`` frames: (k, detections of frame k) in order.
-
-    ``load_frame(t)`` is called once per frame, when a key frame first needs frame t; ``store``
-    replaces the default :class:`FeatureStore` (a test's, or one that spills to disk differently).
-    """
-    if num_frames <= 0:
-        return
-    plans = schedule.plan_offline(num_frames)
-    release_after: dict[int, list[int]] = {}
-    for frame, k in last_use(plans).items():
-        release_after.setdefault(k, []).append(frame)
-
-    def frame_pass(t: int) -> Any:
-        image, original_size = load_frame(t)
-        return model.frame_features(image, t, original_size)
-
-    store = store if store is not None else FeatureStore(frame_pass)
-    stream = StreamState.start(model, schedule, relation_inputs)
+    """Algorithm 1 (offline) over a video of ``num_frames`` frames: (k, detections of frame k) in order
+    (:class:`OfflineStream`)."""
+    stream = OfflineStream(model, load_frame, num_frames, schedule, store, relation_inputs=relation_inputs)
     try:
-        for k, plan in enumerate(plans):
-            yield k, stream.detect_key(model, plan, store.get)
-            for frame in sorted(release_after.get(k, ())):
-                store.release(frame)
+        while not stream.done:
+            yield stream.step()
     finally:
-        store.close()
+        stream.close()
 
 
 def detect_online(
@@ -115,15 +208,63 @@ def detect_online(
     *,
     relation_inputs: bool = False,
 ) -> Iterator[tuple[int, Detections]]:
-    """Algorithm 1 (online, causal): frame k's detections are yielded before frame k+1 is read.
-
-    Memory use is bounded whatever the stream's length: the stream holds the frames a later key frame
-    may receive (MEGA: T_l window frames and T_g global frames) and T_m frames per memory level.
-    """
-    stream = StreamState.start(model, schedule, relation_inputs, online=True)
+    """Algorithm 1 (online, causal): frame k's detections are yielded before frame k+1 is read
+    (:class:`OnlineStream`)."""
+    stream = OnlineStream(model, schedule, relation_inputs=relation_inputs)
     for k, (image, original_size) in enumerate(frames):
-        stream.held[k] = model.frame_features(image, k, original_size)
-        yield k, stream.detect_key(model, stream.planner.plan(k), stream.held.__getitem__)
-        keep = stream.planner.keep_after(k)
-        for t in [t for t in stream.held if t not in keep]:
-            del stream.held[t]
+        yield stream.step(model.frame_features(image, k, original_size))
+
+
+def detect_many_offline(
+    model: VideoDetector,
+    videos: Sequence[tuple[FrameLoader, int]],
+    schedule: Schedule,
+    *,
+    relation_inputs: bool = False,
+    batch_frames: bool = True,
+) -> Iterator[tuple[int, int, Detections]]:
+    """Algorithm 1 (offline) over several videos ``(load_frame, num_frames)`` in lockstep: (video i, k,
+    detections of its frame k). Each step runs the per-frame passes that the next key frame of every
+    unfinished video needs as batched calls (:func:`frame_passes`), then each video's key-frame step; a
+    video that ends leaves the batch. Each video's detections are those it gives alone."""
+    streams = {i: OfflineStream(model, load, n, schedule, relation_inputs=relation_inputs)
+               for i, (load, n) in enumerate(videos)}
+    try:
+        while active := [i for i, s in streams.items() if not s.done]:
+            wanted = [(i, t) for i in active for t in streams[i].needed()]
+            requests = [FrameRequest(t, *videos[i][0](t)) for i, t in wanted]
+            for (i, t), frame in zip(wanted, frame_passes(model, requests, batch_frames)):
+                streams[i].provide(t, frame)
+            for i in active:
+                yield (i, *streams[i].step())
+    finally:
+        for stream in streams.values():
+            stream.close()
+
+
+def detect_many_online(
+    model: VideoDetector,
+    sources: Sequence[Iterable[tuple[Tensor, tuple[int, int]]]],
+    schedule: Schedule,
+    *,
+    relation_inputs: bool = False,
+    batch_frames: bool = True,
+) -> Iterator[tuple[int, int, Detections]]:
+    """Algorithm 1 (online) over several live streams in lockstep: (stream i, k, detections of its frame
+    k). Each step reads the next frame of every unfinished stream, runs their per-frame passes as batched
+    calls (:func:`frame_passes`) and each stream's key-frame step; a stream's frame k is yielded before
+    its frame k+1 is read. A stream that ends leaves the batch."""
+    readers = {i: iter(source) for i, source in enumerate(sources)}
+    streams = {i: OnlineStream(model, schedule, relation_inputs=relation_inputs) for i in readers}
+    while readers:
+        arrived: list[tuple[int, FrameRequest]] = []
+        for i in list(readers):
+            try:
+                image, original_size = next(readers[i])
+            except StopIteration:
+                del readers[i]
+                continue
+            arrived.append((i, FrameRequest(streams[i].k, image, original_size)))
+        passes = frame_passes(model, [request for _, request in arrived], batch_frames)
+        for (i, _), frame in zip(arrived, passes):
+            yield (i, *streams[i].step(frame))

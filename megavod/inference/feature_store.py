@@ -68,6 +68,13 @@ class FeatureStore(Generic[T]):
         self._spill_over_budget()
         return value
 
+    def put(self, frame: int, value: T) -> None:
+        """Store a frame's features computed elsewhere (a batched per-frame pass of several streams)."""
+        self._ram[frame] = value
+        self._ram.move_to_end(frame)
+        self.computed.append(frame)
+        self._spill_over_budget()
+
     def release(self, frame: int) -> None:
         """Forget a frame no window will need again."""
         self._ram.pop(frame, None)

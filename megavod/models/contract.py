@@ -77,3 +77,16 @@ class VideoDetector(Protocol[FrameT]):
     def detect_key(self, inputs: KeyFrameInputs[FrameT], cache: Any = None) -> KeyFrameOutput:
         """Detections of ``inputs.key``."""
         ...
+
+
+@runtime_checkable
+class BatchedFramePass(Protocol[FrameT]):
+    """A detector whose per-frame pass can run on several frames of one size in one call (many streams
+    through one model, :func:`megavod.inference.engine.detect_many_online`). Optional: the engine runs
+    :meth:`VideoDetector.frame_features` frame by frame for a detector without it."""
+
+    def frame_features_batch(self, images: Tensor, indices: Sequence[int],
+                             original_sizes: Sequence[tuple[int, int]]) -> list[FrameT]:
+        """The per-frame passes of ``images`` [B, 3, H, W] (frames of one size, e.g. of B streams), equal
+        to B calls of :meth:`VideoDetector.frame_features` up to the float rounding of batched kernels."""
+        ...

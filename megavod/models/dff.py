@@ -75,6 +75,18 @@ class DFFDetector(FlowDetectorBase):
         c4 = self.backbone(image[None])[0] if self.is_key_frame(index) else None
         return FrameMaps(index, image, c4, None, tuple(image.shape[-2:]), original_size)
 
+    @torch.no_grad()
+    def frame_features_batch(self, images: Tensor, indices: Sequence[int],
+                             original_sizes: Sequence[tuple[int, int]]) -> list[FrameMaps]:
+        """:meth:`frame_features` of B frames of one size [B, 3, H, W]: one backbone call on the key frames."""
+        keys = [i for i, index in enumerate(indices) if self.is_key_frame(index)]
+        c4: list[Tensor | None] = [None] * len(indices)
+        if keys:
+            for i, maps in zip(keys, self.backbone(images[keys])):
+                c4[i] = maps
+        return [FrameMaps(index, image, c, None, tuple(images.shape[-2:]), original)
+                for index, image, c, original in zip(indices, images, c4, original_sizes)]
+
     def new_stream_cache(self) -> None:
         """DFF keeps nothing between frames but the last key frame, which the stream holds."""
         return None

@@ -126,6 +126,15 @@ class FGFADetector(FlowDetectorBase):
         return FrameMaps(index, image, c4[0], self.embednet(c4)[0], tuple(image.shape[-2:]), original_size)
 
     @torch.no_grad()
+    def frame_features_batch(self, images: Tensor, indices: Sequence[int],
+                             original_sizes: Sequence[tuple[int, int]]) -> list[FrameMaps]:
+        """:meth:`frame_features` of B frames of one size [B, 3, H, W] in one backbone and embedding call."""
+        c4 = self.backbone(images)
+        embeds = self.embednet(c4)
+        return [FrameMaps(index, image, c, e, tuple(images.shape[-2:]), original)
+                for index, image, c, e, original in zip(indices, images, c4, embeds, original_sizes)]
+
+    @torch.no_grad()
     def aggregate(self, window: Sequence[FrameMaps], key_index: int) -> tuple[Tensor, Tensor]:
         """The key's aggregated C4 [1, C, h, w] and the per-pixel weights [N, 1, h, w] over ``window``
         (N frames, the key at ``key_index``; copies of a frame at the video's edges count each time)."""

@@ -94,6 +94,17 @@ class RelationDetector(nn.Module):
         feats = self.box_head.feature_extractor.raw_features(c4, [boxes])
         return FrameFeatures(index, boxes, feats, size, original_size)
 
+    @torch.no_grad()
+    def frame_features_batch(self, images: Tensor, indices: Sequence[int],
+                             original_sizes: Sequence[tuple[int, int]]) -> list[FrameFeatures]:
+        """:meth:`frame_features` of B frames of one size [B, 3, H, W] in one backbone, RPN and RoI call."""
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        c4 = self.backbone(images)
+        boxes = [p.boxes for p in self.rpn.proposals(c4, [size] * len(images), "key")]
+        feats = self.box_head.feature_extractor.raw_features(c4, boxes).split([len(b) for b in boxes])
+        return [FrameFeatures(index, b, f, size, original) for index, b, f, original
+                in zip(indices, boxes, feats, original_sizes)]
+
     def predict(self, key: FrameFeatures, features: Tensor, relation_query: RelationInputs | None = None) -> Detections:
         """Box predictor and test-time postprocess on the key's aggregated features, in original pixels.
 

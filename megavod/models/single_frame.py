@@ -72,6 +72,13 @@ class SingleFrameDetector(nn.Module):
         """One resized, normalised frame [3, H, W] through the backbone."""
         return FrameMaps(index, image, self.backbone(image[None])[0], None, tuple(image.shape[-2:]), original_size)
 
+    @torch.no_grad()
+    def frame_features_batch(self, images: Tensor, indices: Sequence[int],
+                             original_sizes: Sequence[tuple[int, int]]) -> list[FrameMaps]:
+        """:meth:`frame_features` of B frames of one size [B, 3, H, W] in one backbone call."""
+        return [FrameMaps(index, image, c4, None, tuple(images.shape[-2:]), original)
+                for index, image, c4, original in zip(indices, images, self.backbone(images), original_sizes)]
+
     def new_stream_cache(self) -> None:
         """The single-frame detector keeps nothing between frames."""
         return None
