@@ -7,7 +7,7 @@ aggregated map. Composition: the single-frame detector's ``backbone``, ``rpn`` a
 plus ``flownet`` and ``embednet``. State-dict names equal the authors' (checkpoint
 ``vid_R_101_C4_FGFA_1x``: 587 entries, 198,686,953 elements), so their checkpoints load key for key.
 
-Training (:meth:`FGFADetector.forward`, one key frame + the ``ref`` frames drawn from ±9): the key's own
+Training (:meth:`FGFADetector.sample_losses`, per key frame the ``ref`` frames drawn from ±9): the key's own
 features are *not* in the sum; only the warped references are weighted (softmax over the references).
 Their embeddings are taken after warping, the key's from its unwarped C4, as the authors'.
 

@@ -6,8 +6,8 @@ The detector holds weights only. At test time the streaming engine (:mod:`megavo
 calls :meth:`MEGADetector.frame_features` once per frame and :meth:`MEGADetector.detect_key` once per
 key frame with the local window, the global pool and the memory of the stream, and the stream's own
 :class:`MEGAStreamCache` (detector contract: :mod:`megavod.models.contract`). Training
-(:meth:`MEGADetector.forward` on a :class:`~megavod.data.vid_dataset.TrainSample`) follows
-docs/conventions.md#training-forward.
+(:meth:`MEGADetector.forward` on a list of :class:`~megavod.data.vid_dataset.TrainSample`, B key frames per
+process: docs/conventions.md#key-frames-per-process) follows docs/conventions.md#training-forward.
 
 Work the authors' code repeats and megavod does once (same numbers):
 
@@ -138,19 +138,18 @@ class MEGADetector(RelationDetector):
         frames; the aggregation runs per sample, over that sample's own rows only
         (benchmarks/README.md#batched-training-relation-modules)."""
         global_rows = self.reference_rows(batch, [s.refs.get("global", []) for s in batch])
-        memory_images = [s.refs.get("memory", []) for s in batch]
         # Memory frames: their own global and local stages under no_grad (stop-gradient, current weights).
         with torch.no_grad():
-            memory_rows = self.reference_rows(batch, memory_images)
+            memory_rows = self.reference_rows(batch, [s.refs.get("memory", []) for s in batch])
         # Key and local frames; the key is also a local frame (its first 75 proposals).
         parts = self.keys_and_references(batch, [s.refs.get("local", []) for s in batch])
         losses = []
-        for sample, frames, images, memory_frames, part in zip(batch, global_rows, memory_images, memory_rows, parts):
+        for sample, global_frames, memory_frames, part in zip(batch, global_rows, memory_rows, parts):
             # Global frames: raw features, with gradient.
-            global_pool = RoiRows.cat([RoiRows(f, b) for b, f in frames]) if frames else RoiRows(
+            global_pool = RoiRows.cat([RoiRows(f, b) for b, f in global_frames]) if global_frames else RoiRows(
                 sample.image.new_zeros(0, self.aggregator.feat_dim), sample.image.new_zeros(0, 4))
             memory = None
-            if images:
+            if memory_frames:
                 memory = self.aggregator.memory_from_frames([RoiRows(f, b) for b, f in memory_frames], global_pool)
             out = self.aggregator(
                 key=RoiRows(part.key_feats, part.sampled.boxes[0]),

@@ -5,9 +5,10 @@ per-RoI features (the authors' fc6 + ReLU) to an aggregator. Per frame, :meth:`R
 runs once (C4, the 300 test proposals, their raw features); a frame met as a reference uses the first
 ``ref_proposals`` (75) rows, which are exactly the authors' separate "ref" RPN's proposals (same RPN
 pass and NMS order, so ``rpn.ref_pre_nms_top_n`` must equal ``rpn.pre_nms_top_n_test``). In training,
-the key image and its local references share one backbone batch and the key is also a reference
-frame (its first 75 proposals, docs/conventions.md#training-forward / docs/conventions.md#rdn):
-:meth:`RelationDetector.key_and_references`.
+the key images of the batch and their local references share one backbone batch and each key is also a
+reference frame of its own sample (its first 75 proposals, docs/conventions.md#training-forward /
+docs/conventions.md#rdn): :meth:`RelationDetector.keys_and_references`; B samples per process,
+docs/conventions.md#key-frames-per-process.
 
 For BLR (docs/departures.md#blr-as-megavod-reads-the-paper) the detector can also hand back, per detection,
 its query row in the last location-based relation module (when the stream asks for it,
@@ -192,14 +193,13 @@ class RelationDetector(nn.Module):
         key_boxes = [torch.cat([key.sampled.boxes[0], own_rows]) for key, own_rows in zip(keys, own)]
         raw = self.box_head.feature_extractor.raw_features(c4, key_boxes + ref_props)
         raw = list(raw.split([len(boxes) for boxes in key_boxes + ref_props]))
-        out, start = [], b
-        for i, (key, own_rows, images) in enumerate(zip(keys, own, ref_images)):
-            n_key = len(key.sampled.boxes[0])
-            own_feats = raw[i][n_key:]
-            boxes = [own_rows, *ref_props[start - b : start - b + len(images)]]
-            feats = [own_feats, *raw[start : start + len(images)]]
-            start += len(images)
-            out.append(KeyAndReferences(key.sampled, raw[i][:n_key], boxes, feats, key.rpn_losses))
+        key_raw, ref_raw = raw[:b], raw[b:]
+        out, start = [], 0
+        for key, own_rows, own_and_key, images in zip(keys, own, key_raw, ref_images):
+            n_key, stop = len(key.sampled.boxes[0]), start + len(images)
+            out.append(KeyAndReferences(key.sampled, own_and_key[:n_key], [own_rows, *ref_props[start:stop]],
+                                        [own_and_key[n_key:], *ref_raw[start:stop]], key.rpn_losses))
+            start = stop
         return out
 
     def reference_rows(self, samples: Sequence[Any],
