@@ -27,8 +27,8 @@ from megavod.models.backbone import C4Backbone
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
 from megavod.models.fgfa import FlowDetectorBase, build_flow_parts, sample_references
 from megavod.models.roi_heads import RoIBoxHead
-from megavod.models.training_batch import pad_images
 from megavod.models.rpn import RPN
+from megavod.models.training_batch import pad_images
 from megavod.models.warp import warp
 from megavod.structures import FrameMaps
 
