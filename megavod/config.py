@@ -576,7 +576,8 @@ def validate(cfg: Config) -> None:
     limit = get_method(cfg.method).max_images_per_process
     if limit is not None:
         _require(s.images_per_process <= limit, "solver.images_per_process",
-                 f"<= {limit} for {cfg.method} (the authors train one key frame per process)", s.images_per_process)
+                 f"<= {limit} for {cfg.method} (its method table entry's max_images_per_process)",
+                 s.images_per_process)
     _require(s.checkpoint_period >= 1, "solver.checkpoint_period", ">= 1", s.checkpoint_period)
     _require(cfg.data.num_workers >= 0, "data.num_workers", ">= 0", cfg.data.num_workers)
     _require(len(cfg.data.train_sets) >= 1, "data.train_sets", "at least one image set", list(cfg.data.train_sets))

@@ -34,7 +34,9 @@ class MethodSpec:
             (:class:`megavod.data.sampling.ReferenceSampler`), or None for a method without references.
         checkpoint: how the method's checkpoints are told apart by their keys
             (:class:`megavod.checkpoints.signatures.HeadSignature`); None: such files need ``--config``.
-        max_images_per_process: key frames one process may train on at once (None: no limit).
+        max_images_per_process: key frames one process may train on at once (None: no limit). Every
+            built-in method trains on any number (docs/conventions.md#key-frames-per-process); a method
+            whose training forward takes one sample at a time sets 1.
     """
 
     name: str
@@ -43,7 +45,7 @@ class MethodSpec:
     schedule: Callable[[Any], Any]
     reference_sampler: Callable[[Any], Any] = lambda cfg: None
     checkpoint: Any = None
-    max_images_per_process: int | None = 1
+    max_images_per_process: int | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

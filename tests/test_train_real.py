@@ -225,8 +225,10 @@ def reference_ddp_run(cfg, data: Path, world_size: int, iterations: int) -> list
     then carried on from its previous iteration: RPN and RoI sampling draw from them); DDP's allreduce
     averages the gradients; one SGD step at the lr scaled for ``world_size`` processes; one scheduler step.
     Every trainable parameter gets a gradient here (asserted), so DDP's unused-parameter handling (which
-    would leave a parameter no rank used without a gradient) does not come in. MEGA trains one key frame per process, so this is the
-    only single-process equivalent: ``images_per_process=2`` is refused for video methods.
+    would leave a parameter no rank used without a gradient) does not come in. Each rank's sample runs
+    on its own, with that rank's random streams: ``images_per_process=2`` in one process (allowed for
+    every method) is not the same run, since a sample's seed (flip, references) includes its rank and
+    both samples would draw their anchors and RoIs from one stream instead of one per rank.
     """
     dataset = build_train_dataset(cfg, data)
     ckpt.seed_all(cfg.seed)  # as run_training: the same initial weights on every rank

@@ -42,7 +42,7 @@ def _mega_sampler(cfg) -> MEGASampler:
 BUILTIN_METHODS = (
     MethodSpec(
         name="single", title="single-frame Faster R-CNN", build=build_single_frame_detector,
-        schedule=lambda cfg: SingleFrameSchedule(), checkpoint=signatures.SINGLE, max_images_per_process=None,
+        schedule=lambda cfg: SingleFrameSchedule(), checkpoint=signatures.SINGLE,
     ),
     MethodSpec(
         name="mega", title="MEGA", build=build_mega_detector, schedule=RelationSchedule.for_mega,

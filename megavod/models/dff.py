@@ -25,9 +25,10 @@ from torch import Tensor, nn
 
 from megavod.models.backbone import C4Backbone
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
-from megavod.models.fgfa import FlowDetectorBase, build_flow_parts, single_sample
+from megavod.models.fgfa import FlowDetectorBase, build_flow_parts, sample_references
 from megavod.models.roi_heads import RoIBoxHead
 from megavod.models.rpn import RPN
+from megavod.models.training_batch import pad_images
 from megavod.models.warp import warp
 from megavod.structures import FrameMaps
 
@@ -104,18 +105,16 @@ class DFFDetector(FlowDetectorBase):
 
     # -- training (docs/conventions.md#fgfa-and-dff) ---------------------------------------------------
 
-    def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
-        """Training losses for one :class:`~megavod.data.vid_dataset.TrainSample` whose ``refs["ref"]``
-        holds the one frame (offset in [-9, 0]) that plays the key frame."""
-        if not self.training:
-            raise ValueError("DFFDetector.forward computes training losses; use the flow engine to detect")
-        sample = single_sample(batch, "DFF")
-        refs = sample.refs.get("ref", [])
-        if len(refs) != 1:
-            raise ValueError(f"DFF trains with exactly one reference frame (refs['ref']), got {len(refs)}")
-        ref = refs[0][None]
-        feats = self.propagate(sample.image[None], ref, self.backbone(ref))
-        return self.losses_on_features(feats, sample.image_size, sample.target)
+    def sample_losses(self, batch: Sequence[Any]) -> list[dict[str, Tensor]]:
+        """The 4 losses of each :class:`~megavod.data.vid_dataset.TrainSample` of ``batch``, whose
+        ``refs["ref"]`` holds the one frame (offset in [-9, 0]) that plays its key frame. The B reference
+        frames go through the backbone as one batch, FlowNet on the B (frame, reference) pairs at once."""
+        refs = sample_references(batch, "DFF")
+        if any(len(r) != 1 for r in refs):
+            raise ValueError(f"DFF trains with exactly one reference frame (refs['ref']), got {[len(r) for r in refs]}")
+        ref = pad_images([r[0] for r in refs])
+        feats = self.propagate(pad_images([sample.image for sample in batch]), ref, self.backbone(ref))
+        return self.losses_on_features(feats, [s.image_size for s in batch], [s.target for s in batch])
 
 
 def build_dff_detector(cfg: Any) -> DFFDetector:

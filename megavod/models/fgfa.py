@@ -7,7 +7,7 @@ aggregated map. Composition: the single-frame detector's ``backbone``, ``rpn`` a
 plus ``flownet`` and ``embednet``. State-dict names equal the authors' (checkpoint
 ``vid_R_101_C4_FGFA_1x``: 587 entries, 198,686,953 elements), so their checkpoints load key for key.
 
-Training (:meth:`FGFADetector.forward`, one key frame + the ``ref`` frames drawn from ±9): the key's own
+Training (:meth:`FGFADetector.sample_losses`, per key frame the ``ref`` frames drawn from ±9): the key's own
 features are *not* in the sum; only the warped references are weighted (softmax over the references).
 Their embeddings are taken after warping, the key's from its unwarped C4, as the authors'.
 
@@ -32,6 +32,7 @@ from megavod.models.roi_heads import RoIBoxHead, build_box_head
 from megavod.models.rpn import RPN, build_rpn
 from megavod.models.warp import warp
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
+from megavod.models.training_batch import box_head_losses, mean_losses, pad_images, sample_key_rois
 from megavod.structures import Detections, FrameMaps
 
 
@@ -80,16 +81,30 @@ class FlowDetectorBase(nn.Module):
         (h, w), (oh, ow) = image_size, original_size
         return det.scale(ow / w, oh / h)
 
-    def losses_on_features(self, feats: Tensor, image_size: tuple[int, int], target: Any) -> dict[str, Tensor]:
-        """The 4 single-frame losses with ``feats`` [1, C, h, w] standing for the key frame's C4."""
-        proposals, rpn_losses = self.rpn(feats, [image_size], [target])
-        return {**rpn_losses, **self.box_head(feats, proposals, [image_size], [target])}
+    def losses_on_features(self, feats: Tensor, image_sizes: Sequence[tuple[int, int]],
+                           targets: Sequence[Any]) -> list[dict[str, Tensor]]:
+        """The 4 single-frame losses of each key frame, ``feats`` [B, C, h, w] standing for the key frames'
+        C4 (one per sample, each as for that sample alone)."""
+        rois = sample_key_rois(self.rpn, self.box_head.loss_computation, feats, image_sizes, targets)
+        return box_head_losses(self.box_head, feats, rois)
+
+    def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
+        """Training losses of a batch of :class:`~megavod.data.vid_dataset.TrainSample`: the mean over the
+        samples of :meth:`sample_losses` (docs/departures.md#batch-loss-normalisation)."""
+        if not self.training:
+            raise ValueError(f"{type(self).__name__}.forward computes training losses; use the flow engine to detect")
+        return mean_losses(self.sample_losses(batch))
+
+    def sample_losses(self, batch: Sequence[Any]) -> list[dict[str, Tensor]]:
+        """The 4 losses of each sample of ``batch``."""
+        raise NotImplementedError
 
 
-def single_sample(batch: Sequence[Any], method: str) -> Any:
-    if len(batch) != 1:
-        raise ValueError(f"{method} trains one key frame per process (docs/conventions.md#one-key-frame-per-process), got {len(batch)}")
-    return batch[0]
+def sample_references(batch: Sequence[Any], method: str) -> list[list[Tensor]]:
+    """Each sample's ``refs["ref"]`` images; a method needs at least one training sample."""
+    if not batch:
+        raise ValueError(f"{method} training needs at least one sample")
+    return [list(sample.refs.get("ref", [])) for sample in batch]
 
 
 class FGFADetector(FlowDetectorBase):
@@ -165,23 +180,31 @@ class FGFADetector(FlowDetectorBase):
 
     # -- training (docs/conventions.md#fgfa-and-dff) ---------------------------------------------------
 
-    def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
-        """Training losses for one :class:`~megavod.data.vid_dataset.TrainSample` whose ``refs["ref"]``
-        holds the reference images (2, of the key's size and flip)."""
-        if not self.training:
-            raise ValueError("FGFADetector.forward computes training losses; use the flow engine to detect")
-        sample = single_sample(batch, "FGFA")
-        refs = sample.refs.get("ref", [])
-        if not refs:
+    def sample_losses(self, batch: Sequence[Any]) -> list[dict[str, Tensor]]:
+        """The 4 losses of each :class:`~megavod.data.vid_dataset.TrainSample` of ``batch``, whose
+        ``refs["ref"]`` hold its reference images (2, of its key's size and flip).
+
+        All keys and references go through the backbone as one batch (keys first, then each sample's
+        references; zero-padded to the largest image), FlowNet runs on every (key, reference) pair at once
+        and the embedding network on all maps at once; the weights are a softmax over each sample's own
+        references."""
+        refs = sample_references(batch, "FGFA")
+        if not all(refs):
             raise ValueError("FGFA training needs at least one reference frame (refs['ref'], fgfa.train_refs)")
-        images = torch.stack([sample.image, *refs])
+        b, counts = len(batch), [len(r) for r in refs]
+        images = pad_images([sample.image for sample in batch] + [image for r in refs for image in r])
         c4 = self.backbone(images)
-        flow = self.flownet(images[:1], images[1:]).flow
-        warped = warp(c4[1:], flow, self.warp_align_corners)
-        embeds = self.embednet(torch.cat([c4[:1], warped]))
-        weights = aggregation_weights(embeds[1:], embeds[:1])
-        feats = (weights * warped).sum(dim=0, keepdim=True)
-        return self.losses_on_features(feats, sample.image_size, sample.target)
+        keys = torch.cat([images[i : i + 1].expand(count, -1, -1, -1) for i, count in enumerate(counts)])
+        flow = self.flownet(keys, images[b:]).flow
+        warped = warp(c4[b:], flow, self.warp_align_corners)
+        embeds = self.embednet(torch.cat([c4[:b], warped]))
+        feats, start = [], 0
+        for i, count in enumerate(counts):
+            rows = slice(start, start + count)
+            weights = aggregation_weights(embeds[b:][rows], embeds[i : i + 1])
+            feats.append((weights * warped[rows]).sum(dim=0, keepdim=True))
+            start += count
+        return self.losses_on_features(torch.cat(feats), [s.image_size for s in batch], [s.target for s in batch])
 
 
 def build_flow_parts(cfg: Any, method_cfg: Any, scale: bool) -> tuple[C4Backbone, nn.Module, RPN, RoIBoxHead]:

@@ -6,8 +6,8 @@ The detector holds weights only. At test time the streaming engine (:mod:`megavo
 calls :meth:`MEGADetector.frame_features` once per frame and :meth:`MEGADetector.detect_key` once per
 key frame with the local window, the global pool and the memory of the stream, and the stream's own
 :class:`MEGAStreamCache` (detector contract: :mod:`megavod.models.contract`). Training
-(:meth:`MEGADetector.forward` on a :class:`~megavod.data.vid_dataset.TrainSample`) follows
-docs/conventions.md#training-forward.
+(:meth:`MEGADetector.forward` on a list of :class:`~megavod.data.vid_dataset.TrainSample`, B key frames per
+process: docs/conventions.md#key-frames-per-process) follows docs/conventions.md#training-forward.
 
 Work the authors' code repeats and megavod does once (same numbers):
 
@@ -129,45 +129,36 @@ class MEGADetector(RelationDetector):
 
     # -- training (docs/conventions.md#training-forward) ----------------------------------------------
 
-    def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
-        """Training losses for one sample (one key frame per process, docs/conventions.md#one-key-frame-per-process): a
-        :class:`~megavod.data.vid_dataset.TrainSample` whose ``refs`` hold ``local``, ``memory`` and
-        ``global`` images of the key's size and flip."""
-        if not self.training:
-            raise ValueError("MEGADetector.forward computes training losses; use the streaming engine to detect")
-        if len(batch) != 1:
-            raise ValueError(f"MEGA trains one key frame per process (docs/conventions.md#one-key-frame-per-process), got {len(batch)}")
-        sample = batch[0]
-        size = sample.image_size
-        extractor = self.box_head.feature_extractor
+    def sample_losses(self, batch: Sequence[Any]) -> list[dict[str, Tensor]]:
+        """The 4 losses of each :class:`~megavod.data.vid_dataset.TrainSample` of ``batch``, whose ``refs``
+        hold ``local``, ``memory`` and ``global`` images of its key's size and flip.
 
-        def ref_rows(images: Sequence[Tensor]) -> list[RoiRows]:
-            if not images:
-                return []
-            c4 = self.backbone(torch.stack(list(images)))
-            props = [p.boxes for p in self.rpn.proposals(c4, [size] * len(images), "ref")]
-            feats = extractor.raw_features(c4, props).split([len(p) for p in props])
-            return [RoiRows(f, b) for f, b in zip(feats, props)]
-
-        # Global frames: raw features, with gradient.
-        global_rows = ref_rows(sample.refs.get("global", []))
-        global_pool = RoiRows.cat(global_rows) if global_rows else RoiRows(
-            sample.image.new_zeros(0, self.aggregator.feat_dim), sample.image.new_zeros(0, 4))
+        Each role's images of all samples go through the backbone as one batch (zero-padded to the
+        largest): the global frames, the memory frames (under no_grad) and the keys with their local
+        frames; the aggregation runs per sample, over that sample's own rows only
+        (benchmarks/README.md#batched-training-relation-modules)."""
+        global_rows = self.reference_rows(batch, [s.refs.get("global", []) for s in batch])
         # Memory frames: their own global and local stages under no_grad (stop-gradient, current weights).
-        memory = None
-        if sample.refs.get("memory"):
-            with torch.no_grad():
-                memory_rows = ref_rows(sample.refs["memory"])
-            memory = self.aggregator.memory_from_frames(memory_rows, global_pool)
+        with torch.no_grad():
+            memory_rows = self.reference_rows(batch, [s.refs.get("memory", []) for s in batch])
         # Key and local frames; the key is also a local frame (its first 75 proposals).
-        parts = self.key_and_references(sample, sample.refs.get("local", []))
-        out = self.aggregator(
-            key=RoiRows(parts.key_feats, parts.sampled.boxes[0]),
-            local_frames=[RoiRows(f, b) for f, b in zip(parts.ref_feats, parts.ref_boxes)],
-            global_pool=global_pool,
-            memory=memory,
-        )
-        return self.losses(parts, out.features)
+        parts = self.keys_and_references(batch, [s.refs.get("local", []) for s in batch])
+        losses = []
+        for sample, global_frames, memory_frames, part in zip(batch, global_rows, memory_rows, parts):
+            # Global frames: raw features, with gradient.
+            global_pool = RoiRows.cat([RoiRows(f, b) for b, f in global_frames]) if global_frames else RoiRows(
+                sample.image.new_zeros(0, self.aggregator.feat_dim), sample.image.new_zeros(0, 4))
+            memory = None
+            if memory_frames:
+                memory = self.aggregator.memory_from_frames([RoiRows(f, b) for b, f in memory_frames], global_pool)
+            out = self.aggregator(
+                key=RoiRows(part.key_feats, part.sampled.boxes[0]),
+                local_frames=[RoiRows(f, b) for f, b in zip(part.ref_feats, part.ref_boxes)],
+                global_pool=global_pool,
+                memory=memory,
+            )
+            losses.append(self.losses(part, out.features))
+        return losses
 
 
 def build_mega_detector(cfg: Config) -> MEGADetector:

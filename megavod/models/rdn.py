@@ -176,20 +176,18 @@ class RDNDetector(RelationDetector):
 
     # -- training (docs/conventions.md#rdn) ------------------------------------------------------------
 
-    def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
-        """Training losses for one :class:`~megavod.data.vid_dataset.TrainSample` whose ``refs["ref"]``
-        holds the reference images (2 drawn from ±18, of the key's size and flip).
+    def sample_losses(self, batch: Sequence[Any]) -> list[dict[str, Tensor]]:
+        """The 4 losses of each :class:`~megavod.data.vid_dataset.TrainSample` of ``batch``, whose
+        ``refs["ref"]`` holds its reference images (2 drawn from ±18, of its key's size and flip).
 
         The key frame is also a supportive frame: its first 75 proposals, with the references' 75 each,
-        give 225 supportive rows (advanced set: 45)."""
-        if not self.training:
-            raise ValueError("RDNDetector.forward computes training losses; use the streaming engine to detect")
-        if len(batch) != 1:
-            raise ValueError(f"RDN trains one key frame per process (docs/conventions.md#one-key-frame-per-process), got {len(batch)}")
-        parts = self.key_and_references(batch[0], batch[0].refs.get("ref", []))
-        feats = self.aggregator(parts.key_feats, parts.sampled.boxes[0], torch.cat(parts.ref_feats),
-                                torch.cat(parts.ref_boxes), [len(b) for b in parts.ref_boxes])
-        return self.losses(parts, feats)
+        give 225 supportive rows (advanced set: 45). Keys and references of all samples share one backbone
+        batch (:meth:`keys_and_references`); each key attends to its own sample's rows only (one
+        aggregator call per sample, benchmarks/README.md#batched-training-relation-modules)."""
+        parts = self.keys_and_references(batch, [sample.refs.get("ref", []) for sample in batch])
+        return [self.losses(p, self.aggregator(p.key_feats, p.sampled.boxes[0], torch.cat(p.ref_feats),
+                                               torch.cat(p.ref_boxes), [len(b) for b in p.ref_boxes]))
+                for p in parts]
 
 
 def build_rdn_detector(cfg: Config) -> RDNDetector:

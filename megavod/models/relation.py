@@ -243,10 +243,12 @@ class RelationModule(nn.Module):
             raise ValueError("temporal_embedding=True needs x_frames and ref_frames (frame index per row)")
         if not self.temporal_embedding:
             x_frames = ref_frames = None
-        # In float32 whatever autocast says (bf16 training on CUDA): log(relu(.) + 1e-6) of a bf16 logit
-        # would be coarse, and the in-place accumulation below needs one dtype.
+        # In Wg's dtype, at least float32, whatever autocast says (bf16 training on CUDA): log(relu(.) + 1e-6)
+        # of a bf16 logit would be coarse, and the in-place accumulation below needs one dtype. (A float64
+        # model, as tests/test_batched_training.py runs, stays float64.)
+        dtype = torch.promote_types(self.Wg.weight.dtype, torch.float32)
         with torch.autocast(x_boxes.device.type, enabled=False):
-            return self._geometry_bias(x_boxes.float(), ref_boxes.float(), x_frames, ref_frames)
+            return self._geometry_bias(x_boxes.to(dtype), ref_boxes.to(dtype), x_frames, ref_frames)
 
     def _geometry_bias(self, x_boxes: Tensor, ref_boxes: Tensor, x_frames: Tensor | None,
                        ref_frames: Tensor | None) -> Tensor:

@@ -5,9 +5,10 @@ per-RoI features (the authors' fc6 + ReLU) to an aggregator. Per frame, :meth:`R
 runs once (C4, the 300 test proposals, their raw features); a frame met as a reference uses the first
 ``ref_proposals`` (75) rows, which are exactly the authors' separate "ref" RPN's proposals (same RPN
 pass and NMS order, so ``rpn.ref_pre_nms_top_n`` must equal ``rpn.pre_nms_top_n_test``). In training,
-the key image and its local references share one backbone batch and the key is also a reference
-frame (its first 75 proposals, docs/conventions.md#training-forward / docs/conventions.md#rdn):
-:meth:`RelationDetector.key_and_references`.
+the key images of the batch and their local references share one backbone batch and each key is also a
+reference frame of its own sample (its first 75 proposals, docs/conventions.md#training-forward /
+docs/conventions.md#rdn): :meth:`RelationDetector.keys_and_references`; B samples per process,
+docs/conventions.md#key-frames-per-process.
 
 For BLR (docs/departures.md#blr-as-megavod-reads-the-paper) the detector can also hand back, per detection,
 its query row in the last location-based relation module (when the stream asks for it,
@@ -33,6 +34,7 @@ from megavod.models.backbone import C4Backbone, build_backbone, load_pretrained_
 from megavod.models.relation import RelationModule
 from megavod.models.roi_heads import RoIBoxHead, SampledRoIs, build_box_head
 from megavod.models.rpn import RPN, build_rpn
+from megavod.models.training_batch import mean_losses, pad_images, sample_key_rois
 from megavod.structures import Detections, FrameFeatures, RelationInputs
 
 
@@ -167,25 +169,66 @@ class RelationDetector(nn.Module):
         a, b = a.to(device), b.to(device)
         return module.attention_weights(a.feats, b.feats, a.boxes, b.boxes, **frames).mean(0).float().cpu()
 
-    def key_and_references(self, sample: Any, ref_images: Sequence[Tensor]) -> KeyAndReferences:
-        """The key image and ``ref_images`` in one backbone batch: key-mode RPN (300 + GT) with its
-        losses, 128 sampled key RoIs, and the references' ref-mode proposals, the key's own first 75
-        leading. Raw features of all of them, with gradient."""
-        size, target = sample.image_size, sample.target
-        c4 = self.backbone(torch.stack([sample.image, *ref_images]))
-        key_props, rpn_losses = self.rpn(c4[:1], [size], [target])
-        key_boxes = key_props[0].boxes
-        n_own = len(key_boxes) - len(target["boxes"])  # the RPN's own proposals, before the GT
-        ref_boxes = [key_boxes[: min(self.ref_proposals, n_own)]]
-        if ref_images:
-            ref_boxes += [p.boxes for p in self.rpn.proposals(c4[1:], [size] * len(ref_images), "ref")]
-        sampled = self.box_head.loss_computation.subsample([key_boxes], [target])
-        n_key = len(sampled.boxes[0])
-        # One RoIAlign per image: the key image holds its sampled RoIs and its own reference rows.
-        raw = self.box_head.feature_extractor.raw_features(
-            c4, [torch.cat([sampled.boxes[0], ref_boxes[0]]), *ref_boxes[1:]])
-        key_feats, *ref_feats = raw.split([n_key] + [len(b) for b in ref_boxes])
-        return KeyAndReferences(sampled, key_feats, ref_boxes, list(ref_feats), rpn_losses)
+    def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
+        """Training losses of a batch of :class:`~megavod.data.vid_dataset.TrainSample`: the mean over the
+        samples of :meth:`sample_losses` (docs/departures.md#batch-loss-normalisation)."""
+        if not self.training:
+            raise ValueError(f"{type(self).__name__}.forward computes training losses; use the streaming engine "
+                             "to detect")
+        if not batch:
+            raise ValueError("a training batch needs at least one sample")
+        return mean_losses(self.sample_losses(batch))
+
+    def sample_losses(self, batch: Sequence[Any]) -> list[dict[str, Tensor]]:
+        """The 4 losses of each sample of ``batch`` (MEGA and RDN each define theirs)."""
+        raise NotImplementedError
+
+    def keys_and_references(self, samples: Sequence[Any],
+                            ref_images: Sequence[Sequence[Tensor]]) -> list[KeyAndReferences]:
+        """Per sample: its key image and its ``ref_images``, all samples' in one backbone batch (keys
+        first, then each sample's references; zero-padded to the largest): key-mode RPN (300 + GT) with
+        its losses, 128 sampled key RoIs, and the references' ref-mode proposals, the key's own first 75
+        leading. Raw features of all of them, with gradient, in one res5 + RoIAlign call."""
+        b = len(samples)
+        sizes = [sample.image_size for sample in samples]
+        ref_sizes = [size for size, images in zip(sizes, ref_images) for _ in images]
+        c4 = self.backbone(pad_images([s.image for s in samples] + [im for images in ref_images for im in images]))
+        keys = sample_key_rois(self.rpn, self.box_head.loss_computation, c4[:b], sizes,
+                               [s.target for s in samples])
+        ref_props = [p.boxes for p in self.rpn.proposals(c4[b:], ref_sizes, "ref")] if ref_sizes else []
+        own = []
+        for key, sample in zip(keys, samples):
+            n_own = len(key.proposals) - len(sample.target["boxes"])  # the RPN's own proposals, before the GT
+            own.append(key.proposals.boxes[: min(self.ref_proposals, n_own)])
+        # One RoIAlign per image: each key image holds its sampled RoIs and its own reference rows.
+        key_boxes = [torch.cat([key.sampled.boxes[0], own_rows]) for key, own_rows in zip(keys, own)]
+        raw = self.box_head.feature_extractor.raw_features(c4, key_boxes + ref_props)
+        raw = list(raw.split([len(boxes) for boxes in key_boxes + ref_props]))
+        key_raw, ref_raw = raw[:b], raw[b:]
+        out, start = [], 0
+        for key, own_rows, own_and_key, images in zip(keys, own, key_raw, ref_images):
+            n_key, stop = len(key.sampled.boxes[0]), start + len(images)
+            out.append(KeyAndReferences(key.sampled, own_and_key[:n_key], [own_rows, *ref_props[start:stop]],
+                                        [own_and_key[n_key:], *ref_raw[start:stop]], key.rpn_losses))
+            start = stop
+        return out
+
+    def reference_rows(self, samples: Sequence[Any],
+                       ref_images: Sequence[Sequence[Tensor]]) -> list[list[tuple[Tensor, Tensor]]]:
+        """Per sample, per image of its ``ref_images``: (ref-mode proposals [n, 4], raw features [n, C]),
+        all samples' images in one backbone batch (zero-padded to the largest), each with its sample's size."""
+        sizes = [size for sample, images in zip(samples, ref_images) for size in [sample.image_size] * len(images)]
+        if not sizes:
+            return [[] for _ in samples]
+        c4 = self.backbone(pad_images([im for images in ref_images for im in images]))
+        boxes = [p.boxes for p in self.rpn.proposals(c4, sizes, "ref")]
+        feats = self.box_head.feature_extractor.raw_features(c4, boxes).split([len(b) for b in boxes])
+        rows = list(zip(boxes, feats))
+        out, start = [], 0
+        for images in ref_images:
+            out.append(rows[start : start + len(images)])
+            start += len(images)
+        return out
 
     def losses(self, parts: KeyAndReferences, features: Tensor) -> dict[str, Tensor]:
         """The 4 losses: the RPN's and the Fast R-CNN loss on the key's aggregated features."""

@@ -21,6 +21,7 @@ from megavod.models.backbone import C4Backbone, build_backbone, load_pretrained_
 from megavod.models.roi_heads import RoIBoxHead, build_box_head
 from megavod.models.rpn import RPN, build_rpn
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
+from megavod.models.training_batch import box_head_losses, mean_losses, pad_images, sample_key_rois
 from megavod.structures import Detections, FrameMaps
 
 
@@ -45,7 +46,8 @@ class SingleFrameDetector(nn.Module):
     ) -> dict[str, Tensor] | list[Detections]:
         """``images`` [B,3,H,W] normalised BGR255. Training: ``targets`` (one per image, with
         ``boxes`` [M,4] and ``labels`` [M], as attributes or dict keys) -> the 4 losses
-        (``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``). Eval: one
+        (``loss_objectness``, ``loss_rpn_box_reg``, ``loss_classifier``, ``loss_box_reg``), the mean over
+        the images of each image's losses (docs/departures.md#batch-loss-normalisation). Eval: one
         :class:`Detections` per image. ``image_sizes`` ((H, W) per image) defaults to the tensor's
         size; pass it when the batch is padded."""
         if isinstance(images, (list, tuple)):  # the training engine's list of TrainSample
@@ -59,11 +61,24 @@ class SingleFrameDetector(nn.Module):
         if image_sizes is None:
             image_sizes = [tuple(images.shape[-2:])] * images.shape[0]
         c4 = self.backbone(images)
-        proposals, rpn_losses = self.rpn(c4, image_sizes, targets if self.training else None)
-        out = self.box_head(c4, proposals, image_sizes, targets if self.training else None)
         if self.training:
-            return {**rpn_losses, **out}
-        return out
+            return mean_losses(self.image_losses(c4, image_sizes, targets))
+        proposals, _ = self.rpn(c4, image_sizes, None)
+        return self.box_head(c4, proposals, image_sizes, None)
+
+    def image_losses(self, c4: Tensor, image_sizes: Sequence[tuple[int, int]],
+                     targets: Sequence[Any]) -> list[dict[str, Tensor]]:
+        """The 4 losses of each image of the C4 batch [B, C, h, w], each as for that image alone."""
+        return box_head_losses(self.box_head, c4,
+                               sample_key_rois(self.rpn, self.box_head.loss_computation, c4, image_sizes, targets))
+
+    def sample_losses(self, batch: Sequence[Any]) -> list[dict[str, Tensor]]:
+        """The 4 losses of each :class:`~megavod.data.vid_dataset.TrainSample` of ``batch`` (one backbone
+        batch, zero-padded to the largest image); :meth:`forward` returns their mean."""
+        if not self.training:
+            raise ValueError("sample_losses computes training losses; call model.train() first")
+        images, targets, image_sizes = batch_samples(batch)
+        return self.image_losses(self.backbone(images), image_sizes, targets)
 
     # -- test: the detector contract (megavod.models.contract) -----------------------------------------
 
@@ -97,15 +112,11 @@ class SingleFrameDetector(nn.Module):
 
 
 def batch_samples(samples: Sequence[Any]) -> tuple[Tensor, list[Any], list[tuple[int, int]]]:
-    """Training samples -> (images zero-padded at the bottom/right to one size [B,3,H,W], targets,
-    (H, W) of each image). Zero is the pixel mean after normalisation; with one image per process,
-    as the authors train, nothing is padded."""
-    sizes = [tuple(s.image.shape[-2:]) for s in samples]
-    h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    images = samples[0].image.new_zeros(len(samples), 3, h, w)
-    for image, s in zip(images, samples):
-        image[:, : s.image.shape[-2], : s.image.shape[-1]] = s.image
-    return images, [s.target for s in samples], sizes
+    """Training samples -> (images zero-padded at the bottom/right to one size [B,3,H,W]
+    (:func:`~megavod.models.training_batch.pad_images`), targets, (H, W) of each image)."""
+    if not samples:
+        raise ValueError("a training batch needs at least one sample")
+    return pad_images([s.image for s in samples]), [s.target for s in samples], [s.image_size for s in samples]
 
 
 def build_single_frame_detector(cfg: Any) -> SingleFrameDetector:

@@ -14,7 +14,8 @@
   weight decay). Raising the whole module's lr instead inflates ``Wv`` and with it the relation term, which
   raised the training loss (README "Synthetic Table 3").
 * The base lr is for ``reference_batch`` images per iteration (4 GPUs x 1 image); it scales linearly
-  with the images one iteration actually sees, ``world_size * images_per_process``.
+  with the images one iteration actually sees, ``world_size * images_per_process`` (B key frames per
+  process count as B images for every method, docs/conventions.md#key-frames-per-process).
 """
 
 from __future__ import annotations
