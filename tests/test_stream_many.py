@@ -88,19 +88,36 @@ def test_many_streams_unbatched_give_exactly_what_each_gives_alone(detector, mod
             assert torch.equal(ba, bt) and torch.equal(sa, st) and torch.equal(la, lt)
 
 
+def _unmatched(a: tuple, b: tuple) -> list[int]:
+    """Detections of frame result ``a`` with no detection in ``b`` of the same label within BOX_TOL px
+    and SCORE_TOL in score (each used once; order does not matter: two detections whose scores are
+    within rounding of each other may come out in either order)."""
+    (_, boxes_a, scores_a, labels_a), (_, boxes_b, scores_b, labels_b) = a, b
+    free = list(range(len(boxes_b)))
+    missing = []
+    for i in range(len(boxes_a)):
+        match = next((j for j in free if labels_b[j] == labels_a[i]
+                      and abs(float(scores_b[j] - scores_a[i])) <= SCORE_TOL
+                      and float((boxes_b[j] - boxes_a[i]).abs().max()) <= BOX_TOL), None)
+        if match is None:
+            missing.append(i)
+        else:
+            free.remove(match)
+    return missing
+
+
 @pytest.mark.parametrize("mode", ["offline", "online"])
 def test_many_streams_batched_equal_each_alone(detector, mode):
     alone = _alone(detector, mode)
     together = _results(detector.stream_many(CLIPS, mode))
-    worst_box = worst_score = 0.0
     for a, t in zip(alone, together, strict=True):
         assert [k for k, *_ in a] == [k for k, *_ in t]
-        for (_, ba, sa, la), (_, bt, st, lt) in zip(a, t):
-            assert torch.equal(la, lt)
-            if len(ba):
-                worst_box = max(worst_box, float((ba - bt).abs().max()))
-                worst_score = max(worst_score, float((sa - st).abs().max()))
-    assert worst_box <= BOX_TOL and worst_score <= SCORE_TOL, (worst_box, worst_score)
+        for frame_a, frame_t in zip(a, t):
+            assert len(frame_a[1]) == len(frame_t[1])
+            for x, y in ((frame_a, frame_t), (frame_t, frame_a)):
+                # Only a detection at the cut-off (detections_per_img) may be replaced by a near-tie.
+                floor = float(x[2].min()) if len(x[2]) else 0.0
+                assert all(float(x[2][i]) <= floor + SCORE_TOL for i in _unmatched(x, y)), (frame_a[0], _unmatched(x, y))
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ pixels (600 x 1000 at S = 600, the authors' largest test input; rendered by
 :mod:`megavod.data.synthetic_render`, a new scene every 100 frames), each as one offline video:
 every method through the streaming engine with its own schedule, via :meth:`Detector.stream`, frame
 preprocessing included. Before timing, each model runs one warm-up
-video of ``warmup`` frames (not counted). With ``repeats`` > 1 the configs take turns (so a busy
-machine slows them alike) and each column is the median over the runs.
+video of ``warmup`` frames (not counted). The timed videos are interleaved frame by frame (each config's
+next frame in turn, :func:`run_interleaved`), so a change in the machine's load lands on every config
+alike; with ``repeats`` > 1 each column is the median over the runs.
 
 Columns (ms per frame):
 
@@ -30,8 +31,9 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -197,6 +199,11 @@ class BenchModel:
             model.frame_features = _timed(model.frame_features, lambda s: self._current.pass_s.append(s), sync)
             model.detect_key = _timed(model.detect_key, lambda s: self._current.key_s.append(s), sync)
 
+    def start(self, frames: Sequence[np.ndarray]) -> tuple[VideoTiming, Iterator[Any]]:
+        """A timing record and the offline detection of ``frames``, not yet started."""
+        self._current = timing = VideoTiming(len(frames), 0.0)
+        return timing, iter(self.detector.stream(frames, "offline"))
+
     def run(self, frames: Sequence[np.ndarray]) -> VideoTiming:
         """Detect on ``frames`` as one offline video; the detections are consumed and dropped."""
         self._current = timing = VideoTiming(len(frames), 0.0)
@@ -209,6 +216,34 @@ class BenchModel:
             raise RuntimeError(f"{self.name}: {count} detections for {len(frames)} frames")
         self._current = None
         return timing
+
+
+def run_interleaved(models: Sequence[BenchModel], frames: Sequence[np.ndarray], device: str) -> list[VideoTiming]:
+    """Every model detects ``frames`` as one offline video, the models taking turns frame by frame
+    (model 1's frame k, model 2's frame k, ..., then frame k + 1), so that a change in the machine's
+    load lands on every config alike and the ratios measure the configs, not the load. A model's wall
+    time is the sum of its own turns."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    started = [m.start(frames) for m in models]
+    counts = [0] * len(models)
+    active = list(range(len(models)))
+    while active:
+        for i in list(active):
+            timing, stream = started[i]
+            models[i]._current = timing  # the timed frame_features / detect_key record into this video
+            begin = time.perf_counter()
+            result = next(stream, None)
+            sync()
+            timing.wall_s += time.perf_counter() - begin
+            if result is None:
+                active.remove(i)
+            else:
+                counts[i] += 1
+    for m, count in zip(models, counts):
+        m._current = None
+        if count != len(frames):
+            raise RuntimeError(f"{m.name}: {count} detections for {len(frames)} frames")
+    return [timing for timing, _ in started]
 
 
 def run_bench(
@@ -241,9 +276,9 @@ def run_bench(
                 m.run(warm)
         videos: list[list[VideoTiming]] = [[] for _ in models]
         for r in range(repeats):
-            for m, runs in zip(models, videos):  # take turns, so that load on the machine hits all alike
-                runs.append(m.run(timed))
-                log(f"run {r + 1}/{repeats} {m.name}: {1000 * runs[-1].wall_s / num_frames:.0f} ms/frame")
+            for m, runs, timing in zip(models, videos, run_interleaved(models, timed, device)):
+                runs.append(timing)
+                log(f"run {r + 1}/{repeats} {m.name}: {1000 * timing.wall_s / num_frames:.0f} ms/frame")
     return [BenchResult(m.name, m.cfg.method, m.settings, runs, m.single_frame) for m, runs in zip(models, videos)]
 
 
@@ -270,7 +305,7 @@ def format_report(results: Sequence[BenchResult], num_frames: int, size: int, de
     if len(results) > 1:
         others = [r for r in results if r is not reference]
         ratios = ", ".join(f"{r.name}/{reference.name} {r.ms / reference.ms:.2f}" for r in others)
-        lines.append(f"ratios (steady ms/frame): {ratios}")
+        lines.append(f"ratios (steady ms/frame; configs interleaved frame by frame, quote these): {ratios}")
     notes = []
     for r in results:
         s = r.settings
