@@ -35,6 +35,9 @@ class MethodSpec:
         checkpoint: how the method's checkpoints are told apart by their keys
             (:class:`megavod.checkpoints.signatures.HeadSignature`); None: such files need ``--config``.
         max_images_per_process: key frames one process may train on at once (None: no limit).
+        export: config -> the method's ONNX graphs (:class:`megavod.export.graphs.MethodGraphs`: the
+            per-frame pass and the key-frame step as traceable modules, and their runtime adapters);
+            None: ``megavod export`` refuses the method.
     """
 
     name: str
@@ -44,6 +47,7 @@ class MethodSpec:
     reference_sampler: Callable[[Any], Any] = lambda cfg: None
     checkpoint: Any = None
     max_images_per_process: int | None = 1
+    export: Callable[[Any], Any] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}
