@@ -11,7 +11,7 @@ Per config: the model is built with random weights and its FrozenBN calibrated o
 (``megavod.apps.bench.synthetic_frames``, S x round(5S/3), input resizing set to S so frames are not
 resized) as one offline video through ``Detector.stream`` (what ``megavod detect`` runs). One untimed
 warm-up video of 2 frames per backend first. ``--threads``: torch's intra-op threads and ONNX Runtime's
-``intra_op_num_threads``. Prints one row per config and backend, and the detections' agreement.
+``intra_op_num_threads``. Prints one row per config and backend, and the number of detections of each.
 """
 
 from __future__ import annotations
@@ -67,11 +67,11 @@ def main() -> None:
             onnx_detector = Detector(onnx_model, cfg, "cpu")
             ms_torch, ref = timed(torch_detector, frames)
             ms_onnx, got = timed(onnx_detector, frames)
-        box = max(((a.boxes - b.boxes).abs().max().item() for a, b in zip(ref, got)
-                   if len(a) == len(b) and len(a)), default=0.0)
+        # Equality within tolerances is tests/test_export_onnx.py's job; here: detections per backend.
+        counts = f"{sum(len(r) for r in ref)} / {sum(len(r) for r in got)} detections"
         print(f"{name:<16} {'torch':<12} {ms_torch:9.1f} {1.0:6.2f}")
         print(f"{name:<16} {'onnxruntime':<12} {ms_onnx:9.1f} {ms_onnx / ms_torch:6.2f}  {export_s:.0f} s, "
-              f"{sizes} MiB (frame + key); max box difference {box:.1e} px")
+              f"{sizes} MiB (frame + key); {counts} (torch / onnxruntime)")
 
 
 if __name__ == "__main__":
