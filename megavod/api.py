@@ -14,6 +14,7 @@ file writing, ``megavod eval`` is :func:`evaluate`, ``megavod train`` is :func:`
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ from megavod.data.transforms import build_transform
 from megavod.data.video import RandomAccessFrames, open_source
 from megavod.errors import ConfigError, MegavodError, StreamError
 from megavod.evaluation.vid_eval import VIDEvalResult, evaluate_dataset
+from megavod.export.exporter import export_onnx
+from megavod.export.runtime import MANIFEST, load_onnx_detector
 from megavod.inference.engine import FrameLoader, detect_many_offline, detect_many_online, detect_offline, detect_online
 from megavod.inference.schedules import build_schedule
 from megavod.methods import build_detector, load_detector
@@ -40,13 +43,15 @@ from megavod.structures import Detections, RelationInputs
 from megavod.train.engine import run_training
 
 Mode = Literal["offline", "online"]
+Backend = Literal["torch", "onnxruntime"]
 #: A frame: RGB ``uint8`` numpy array [H, W, 3], a torch tensor ([H, W, 3] uint8, or [3, H, W] uint8 or
 #: float in [0, 1] as torchvision's images), or a PIL image.
 Frame = Union[np.ndarray, Tensor, Image.Image]
 #: What :meth:`Detector.stream` reads: a video file, frame folder or stream URL, or frames.
 Source = Union[str, os.PathLike, Iterable[Frame]]
 
-__all__ = ["Detector", "FrameResult", "Frame", "Source", "load", "evaluate", "train", "resolve_device"]
+__all__ = ["Detector", "FrameResult", "Frame", "Source", "load", "load_onnxruntime", "evaluate", "train",
+           "resolve_device"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -356,8 +361,32 @@ def _override_list(overrides: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def load_onnxruntime(weights: str | os.PathLike | None, config: str | None = None,
+                     overrides: Sequence[str] = (), device: str | torch.device = "auto", *,
+                     trust_pickle: bool = False, threads: int | None = None) -> Detector:
+    """A :class:`Detector` whose per-frame pass and key-frame step run on ONNX Runtime (the same streaming
+    engine; README "Export and deploy"). ``weights``: an export folder (``megavod export``; its manifest
+    gives the config, ``overrides`` may change the schedule) or a weight file, exported first into a
+    temporary folder that lives as long as the detector."""
+    if weights is None:
+        raise MegavodError("backend 'onnxruntime' needs weights: an export folder (megavod export) or a weight file")
+    path, device = Path(weights), str(device).split(":")[0]
+    if path.is_dir() or path.name == MANIFEST:
+        if config is not None:
+            raise MegavodError(f"{path}: an export records its config; give no config with it")
+        model, cfg = load_onnx_detector(path, device, threads, overrides)
+    else:
+        torch_model, cfg = load_detector(path, config, list(overrides), trust_pickle=trust_pickle)
+        folder = tempfile.TemporaryDirectory(prefix="megavod-onnx-")
+        export_onnx(torch_model, cfg, Path(folder.name) / "export", source=str(path))
+        model, cfg = load_onnx_detector(Path(folder.name) / "export", device, threads)
+        model.export_folder = folder  # removed with the detector
+    return Detector(model, cfg, "cpu")  # the engine's tensors stay on the CPU; ONNX Runtime picks its device
+
+
 def load(config: str | os.PathLike | None = None, weights: str | os.PathLike | None = None,
-         device: str | torch.device = "auto", *, trust_pickle: bool = False, **overrides: Any) -> Detector:
+         device: str | torch.device = "auto", *, trust_pickle: bool = False, backend: Backend = "torch",
+         **overrides: Any) -> Detector:
     """A :class:`Detector`.
 
     ``config``: a preset name (``"mega_R_101"``) or a YAML path; ``weights``: the authors' ``.pth`` or
@@ -366,10 +395,15 @@ def load(config: str | os.PathLike | None = None, weights: str | os.PathLike | N
     without ``weights`` the model is randomly initialised (``config`` default: ``mega_R_101``).
     ``overrides``: config values by dotted key, as keyword arguments with ``__`` for the dots
     (``mega__T_g=20``) or as ``**{"mega.T_g": 20}``. ``device``: ``"auto"`` (CUDA when present),
-    ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+    ``"cpu"``, ``"cuda"``, ``"cuda:1"``... ``backend``: ``"torch"`` or ``"onnxruntime"`` (the graphs of
+    ``megavod export``; ``weights`` is then an export folder or a weight file, see :func:`load_onnxruntime`).
     """
     override_list = _override_list(overrides)
     config = None if config is None else str(config)
+    if backend == "onnxruntime":
+        return load_onnxruntime(weights, config, override_list, device, trust_pickle=trust_pickle)
+    if backend != "torch":
+        raise MegavodError(f"backend must be 'torch' or 'onnxruntime', got {backend!r}")
     if weights is not None:
         model, cfg = load_detector(Path(weights), config, override_list, trust_pickle=trust_pickle)
     else:

@@ -37,6 +37,9 @@ class MethodSpec:
         max_images_per_process: key frames one process may train on at once (None: no limit). Every
             built-in method trains on any number (docs/conventions.md#key-frames-per-process); a method
             whose training forward takes one sample at a time sets 1.
+        export: config -> the method's ONNX graphs (:class:`megavod.export.graphs.MethodGraphs`: the
+            per-frame pass and the key-frame step as traceable modules, and their runtime adapters);
+            None: ``megavod export`` refuses the method.
     """
 
     name: str
@@ -46,6 +49,7 @@ class MethodSpec:
     reference_sampler: Callable[[Any], Any] = lambda cfg: None
     checkpoint: Any = None
     max_images_per_process: int | None = None
+    export: Callable[[Any], Any] | None = None
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -16,7 +16,7 @@ LAYERS: list[tuple[str, ...]] = [
      "megavod.checkpoint_files"),
     ("megavod.data",),
     ("megavod.models",),
-    ("megavod.inference", "megavod.evaluation", "megavod.postprocess", "megavod.checkpoints"),
+    ("megavod.inference", "megavod.evaluation", "megavod.postprocess", "megavod.checkpoints", "megavod.export"),
     ("megavod.methods",),
     ("megavod.train",),
     ("megavod.api",),

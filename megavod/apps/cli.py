@@ -89,6 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum score of a box drawn on the annotated video (default: 0.5; the JSON keeps all)")
     p.add_argument("--batch-streams", type=_positive_int, default=1, metavar="N",
                    help="run N inputs at once through one model, their per-frame passes batched (default: 1)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                   help="torch, or onnxruntime: the graphs of megavod export (--weights: an export folder "
+                        "or a weight file, exported first) (default: torch)")
+
+    p = add("export", "Export a detector's per-frame pass and key-frame step as ONNX graphs with a manifest.",
+            "export")
+    p.add_argument("out", type=Path, metavar="OUT", help="output folder (replaced if it holds an earlier export)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--weights", type=Path, help="checkpoint: megavod's own or the authors' .pth (without it: "
+                   "randomly initialised, needs --config)")
+    p.add_argument("--config", default=None, help="preset name or YAML path (default: the one --weights records "
+                   "or its keys show)")
+    p.add_argument("--format", default="onnx", help="onnx (the only format)")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow a checkpoint that needs arbitrary unpickling (only for files you trust)")
 
     p = add("train", "Train a detector (one process, or many through torchrun).",
             "train")
@@ -158,16 +173,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # argparse stops collecting positionals at the first option, so inputs and KEY=VALUE overrides
     # written after options come back as extras: fold them in for the commands that take them.
     args, extras = parser.parse_known_args(argv)
-    if extras and (args.command not in ("detect", "train") or any(t.startswith("-") for t in extras)):
+    if extras and (args.command not in ("detect", "train", "export") or any(t.startswith("-") for t in extras)):
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command == "detect":
         args.inputs, args.overrides = split_overrides(args.inputs + extras)
         if not args.inputs:
             parser.error("detect: give at least one INPUT")
-    elif args.command == "train":
+    elif args.command in ("train", "export"):
         inputs, overrides = split_overrides(args.overrides + extras)
         if inputs:
-            parser.error(f"train: not a KEY=VALUE override: {' '.join(inputs)}")
+            parser.error(f"{args.command}: not a KEY=VALUE override: {' '.join(inputs)}")
         args.overrides = overrides
     try:
         if args.command == "train" or (args.command == "detect" and args.weights is None):

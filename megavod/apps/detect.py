@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megavod.api import Detector, FrameResult, resolve_device
+from megavod.api import Detector, FrameResult, load_onnxruntime, resolve_device
 from megavod.data.classes import VID_CLASSES
 from megavod.data.predictions import FramePrediction, VideoPredictions
 from megavod.data.video import (
@@ -263,13 +263,18 @@ def main(args) -> int:
     device = resolve_device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    if args.weights is not None:
+    if getattr(args, "backend", "torch") == "onnxruntime":
+        detector = load_onnxruntime(args.weights, args.config, args.overrides, args.device,
+                                    trust_pickle=args.trust_pickle)
+        device = torch.device("cpu")
+    elif args.weights is not None:
         model, cfg = load_detector(args.weights, args.config, args.overrides, trust_pickle=args.trust_pickle)
     else:
         cfg = args.cfg
         model = build_detector(cfg)
         print("megavod detect: warning: no --weights given: the model is randomly initialised", file=sys.stderr)
-    detector = Detector(model, cfg, device)
+    if getattr(args, "backend", "torch") != "onnxruntime":
+        detector = Detector(model, cfg, device)
     inputs = expand_inputs(args.inputs)
     options = DetectOptions(mode=args.mode or detector.default_mode, postprocess=args.postprocess,
                             score_thresh=args.score_thresh, device=str(device),

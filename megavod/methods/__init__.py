@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from megavod.checkpoints import signatures
 from megavod.data.sampling import MEGASampler, OffsetSampler
+from megavod.export.graphs import DFFGraphs, FGFAGraphs, MEGAGraphs, RDNGraphs, SingleFrameGraphs
 from megavod.inference.schedules import FlowWindowSchedule, KeyFrameSchedule, RelationSchedule, SingleFrameSchedule
 from megavod.methods.building import build_detector, load_detector, load_initial_weights
 from megavod.models.dff import build_dff_detector
@@ -43,27 +44,28 @@ BUILTIN_METHODS = (
     MethodSpec(
         name="single", title="single-frame Faster R-CNN", build=build_single_frame_detector,
         schedule=lambda cfg: SingleFrameSchedule(), checkpoint=signatures.SINGLE,
+        export=SingleFrameGraphs,
     ),
     MethodSpec(
         name="mega", title="MEGA", build=build_mega_detector, schedule=RelationSchedule.for_mega,
-        reference_sampler=_mega_sampler, checkpoint=signatures.MEGA,
+        reference_sampler=_mega_sampler, checkpoint=signatures.MEGA, export=MEGAGraphs,
     ),
     MethodSpec(
         name="rdn", title="RDN", build=build_rdn_detector, schedule=RelationSchedule.for_rdn,
         reference_sampler=lambda cfg: OffsetSampler(cfg.rdn.min_offset, cfg.rdn.max_offset, cfg.rdn.train_refs),
-        checkpoint=signatures.RDN,
+        checkpoint=signatures.RDN, export=RDNGraphs,
     ),
     MethodSpec(
         name="fgfa", title="FGFA", build=build_fgfa_detector,
         schedule=lambda cfg: FlowWindowSchedule(cfg.fgfa.min_offset, cfg.fgfa.max_offset),
         reference_sampler=lambda cfg: OffsetSampler(cfg.fgfa.min_offset, cfg.fgfa.max_offset, cfg.fgfa.train_refs),
-        checkpoint=signatures.FGFA,
+        checkpoint=signatures.FGFA, export=FGFAGraphs,
     ),
     MethodSpec(
         name="dff", title="DFF", build=build_dff_detector,
         schedule=lambda cfg: KeyFrameSchedule(cfg.dff.key_interval),
         reference_sampler=lambda cfg: OffsetSampler(cfg.dff.min_offset, cfg.dff.max_offset, 1),
-        checkpoint=signatures.DFF,
+        checkpoint=signatures.DFF, export=DFFGraphs,
     ),
 )
 

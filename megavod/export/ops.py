@@ -1,0 +1,209 @@
+"""Traceable forms of the detector's test-time pieces, for the ONNX graphs (docs/architecture.md#export-and-onnx-runtime).
+
+The PyTorch modules (:mod:`megavod.models`) branch in Python on row counts and image sizes (a loop over
+classes in the box postprocess, chunked geometry terms, ``min(pre_nms_top_n, anchors)``, per-frame row
+lists); a traced graph would freeze those numbers. The functions here compute the same values from the
+same parameters with the counts kept as tensors, so one graph serves any image size and any number of
+rows. Every formula is the model's own (cited per function); tests/test_export_onnx.py checks that ONNX
+Runtime's detections equal PyTorch's.
+
+Boxes follow the authors' +1 convention (docs/conventions.md#legacy-plus-one-boxes) exactly as in
+:mod:`megavod.models.box_coder`: NMS shifts x2, y2 by one pixel so that ONNX's ``NonMaxSuppression``
+(like torchvision's kernel, which the exporter maps to it) measures +1 areas and suppresses at IoU > t.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.models.detection._utils import _topk_min
+from torchvision.ops import nms as tv_nms
+from torchvision.ops import roi_align
+
+# The relation module's private pieces are reused, not copied, so the graph's geometry term is the
+# PyTorch path's formula (docs/conventions.md#relation-module).
+from megavod.models.relation import RelationModule, _frequencies, _relative_centre_offsets
+from megavod.models.roi_heads import BoxPostProcessor, ResNetC5RoIPooler
+from megavod.models.rpn import RPN
+
+INT64_MAX = sys.maxsize
+
+
+# -- boxes (megavod.models.box_coder) ---------------------------------------------------------------------
+
+
+def decode(weights: tuple[float, float, float, float], clip: float, deltas: Tensor, boxes: Tensor) -> Tensor:
+    """:meth:`BoxCoder.decode`: ``deltas`` [N, 4k] applied to ``boxes`` [N, 4] -> [N, 4k] (x2 = cx + w/2 - 1)."""
+    wx, wy, ww, wh = weights
+    widths = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+    heights = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+    ctr_x = boxes[:, 0, None] + 0.5 * widths
+    ctr_y = boxes[:, 1, None] + 0.5 * heights
+    dx = deltas[:, 0::4] / wx
+    dy = deltas[:, 1::4] / wy
+    dw = (deltas[:, 2::4] / ww).clamp(max=clip)
+    dh = (deltas[:, 3::4] / wh).clamp(max=clip)
+    pred_ctr_x = dx * widths + ctr_x
+    pred_ctr_y = dy * heights + ctr_y
+    pred_w = torch.exp(dw) * widths
+    pred_h = torch.exp(dh) * heights
+    out = torch.stack([pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h,
+                       pred_ctr_x + 0.5 * pred_w - 1, pred_ctr_y + 0.5 * pred_h - 1], dim=2)
+    return out.reshape(deltas.shape[0], -1)
+
+
+def clip_to_image(boxes: Tensor, image_size: Tensor) -> Tensor:
+    """:func:`clip_boxes` with the image's (height, width) as a tensor: [N, 4k] into [0, W-1] x [0, H-1]."""
+    hw = image_size.to(boxes.dtype)
+    upper = torch.stack([hw[1] - 1, hw[0] - 1, hw[1] - 1, hw[0] - 1])
+    grouped = boxes.reshape(boxes.shape[0], -1, 4)
+    return torch.min(torch.max(grouped, torch.zeros_like(upper)), upper).reshape(boxes.shape[0], -1)
+
+
+def plus_one(boxes: Tensor) -> Tensor:
+    """x2, y2 shifted by one pixel: torchvision's / ONNX's NMS then measure the +1 areas (box_coder.nms)."""
+    return torch.cat([boxes[..., :2], boxes[..., 2:] + 1], dim=-1)
+
+
+def image_size_of(image: Tensor) -> Tensor:
+    """(height, width) of an image tensor [..., H, W] as an int64 tensor (a graph value, not a constant)."""
+    return torch._shape_as_tensor(image)[-2:]
+
+
+# -- RPN (megavod.models.rpn.RPN.select, test-time "key" mode) -------------------------------------------
+
+
+def anchors(rpn: RPN, c4: Tensor) -> Tensor:
+    """:class:`AnchorGenerator`'s [H*W*A, 4] anchors for ``c4`` [1, C, H, W], location-major."""
+    generator = rpn.anchor_generator
+    h, w = c4.shape[-2:]
+    stride = float(generator.stride)
+    shifts_x = torch.arange(w, dtype=torch.float32) * stride
+    shifts_y = torch.arange(h, dtype=torch.float32) * stride
+    sy, sx = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+    shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)
+    return (shifts + generator.cell_anchors[0].view(1, -1, 4)).reshape(-1, 4)
+
+
+def proposals(rpn: RPN, c4: Tensor, image_size: Tensor, pre_nms_top_n: int, post_nms_top_n: int) -> Tensor:
+    """One image's test proposals [P, 4], sorted by objectness (:meth:`RPN.select`, min_size 0)."""
+    objectness, deltas = rpn.head(c4)
+    num_anchors = objectness.shape[1]
+    obj = objectness.permute(0, 2, 3, 1).reshape(-1)
+    d = deltas.view(1, num_anchors, 4, deltas.shape[-2], deltas.shape[-1]).permute(0, 3, 4, 1, 2).reshape(-1, 4)
+    scores, idx = obj.sigmoid().topk(_topk_min(obj, pre_nms_top_n, 0), dim=0, sorted=True)
+    boxes = decode(rpn.box_coder.weights, rpn.box_coder.bbox_xform_clip, d[idx], anchors(rpn, c4)[idx])
+    boxes = clip_to_image(boxes, image_size)
+    keep = tv_nms(plus_one(boxes), scores, rpn.nms_thresh)[:post_nms_top_n]
+    return boxes[keep]
+
+
+def pool(pooler: ResNetC5RoIPooler, feature_map: Tensor, boxes: Tensor) -> Tensor:
+    """:meth:`ResNetC5RoIPooler.pool` of one image's ``boxes`` [N, 4] -> [N, C*r*r] (legacy RoIAlign)."""
+    return roi_align(feature_map, [boxes], pooler.resolution, pooler.scale, pooler.sampling_ratio,
+                     aligned=False).flatten(1)
+
+
+# -- box postprocess (megavod.models.roi_heads.BoxPostProcessor) -----------------------------------------
+
+
+class PerClassNMS(torch.autograd.Function):
+    """Per-class +1 NMS after the score threshold, as :class:`BoxPostProcessor` runs it (one
+    torchvision NMS per class, classes ascending, each by score). In the graph it is one ONNX
+    ``NonMaxSuppression`` with the classes as its batch (every class has its own boxes), which returns
+    the kept entries in the same order. Returns [S, 2]: (class column, proposal row)."""
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, score_thresh: float, iou_thresh: float) -> Tensor:
+        kept = []
+        for c in range(boxes.shape[0]):
+            rows = torch.nonzero(scores[c] > score_thresh).squeeze(1)
+            rows = rows[tv_nms(boxes[c, rows], scores[c, rows], iou_thresh)]
+            kept.append(torch.stack([torch.full_like(rows, c), rows], dim=1))
+        return torch.cat(kept) if kept else boxes.new_zeros(0, 2, dtype=torch.int64)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, score_thresh: float, iou_thresh: float):
+        # boxes [C, N, 4] as C batches; scores [C, N] -> [C, 1, N] (one "class" per batch).
+        axes = g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64))
+        selected = g.op(
+            "NonMaxSuppression", boxes, g.op("Unsqueeze", scores, axes),
+            g.op("Constant", value_t=torch.tensor([INT64_MAX], dtype=torch.int64)),
+            g.op("Constant", value_t=torch.tensor([iou_thresh], dtype=torch.float32)),
+            g.op("Constant", value_t=torch.tensor([score_thresh], dtype=torch.float32)),
+        )  # [S, 3]: (batch = class, 0, box)
+        return g.op("Gather", selected, g.op("Constant", value_t=torch.tensor([0, 2], dtype=torch.int64)), axis_i=1)
+
+
+def detections(post: BoxPostProcessor, class_logits: Tensor, box_regression: Tensor, boxes: Tensor,
+               image_size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:class:`BoxPostProcessor` for one image: (boxes [D, 4], scores [D], labels [D]) in the pixels of the
+    resized image, in its order (classes ascending, by score), the top ``detections_per_img`` by the
+    kth-value threshold (ties at the threshold kept, as the authors')."""
+    probs = F.softmax(class_logits.float(), -1)
+    num_classes = probs.shape[1]
+    decoded = decode(post.box_coder.weights, post.box_coder.bbox_xform_clip, box_regression.float(), boxes)
+    decoded = clip_to_image(decoded, image_size).reshape(-1, num_classes, 4)[:, 1:]
+    per_class_boxes = decoded.permute(1, 0, 2)  # [K-1, N, 4]
+    per_class_scores = probs[:, 1:].permute(1, 0)  # [K-1, N]
+    kept = PerClassNMS.apply(plus_one(per_class_boxes), per_class_scores, post.score_thresh, post.nms_thresh)
+    cls, rows = kept[:, 0], kept[:, 1]
+    out_boxes = per_class_boxes[cls, rows]
+    out_scores = per_class_scores[cls, rows]
+    labels = cls + 1
+    if post.detections_per_img > 0:
+        # kthvalue(scores, n - D + 1) is the D-th largest score; with D or fewer detections nothing goes.
+        ranked = torch.cat([out_scores.sort(descending=True)[0],
+                            torch.full((post.detections_per_img,), -math.inf, dtype=out_scores.dtype)])
+        keep = torch.nonzero(out_scores >= ranked[post.detections_per_img - 1]).squeeze(1)
+        out_boxes, out_scores, labels = out_boxes[keep], out_scores[keep], labels[keep]
+    return out_boxes, out_scores, labels
+
+
+# -- relation module (megavod.models.relation.RelationModule.forward, no cache) ---------------------------
+
+
+def geometry_bias(module: RelationModule, x_boxes: Tensor, ref_boxes: Tensor) -> Tensor:
+    """:meth:`RelationModule.geometry_bias` [M_h, N, M] in one block (no chunks, no in-place ops)."""
+    h, f = module.num_heads, module.embed_dim // 8
+    x_boxes, ref_boxes = x_boxes.float(), ref_boxes.float()
+    weight = module.Wg.weight.view(h, -1)
+    direct = torch.cat([weight[:, : 4 * f], weight[:, 8 * f :]], dim=1).view(h, -1, 2, f)
+    w_sin, w_cos = direct[:, :, 0].flatten(1), direct[:, :, 1].flatten(1)
+    query_factors, ref_factors = module._scale_factors(x_boxes, ref_boxes, weight[:, 4 * f : 8 * f])
+    freqs = _frequencies(f, module.wave_length, x_boxes.device, x_boxes.dtype)
+    n, m = x_boxes.shape[0], ref_boxes.shape[0]
+    logits = torch.bmm(query_factors.expand(h, -1, -1), ref_factors).reshape(h, -1)
+    angles = (_relative_centre_offsets(x_boxes, ref_boxes)[..., None] * freqs).reshape(-1, w_sin.shape[1])
+    logits = logits + w_sin @ angles.sin().T
+    logits = logits + w_cos @ angles.cos().T
+    logits = logits + module.Wg.bias[:, None]
+    return (F.relu(logits) + 1e-6).log().reshape(h, n, m)
+
+
+def relation(module: RelationModule, x: Tensor, refs: Tensor, x_boxes: Tensor | None = None,
+             ref_boxes: Tensor | None = None) -> Tensor:
+    """:meth:`RelationModule.forward` [N, C] (before the residual); needs at least one reference."""
+    h, d = module.num_heads, module.head_dim
+    k, v = module.project_refs(refs)
+    q = module.Wq(x).reshape(-1, h, d).transpose(0, 1)
+    if module.u is not None:
+        q = q + module.u
+    logits = q @ k.transpose(1, 2) / math.sqrt(d)
+    if module.location_based:
+        logits = logits + geometry_bias(module, x_boxes, ref_boxes)
+    out = logits.softmax(dim=-1) @ v
+    return out.transpose(0, 1).reshape(-1, module.feat_dim) + module.Wv.bias
+
+
+def first_rows(counts: Tensor, n: int) -> Tensor:
+    """:func:`first_rows_index` with ``counts`` a tensor: the first ``n`` rows of every frame of rows
+    laid out frame by frame (MEGA's distilled / RDN's advanced set)."""
+    starts = torch.cumsum(counts, 0) - counts
+    offsets = torch.arange(n, dtype=counts.dtype)
+    index = starts[:, None] + offsets[None, :]
+    return index[offsets[None, :] < counts[:, None]]

@@ -1,0 +1,159 @@
+"""A detector that runs a method's two exported graphs (ONNX Runtime, or the same graph modules in
+PyTorch) behind the detector contract, so the streaming engine drives it unchanged
+(docs/architecture.md#export-and-onnx-runtime).
+
+:class:`GraphDetector` implements :class:`megavod.models.contract.VideoDetector`: ``frame_features`` runs
+the per-frame graph, ``detect_key`` the key-frame graph, with the method's adapters
+(:class:`megavod.export.graphs.MethodGraphs`) turning the engine's values into graph inputs and back.
+The stream state (window, global pool, memory) stays the engine's; the graphs keep nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from megavod.checkpoints.loading import config_from_record
+from megavod.config import Config
+from megavod.errors import MegavodError
+from megavod.export.graphs import Feeds, MethodGraphs, NamedGraph
+from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
+from megavod.registry import get_method
+
+MANIFEST = "manifest.json"
+FORMAT = "megavod.onnx"
+
+GraphRunner = Callable[[Feeds], Feeds]
+
+
+def method_graphs(cfg: Config) -> MethodGraphs:
+    """The method's graphs (the method table's ``export`` entry); one line when it has none."""
+    spec = get_method(cfg.method)
+    if spec.export is None:
+        raise MegavodError(f"method {cfg.method!r} ({spec.title}) cannot be exported to ONNX")
+    return spec.export(cfg)
+
+
+class GraphDetector:
+    """The detector contract over two graph runners (see the module docstring).
+
+    ``run_frame`` / ``run_key``: inputs by name -> outputs by name (CPU tensors).
+    """
+
+    def __init__(self, graphs: MethodGraphs, run_frame: GraphRunner, run_key: GraphRunner) -> None:
+        self.graphs = graphs
+        self.run_frame = run_frame
+        self.run_key = run_key
+
+    def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> Any:
+        image = image.detach().cpu()
+        feeds = self.graphs.frame_feeds(image, index)
+        return self.graphs.frame_value(None if feeds is None else self.run_frame(feeds), image, index, original_size)
+
+    def new_stream_cache(self) -> None:
+        """The graphs recompute what the PyTorch path caches between key frames: nothing is kept."""
+        return None
+
+    def detect_key(self, inputs: KeyFrameInputs, cache: None = None) -> KeyFrameOutput:
+        return self.graphs.key_output(self.run_key(self.graphs.key_feeds(inputs)), inputs)
+
+    # The API's Detector moves and switches its model like an nn.Module; the graphs hold no device state.
+    def to(self, device: Any) -> "GraphDetector":
+        return self
+
+    def eval(self) -> "GraphDetector":
+        return self
+
+
+def torch_runner(graph: NamedGraph) -> GraphRunner:
+    """Run a graph module in PyTorch (the exporter records its inputs; tests compare it)."""
+
+    @torch.no_grad()
+    def run(feeds: Feeds) -> Feeds:
+        return dict(zip(graph.io.outputs, graph(*(feeds[n] for n in graph.io.inputs))))
+
+    return run
+
+
+def torch_graph_detector(model: nn.Module, cfg: Config) -> GraphDetector:
+    """The method's graph modules run in PyTorch over ``model``'s weights."""
+    graphs = method_graphs(cfg)
+    model.eval()
+    return GraphDetector(graphs, torch_runner(graphs.frame_graph(model).eval()),
+                         torch_runner(graphs.key_graph(model).eval()))
+
+
+def ort_runner(session: Any, inputs: Sequence[str]) -> GraphRunner:
+    """Run an ONNX Runtime session on named CPU tensors."""
+    outputs = [o.name for o in session.get_outputs()]
+
+    def run(feeds: Feeds) -> Feeds:
+        arrays = {n: np.ascontiguousarray(feeds[n].detach().cpu().numpy()) for n in inputs}
+        return {n: torch.from_numpy(v) for n, v in zip(outputs, session.run(outputs, arrays))}
+
+    return run
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """An export's manifest; one line naming the file when it is missing or not one."""
+    path = Path(folder)
+    path = path if path.name == MANIFEST else path / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MegavodError(f"{path}: not found (an ONNX export folder holds {MANIFEST}, see megavod export)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MegavodError(f"{path}: not a readable megavod ONNX manifest ({type(e).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise MegavodError(f"{path}: not a megavod ONNX manifest (field 'format' is not {FORMAT!r})")
+    return manifest
+
+
+def providers(device: str) -> list[str]:
+    """ONNX Runtime execution providers for ``device`` ("cpu", "cuda", "auto")."""
+    # onnxruntime is an optional extra (pip install megavod[onnx]): imported only where it is used.
+    import onnxruntime
+
+    available = onnxruntime.get_available_providers()
+    if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise MegavodError("device 'cuda': onnxruntime has no CUDAExecutionProvider here (pip install onnxruntime-gpu)")
+    return ["CPUExecutionProvider"]
+
+
+def load_onnx_detector(folder: str | Path, device: str = "cpu", threads: int | None = None,
+                       overrides: Sequence[str] = ()) -> tuple[GraphDetector, Config]:
+    """(the detector running ``folder``'s graphs on ONNX Runtime, the export's config). ``overrides``
+    may change the stream schedule (``mega.T_g=...``), not what the graphs hold."""
+    try:
+        # onnxruntime is an optional extra (pip install megavod[onnx]): imported only where it is used.
+        import onnxruntime
+    except ImportError:
+        raise MegavodError("the onnxruntime backend needs onnxruntime: pip install 'megavod[onnx]'") from None
+    manifest = read_manifest(folder)
+    folder = Path(folder)
+    folder = folder.parent if folder.name == MANIFEST else folder
+    cfg = config_from_record(manifest["config"], list(overrides), str(folder / MANIFEST))
+    graphs = method_graphs(cfg)
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    runners = []
+    for name, io in (("frame", graphs.frame_io), ("key", graphs.key_io)):
+        path = folder / manifest["graphs"][name]["file"]
+        if not path.is_file():
+            raise MegavodError(f"{path}: not found (the manifest's graph '{name}')")
+        try:
+            session = onnxruntime.InferenceSession(str(path), options, providers=providers(device))
+        except Exception as e:  # onnxruntime raises its own exception types for a broken file
+            raise MegavodError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
+        runners.append(ort_runner(session, [i.name for i in session.get_inputs()]))
+    return GraphDetector(graphs, *runners), cfg

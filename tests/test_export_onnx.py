@@ -1,0 +1,188 @@
+"""ONNX export and the streaming engine on ONNX Runtime (README "Export and deploy"): for every method the
+exported graphs, run by ONNX Runtime behind the detector contract, give PyTorch's detections (boxes within
+1e-2 px, scores within 1e-4, same labels), offline and online; the shipped weights round-trip through
+``megavod export`` and ``megavod detect --backend onnxruntime``; bad input gives one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="the ONNX tests need the onnx extra: pip install -e '.[onnx]'")
+pytest.importorskip("onnx", reason="the ONNX tests need the onnx extra: pip install -e '.[onnx]'")
+
+from megavod.apps.cli import main as cli_main  # noqa: E402
+from megavod.config import load_config  # noqa: E402
+from megavod.data.predictions import read_predictions  # noqa: E402
+from megavod.data.synthetic import generate_synthetic_dataset  # noqa: E402
+from megavod.errors import MegavodError  # noqa: E402
+from megavod.export.exporter import export_onnx  # noqa: E402
+from megavod.export.runtime import load_onnx_detector, torch_graph_detector  # noqa: E402
+from megavod.inference.engine import detect_offline, detect_online  # noqa: E402
+from megavod.inference.schedules import build_schedule  # noqa: E402
+from megavod.methods import build_detector  # noqa: E402
+from megavod.models.backbone import calibrate_frozen_bn  # noqa: E402
+
+BOX_TOL, SCORE_TOL = 1e-2, 1e-4
+# Small windows and proposal budgets: every stage (global, local with memory, residual) still runs.
+SMALL = ["mega.T_l=5", "mega.T_g=3", "mega.T_m=4", "model.rpn.post_nms_top_n_test=40",
+         "model.rpn.ref_post_nms_top_n=10", "dff.key_interval=3", "fgfa.min_offset=-2", "fgfa.max_offset=2"]
+CASES = {
+    "single": ("synthetic_single", []),
+    "mega": ("synthetic_mega", []),
+    "base": ("synthetic_base", []),
+    "rdn": ("synthetic_single", ["method=rdn", "rdn.min_offset=-2", "rdn.max_offset=2"]),
+    "fgfa": ("synthetic_single", ["method=fgfa"]),
+    "dff": ("synthetic_single", ["method=dff"]),
+}
+SIZE = (64, 96)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(3, *SIZE, generator=g) * 40 for _ in range(7)]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, clip):
+    """Per case, built once: (config, calibrated random PyTorch model, ONNX Runtime detector)."""
+    made = {}
+
+    def get(case):
+        if case not in made:
+            preset, extra = CASES[case]
+            cfg = load_config(preset, SMALL + extra)
+            torch.manual_seed(0)
+            model = build_detector(cfg).eval()
+            # Unit-scale activations from a random deep ResNet (as bench's calibrate).
+            calibrate_frozen_bn(model.backbone, clip[0][None])
+            calibrate_frozen_bn(model.box_head.feature_extractor.head, model.backbone(clip[0][None]))
+            out = tmp_path_factory.mktemp(case) / "export"
+            export_onnx(model, cfg, out)
+            made[case] = (cfg, model, load_onnx_detector(out, "cpu", threads=1)[0], out)
+        return made[case]
+
+    return get
+
+
+def run(model, cfg, clip, mode):
+    schedule = build_schedule(cfg)
+    if mode == "online":
+        return list(detect_online(model, ((f, SIZE) for f in clip), schedule))
+    return list(detect_offline(model, lambda t: (clip[t], SIZE), len(clip), schedule))
+
+
+def _at_a_cut(scores, score: float) -> bool:
+    """A score at one of the postprocess's hard cuts, where float noise may keep or drop it: the top
+    ``detections_per_img`` threshold (the frame's lowest kept score) or the score threshold (0.001)."""
+    return score <= float(scores.min()) + SCORE_TOL or abs(score - 0.001) <= SCORE_TOL
+
+
+def assert_same_detections(expected, got) -> tuple[float, float]:
+    """Same frames, and per frame a one-to-one match of detections (same label, box within 1e-2 px, score
+    within 1e-4). Detections whose scores tie within float noise may come out in swapped order, so each
+    is matched to an equal one, not compared by position; one left without a match must sit at a hard cut
+    of the postprocess (:func:`_at_a_cut`). Returns the largest box and score differences."""
+    assert [k for k, _ in expected] == [k for k, _ in got]
+    worst_box = worst_score = 0.0
+    for (k, a), (_, b) in zip(expected, got):
+        free = torch.ones(len(b), dtype=torch.bool)
+        for i in range(len(a)):
+            box = (b.boxes - a.boxes[i]).abs().max(dim=1).values
+            score = (b.scores - a.scores[i]).abs()
+            ok = free & (b.labels == a.labels[i]) & (box <= BOX_TOL) & (score <= SCORE_TOL)
+            if not ok.any():
+                assert _at_a_cut(a.scores, float(a.scores[i])), \
+                    f"frame {k}: detection {i} ({int(a.labels[i])}, {float(a.scores[i]):.5f}) has no equal"
+                continue
+            j = i if i < len(b) and bool(ok[i]) else int(torch.nonzero(ok)[0])
+            free[j] = False
+            worst_box, worst_score = max(worst_box, float(box[j])), max(worst_score, float(score[j]))
+        for j in torch.nonzero(free).flatten().tolist():
+            assert _at_a_cut(b.scores, float(b.scores[j])), f"frame {k}: ONNX Runtime's detection {j} has no equal"
+        assert abs(len(a) - len(b)) <= max(2, len(a) // 50), f"frame {k}: {len(a)} vs {len(b)} detections"
+    return worst_box, worst_score
+
+
+@pytest.mark.parametrize("case,mode", [("single", "offline"), ("mega", "offline"), ("mega", "online"),
+                                       ("base", "offline"), ("rdn", "offline"), ("rdn", "online")])
+def test_onnxruntime_detections_equal_pytorch(exported, clip, case, mode):
+    cfg, model, onnx_detector, _ = exported(case)
+    expected = run(model, cfg, clip, mode)
+    assert sum(len(d) for _, d in expected) > 0
+    box, score = assert_same_detections(expected, run(onnx_detector, cfg, clip, mode))
+    print(f"{case} {mode}: max box difference {box:.2e} px, max score difference {score:.2e}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["fgfa", "dff"])
+def test_onnxruntime_flow_methods_equal_pytorch(exported, clip, case):
+    cfg, model, onnx_detector, _ = exported(case)
+    for mode in ("offline", "online"):
+        box, score = assert_same_detections(run(model, cfg, clip, mode), run(onnx_detector, cfg, clip, mode))
+        print(f"{case} {mode}: max box difference {box:.2e} px, max score difference {score:.2e}")
+
+
+def test_graph_modules_in_pytorch_equal_the_model(exported, clip):
+    """The traceable graph modules (megavod.export.ops) compute the model's own numbers."""
+    cfg, model, _, _ = exported("mega")
+    assert_same_detections(run(model, cfg, clip, "offline"), run(torch_graph_detector(model, cfg), cfg, clip, "offline"))
+
+
+def test_manifest_describes_the_graphs(exported):
+    cfg, _, _, out = exported("mega")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "mega" and manifest["opset"] == 17
+    key = manifest["graphs"]["key"]
+    names = [i["name"] for i in key["inputs"]]
+    assert names[:6] == ["image_size", "key_feats", "key_boxes", "local_feats", "local_boxes", "local_counts"]
+    assert "memory_1_feats" in names and "memory_push_1_feats" in [o["name"] for o in key["outputs"]]
+    assert key["inputs"][1]["shape"] == ["key_rows", 256]  # dynamic rows, fixed width
+    assert sorted(p.name for p in out.iterdir()) == ["frame.onnx", "key.onnx", "manifest.json"]
+
+
+def test_shipped_weights_round_trip_through_detect(tmp_path, capsys):
+    from pathlib import Path
+
+    import megavod
+
+    weights = Path(megavod.__file__).parent / "weights" / "synthetic_mega.safetensors"
+    data = tmp_path / "synth"
+    generate_synthetic_dataset(data, num_train_videos=1, num_val_videos=1, frames=6, size=96, num_det_images=0)
+    clip_dir = next((data / "Data" / "VID" / "val").iterdir())
+    small = ["input.min_size_test=96", "input.max_size_test=160"]
+    assert cli_main(["export", str(tmp_path / "onnx"), "--weights", str(weights), *small]) == 0
+    outs = {}
+    for backend, given in (("torch", str(weights)), ("onnxruntime", str(tmp_path / "onnx"))):
+        outs[backend] = tmp_path / backend
+        extra = small if backend == "torch" else []
+        assert cli_main(["detect", str(clip_dir), "--weights", given, "--backend", backend, "--device", "cpu",
+                         "--out", str(outs[backend]), *extra]) == 0
+    a, b = (read_predictions(next(outs[k].glob("*.json"))) for k in ("torch", "onnxruntime"))
+    frames = lambda p: [(r.frame, r.detections) for r in p[0].frames]  # noqa: E731
+    assert_same_detections(frames(a), frames(b))
+
+
+def test_bad_input_gives_one_line(tmp_path, capsys):
+    cases = [
+        (["export", str(tmp_path / "o1"), "--weights", str(tmp_path / "missing.safetensors")], "missing.safetensors"),
+        (["export", str(tmp_path / "o2"), "--config", "synthetic_single", "--format", "tflite"], "--format"),
+    ]
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases.append((["export", str(blocker / "out"), "--config", "synthetic_single"], str(blocker)))
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    cases.append((["export", str(taken), "--config", "synthetic_single"], "not empty"))
+    for argv, named in cases:
+        assert cli_main(argv) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("megavod export: error:") and named in err[-1], err
+        assert "Traceback" not in "\n".join(err)
+    assert (taken / "notes.txt").read_text() == "mine" and not list(tmp_path.glob(".o*"))
+    with pytest.raises(MegavodError, match="manifest.json"):
+        load_onnx_detector(tmp_path)
