@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from megavod.config import load_config
-from megavod.apps import bench
+from megavod.apps import bench, bench_frames
 from megavod.apps.bench import (
     BenchResult,
     VideoTiming,
@@ -45,7 +45,7 @@ def test_frame_shape_is_5_by_3():
 
 
 def test_synthetic_frames_span_scenes(monkeypatch):
-    monkeypatch.setattr(bench, "SCENE_FRAMES", 2)  # 5 frames = 3 scenes
+    monkeypatch.setattr(bench_frames, "SCENE_FRAMES", 2)  # 5 frames = 3 scenes
     frames = synthetic_frames(5, 48)
     assert len(frames) == 5
     assert all(f.shape == (48, 80, 3) and f.dtype == np.uint8 for f in frames)

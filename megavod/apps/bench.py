@@ -39,52 +39,14 @@ import numpy as np
 import torch
 
 from megavod.api import Detector, resolve_device
-from megavod.config import Config, load_config
-from megavod.data.synthetic_render import make_scene, render_frame
+from megavod.apps.bench_frames import bench_config, calibrate, frame_shape, synthetic_frames
+from megavod.apps.bench_scaling import format_scaling, run_batch_bench, run_streams_bench
+from megavod.config import Config
 from megavod.errors import MegavodError
 from megavod.inference.schedules import RelationSchedule, SingleFrameSchedule
 from megavod.methods import build_detector
-from megavod.models.backbone import calibrate_frozen_bn
 
 DEFAULT_CONFIGS = ("single_R_101", "base_R_101", "mega_R_101")
-SCENE_FRAMES = 100  # frames per rendered scene; longer runs cut to a new scene
-
-
-def frame_shape(size: int) -> tuple[int, int]:
-    """(height, width) of a bench frame: short side ``size``, aspect 5:3 (600 -> 600 x 1000)."""
-    return size, round(size * 5 / 3)
-
-
-def synthetic_frames(num_frames: int, size: int, seed: int = 0) -> list[np.ndarray]:
-    """``num_frames`` RGB uint8 frames [H, W, 3] of moving objects (a new scene every 100 frames)."""
-    height, width = frame_shape(size)
-    rng = np.random.default_rng(seed)
-    frames: list[np.ndarray] = []
-    while len(frames) < num_frames:
-        n = min(SCENE_FRAMES, num_frames - len(frames))
-        scene = make_scene(rng, max(n, 2), width, height)
-        frames.extend(render_frame(scene, t) for t in range(n))
-    return frames
-
-
-def bench_config(name: str, size: int) -> Config:
-    """The config ``name`` with its test input set to the bench frames' size (no resizing)."""
-    height, width = frame_shape(size)
-    return load_config(name, [f"input.min_size_test={height}", f"input.max_size_test={width}"])
-
-
-@torch.no_grad()
-def calibrate(model: torch.nn.Module, image: torch.Tensor) -> None:
-    """Calibrate the FrozenBN of the C4 body, then of res5 on the calibrated C4 (``image`` [3, H, W]), where
-    the detector has them (every built-in one does)."""
-    backbone = getattr(model, "backbone", None)
-    if backbone is None:
-        return
-    calibrate_frozen_bn(backbone, image[None])
-    box_head = getattr(model, "box_head", None)
-    head = getattr(getattr(box_head, "feature_extractor", None), "head", None)
-    if head is not None:
-        calibrate_frozen_bn(head, backbone(image[None]))
 
 
 @dataclass
@@ -331,7 +293,32 @@ def main(args) -> int:
     repeats = int(getattr(args, "repeats", 1) or 1)
     warmup = int(getattr(args, "warmup", 2))
     device = str(resolve_device(getattr(args, "device", "auto")))
+    if getattr(args, "streams", None) or getattr(args, "batch", None):
+        return _scaling_main(args, configs if args.config else ["mega_R_101"], device, repeats)
     results = run_bench(configs, args.frames, args.size, device, repeats, warmup,
                         log=lambda s: print(f"megavod bench: {s}", file=sys.stderr, flush=True))
     print(format_report(results, args.frames, args.size, device, repeats, warmup))
+    return 0
+
+
+def _scaling_main(args, configs: Sequence[str], device: str, repeats: int) -> int:
+    """``--streams`` / ``--batch``: one table per config (megavod/apps/bench_scaling.py)."""
+    def log(s: str) -> None:
+        print(f"megavod bench: {s}", file=sys.stderr, flush=True)
+
+    threads = f", torch threads {torch.get_num_threads()}" if device == "cpu" else ""
+    h, w = frame_shape(args.size)
+    for config in configs:
+        if args.streams:
+            rows = run_streams_bench(config, args.streams, args.frames, args.size, device, args.mode,
+                                                   repeats, log=log)
+            print(format_scaling(rows, "streams", (
+                f"{config}: N streams of {args.frames} synthetic frames of {h}x{w}, {args.mode}, one model "
+                f"(Detector.stream_many), {device}{threads}, median of {repeats} run(s)")))
+        if args.batch:
+            rows = run_batch_bench(config, args.batch, args.iterations, args.size, device, repeats,
+                                                 log=log)
+            print(format_scaling(rows, "batch", (
+                f"{config}: training, B images per iteration ({h}x{w} frames), {args.iterations} iteration(s) "
+                f"per B, {device}{threads}, median of {repeats} run(s)")))
     return 0

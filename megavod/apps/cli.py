@@ -149,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per config; the median is reported (default: 1)")
     p.add_argument("--warmup", type=int, default=2, help="frames of the untimed warm-up video (default: 2)")
+    p.add_argument("--streams", type=_positive_int, nargs="+", default=None, metavar="N",
+                   help="instead of comparing configs: N streams of --frames frames through one model "
+                        "(Detector.stream_many), for each N given, e.g. --streams 1 2 4 8")
+    p.add_argument("--batch", type=_positive_int, nargs="+", default=None, metavar="B",
+                   help="instead of comparing configs: training iterations with B images per process, "
+                        "for each B given, e.g. --batch 1 2 4")
+    p.add_argument("--iterations", type=_positive_int, default=2,
+                   help="timed training iterations per B with --batch (default: 2)")
+    p.add_argument("--mode", choices=("offline", "online"), default="offline",
+                   help="detection mode with --streams (default: offline)")
 
     p = add("synth", "Write the synthetic benchmark in the ImageNet VID layout.",
             "synth")
