@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megavod.api import Detector
-from megavod.apps.bench import (
+from megavod.apps.bench_frames import (
     SCENE_FRAMES,
     bench_config,
     calibrate,

@@ -47,7 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megavod.api import Detector
-from megavod.apps.bench import bench_config, calibrate, synthetic_frames
+from megavod.apps.bench_frames import bench_config, calibrate, synthetic_frames
 from megavod.inference.memory import LongRangeMemory
 from megavod.inference.schedules import RelationSchedule, SingleFrameSchedule
 from megavod.methods import build_detector

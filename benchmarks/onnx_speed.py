@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megavod.api import Detector  # noqa: E402
-from megavod.apps.bench import bench_config, calibrate, synthetic_frames  # noqa: E402
+from megavod.apps.bench_frames import bench_config, calibrate, synthetic_frames  # noqa: E402
 from megavod.export.exporter import export_onnx  # noqa: E402
 from megavod.export.runtime import load_onnx_detector  # noqa: E402
 from megavod.methods import build_detector  # noqa: E402

@@ -4,6 +4,7 @@ reported figures (no timing assertions)."""
 from __future__ import annotations
 
 import importlib.util
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from megavod.apps.bench import (
     run_bench,
     synthetic_frames,
 )
+from megavod.apps.bench_scaling import PeakRSS, ScalingRow, format_scaling
 from megavod.apps.cli import main as cli_main
 from megavod.errors import MegavodError
 from megavod.inference.schedules import RelationSchedule
@@ -186,3 +188,66 @@ def test_share_weights_gives_the_same_proposals():
         expected = single.rpn.proposals(single.backbone(image[None]), [(64, 96)], "key")[0].boxes
         got = mega.frame_features(image, 0, (64, 96)).boxes
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+# -- interleaving and the scaling runs -----------------------------------------------------------------
+
+
+class _FakeModel:
+    """Records the order in which run_interleaved advances the models' videos."""
+
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log, self._current = name, log, None
+
+    def start(self, frames):
+        def video():
+            for k in range(len(frames)):
+                self.log.append((self.name, k))
+                yield k
+        return VideoTiming(len(frames), 0.0), video()
+
+
+def test_run_interleaved_takes_turns_frame_by_frame():
+    log: list = []
+    models = [_FakeModel("a", log), _FakeModel("b", log), _FakeModel("c", log)]
+    timings = bench.run_interleaved(models, [None] * 3, "cpu")
+    assert log == [(m, k) for k in range(3) for m in "abc"]
+    assert [t.frames for t in timings] == [3, 3, 3] and all(t.wall_s > 0 for t in timings)
+    assert all(m._current is None for m in models)
+
+
+def test_scaling_rows_and_table_arithmetic():
+    rows = [ScalingRow(1, 10, 10, 5.0, 100.0), ScalingRow(4, 40, 10, 8.0, 300.0)]
+    assert rows[0].per_second == 2.0 and rows[1].per_second == 5.0
+    assert rows[0].ms_per_step == 500.0 and rows[1].ms_per_step == 800.0
+    table = format_scaling(rows, "streams", "header")
+    lines = table.splitlines()
+    assert lines[0] == "header"
+    assert lines[3].split() == ["4", "5.00", "800.0", "200.0", "2.50", "300"]  # 1000 / 5 ms/frame, 5 / 2 speed-up
+
+
+def test_peak_rss_sees_an_allocation():
+    with PeakRSS("cpu") as peak:
+        block = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+        time.sleep(0.05)
+        del block
+    assert peak.mib >= 48
+
+
+def test_cli_bench_streams_and_batch(capsys):
+    assert cli_main(["bench", "--config", "synthetic_mega", "--streams", "1", "2", "--frames", "2", "--size", "48",
+                     "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("synthetic_mega: N streams of 2 synthetic frames of 48x80")
+    assert [line.split()[0] for line in out[2:4]] == ["1", "2"]
+    assert cli_main(["bench", "--config", "synthetic_single", "--batch", "1", "2", "--iterations", "1",
+                     "--size", "48", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("synthetic_single: training, B images per iteration (48x80 frames)")
+    assert [line.split()[0] for line in out[2:4]] == ["1", "2"]
+
+
+def test_cli_bench_rejects_a_zero_stream_count(capsys):
+    with pytest.raises(SystemExit) as caught:
+        cli_main(["bench", "--streams", "0"])
+    assert caught.value.code == 2 and "--streams" in capsys.readouterr().err

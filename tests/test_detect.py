@@ -13,8 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from megavod.apps.cli import split_overrides
+from megavod.config import load_config
+from megavod.methods import build_detector
+from megavod.methods.convert import write_converted
 from megavod.data.video import write_video
 
 CLI = [sys.executable, "-m", "megavod", "detect"]
@@ -119,3 +124,59 @@ def test_ranks_share_the_inputs_like_torchrun(tmp_path):
         assert proc.returncode == 0, proc.stderr
         written[rank] = sorted(p.stem for p in out.glob("*.json"))
     assert written == {0: ["a", "c"], 1: ["b"]}
+
+
+def _detections(path: Path) -> list[tuple[list, list, list]]:
+    (video,) = json.loads(path.read_text())["videos"]
+    return [(f["boxes"], f["scores"], f["labels"]) for f in video["frames"]]
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_batch_streams_write_what_one_at_a_time_writes(tmp_path, mode):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name, frames, seed in (("a", 5, 0), ("b", 3, 1), ("c", 4, 2)):
+        _clip(videos / f"{name}.mp4", frames, seed)
+    one, many = tmp_path / "one", tmp_path / "many"
+    # One set of random weights for both runs (a run without --weights draws its own).
+    cfg = load_config("synthetic_single", [*TINY[2:], "method=fgfa", "fgfa.min_offset=-1", "fgfa.max_offset=1"])
+    torch.manual_seed(0)
+    weights = tmp_path / "fgfa.safetensors"
+    write_converted(weights, build_detector(cfg).state_dict(), cfg)
+    args = ["--weights", weights, "--mode", mode]
+    assert _run([videos, "--out", one, *args]).returncode == 0
+    proc = _run([videos, "--out", many, "--batch-streams", "3", *args])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in many.iterdir()) == sorted(p.name for p in one.iterdir())
+    for name in "abc":
+        a, b = _detections(one / f"{name}.json"), _detections(many / f"{name}.json")
+        assert len(a) == len(b) and any(boxes for boxes, _, _ in a)
+        for (boxes_a, scores_a, labels_a), (boxes_b, scores_b, labels_b) in zip(a, b):
+            assert labels_a == labels_b  # batched convolutions round differently: boxes/scores to tolerance
+            assert np.allclose(boxes_a, boxes_b, atol=1e-2) and np.allclose(scores_a, scores_b, atol=1e-4)
+
+
+def test_batch_streams_a_bad_input_fails_alone(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    _clip(videos / "a.mp4", 4, 0)
+    _clip(videos / "c.mp4", 3, 1)
+    (videos / "b.mp4").write_bytes(b"this is not a video" * 50)
+    frames = tmp_path / "frames"  # a frame folder whose third frame is corrupt: fails mid-stream
+    frames.mkdir()
+    rng = np.random.default_rng(3)
+    for t in range(4):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(frames / f"{t:06d}.JPEG")
+    (frames / "000002.JPEG").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "out"
+    proc = _run([videos, frames, "--out", out, "--batch-streams", "4", *TINY])
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 2 and any("b.mp4" in e for e in errors) and any("000002.JPEG" in e for e in errors)
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [f"{n}.{e}" for n in "ac" for e in ("csv", "json", "mp4")]
+
+
+def test_batch_streams_must_be_positive(tmp_path):
+    proc = _run([tmp_path, "--batch-streams", "0", *TINY])
+    assert proc.returncode == 2 and "--batch-streams" in proc.stderr and "Traceback" not in proc.stderr
