@@ -11,7 +11,11 @@ Per config: the model is built with random weights and its FrozenBN calibrated o
 (``megavod.apps.bench.synthetic_frames``, S x round(5S/3), input resizing set to S so frames are not
 resized) as one offline video through ``Detector.stream`` (what ``megavod detect`` runs). One untimed
 warm-up video of 2 frames per backend first. ``--threads``: torch's intra-op threads and ONNX Runtime's
-``intra_op_num_threads``. Prints one row per config and backend, and the number of detections of each.
+``intra_op_num_threads``. Prints one row per config and backend: ms/frame of the video, the mean
+per-frame pass (``frame_features``) and key step (``detect_key``) in ms, and the number of detections.
+MEGA's graphs are measured in both variants (``export_onnx(..., reference_cache=...)``):
+``onnx-cached`` keeps the global and memory rows' keys/values per stream (the default export),
+``onnx-recompute`` projects them inside the key graph at every key frame.
 """
 
 from __future__ import annotations
@@ -33,11 +37,27 @@ from megavod.export.runtime import load_onnx_detector  # noqa: E402
 from megavod.methods import build_detector  # noqa: E402
 
 
-def timed(detector: Detector, frames) -> tuple[float, list]:
+def _clocked(method, spent: list[float]):
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        out = method(*args, **kwargs)
+        spent.append(time.perf_counter() - start)
+        return out
+
+    return call
+
+
+def timed(detector: Detector, frames) -> tuple[tuple[float, float, float], list]:
+    """(ms/frame, ms per frame pass, ms per key step) of one offline video, and its results."""
     list(detector.stream(frames[:2], "offline"))  # warm-up
+    model, passes, keys = detector.model, [], []
+    model.frame_features = _clocked(model.frame_features, passes)  # instance attributes: this run only
+    model.detect_key = _clocked(model.detect_key, keys)
     start = time.perf_counter()
     results = list(detector.stream(frames, "offline"))
-    return 1000 * (time.perf_counter() - start) / len(frames), results
+    ms = 1000 * (time.perf_counter() - start) / len(frames)
+    del model.frame_features, model.detect_key
+    return (ms, 1000 * sum(passes) / max(1, len(passes)), 1000 * sum(keys) / max(1, len(keys))), results
 
 
 def main() -> None:
@@ -51,27 +71,29 @@ def main() -> None:
     frames = synthetic_frames(args.frames, args.size)
     print(f"{args.frames} frames of {frames[0].shape[0]}x{frames[0].shape[1]}, {args.threads} thread(s), "
           f"torch {torch.__version__}")
-    print(f"{'config':<16} {'backend':<12} {'ms/frame':>9} {'ratio':>6}  export")
+    print(f"{'config':<16} {'backend':<15} {'ms/frame':>9} {'pass':>7} {'key':>7} {'ratio':>6}  detections")
     for name in args.config:
         cfg = bench_config(name, args.size)
         torch.manual_seed(0)
         model = build_detector(cfg).eval()
         torch_detector = Detector(model, cfg, "cpu")
         calibrate(model, torch_detector.prepare(frames[0])[0])
+        rows = [("torch", *timed(torch_detector, frames))]
         with tempfile.TemporaryDirectory() as folder:
-            start = time.perf_counter()
-            manifest = export_onnx(model, cfg, Path(folder) / "export")
-            export_s = time.perf_counter() - start
-            sizes = " + ".join(f"{g['bytes'] / 2**20:.0f}" for g in manifest["graphs"].values())
-            onnx_model, _ = load_onnx_detector(Path(folder) / "export", "cpu", threads=args.threads)
-            onnx_detector = Detector(onnx_model, cfg, "cpu")
-            ms_torch, ref = timed(torch_detector, frames)
-            ms_onnx, got = timed(onnx_detector, frames)
+            for label, keep in (("onnx-recompute", False), ("onnx-cached", True)):
+                out = Path(folder) / label
+                start = time.perf_counter()
+                manifest = export_onnx(model, cfg, out, reference_cache=keep)
+                export_s = time.perf_counter() - start
+                sizes = " + ".join(f"{g['bytes'] / 2**20:.0f}" for g in manifest["graphs"].values())
+                print(f"# {name} {label}: export {export_s:.0f} s, {sizes} MiB ({', '.join(manifest['graphs'])})")
+                onnx_model, _ = load_onnx_detector(out, "cpu", threads=args.threads)
+                rows.append((label, *timed(Detector(onnx_model, cfg, "cpu"), frames)))
         # Equality within tolerances is tests/test_export_onnx.py's job; here: detections per backend.
-        counts = f"{sum(len(r) for r in ref)} / {sum(len(r) for r in got)} detections"
-        print(f"{name:<16} {'torch':<12} {ms_torch:9.1f} {1.0:6.2f}")
-        print(f"{name:<16} {'onnxruntime':<12} {ms_onnx:9.1f} {ms_onnx / ms_torch:6.2f}  {export_s:.0f} s, "
-              f"{sizes} MiB (frame + key); {counts} (torch / onnxruntime)")
+        base = rows[0][1][0]
+        for label, (ms, ms_pass, ms_key), results in rows:
+            print(f"{name:<16} {label:<15} {ms:9.1f} {ms_pass:7.1f} {ms_key:7.1f} {ms / base:6.2f}  "
+                  f"{sum(len(r) for r in results)}")
 
 
 if __name__ == "__main__":

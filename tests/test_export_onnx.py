@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("onnxruntime", reason="the ONNX tests need the onnx extra: pip install -e '.[onnx]'")
 pytest.importorskip("onnx", reason="the ONNX tests need the onnx extra: pip install -e '.[onnx]'")
 
+from megavod.api import Detector  # noqa: E402
 from megavod.apps.cli import main as cli_main  # noqa: E402
 from megavod.config import load_config  # noqa: E402
 from megavod.data.predictions import read_predictions  # noqa: E402
 from megavod.data.synthetic import generate_synthetic_dataset  # noqa: E402
+from megavod.data.synthetic_render import make_scene, render_frame  # noqa: E402
 from megavod.errors import MegavodError  # noqa: E402
 from megavod.export.exporter import export_onnx  # noqa: E402
 from megavod.export.runtime import load_onnx_detector, torch_graph_detector  # noqa: E402
@@ -139,9 +142,54 @@ def test_manifest_describes_the_graphs(exported):
     key = manifest["graphs"]["key"]
     names = [i["name"] for i in key["inputs"]]
     assert names[:6] == ["image_size", "key_feats", "key_boxes", "local_feats", "local_boxes", "local_counts"]
-    assert "memory_1_feats" in names and "memory_push_1_feats" in [o["name"] for o in key["outputs"]]
+    # With the reference cache (the default) the memory comes as keys/values from the project graph.
+    assert "memory_1_keys" in names and "memory_1_boxes" in names and "memory_1_feats" not in names
+    assert "memory_push_1_feats" in [o["name"] for o in key["outputs"]]
     assert key["inputs"][1]["shape"] == ["key_rows", 256]  # dynamic rows, fixed width
-    assert sorted(p.name for p in out.iterdir()) == ["frame.onnx", "key.onnx", "manifest.json"]
+    assert manifest["reference_cache"] is True
+    project = manifest["graphs"]["project"]
+    assert [i["name"] for i in project["inputs"]] == ["global_feats"] + [f"memory_{i}_feats" for i in range(cfg.mega.N_l)]
+    assert {o["name"] for o in project["outputs"]} <= set(names)
+    assert sorted(p.name for p in out.iterdir()) == ["frame.onnx", "key.onnx", "manifest.json", "project.onnx"]
+
+
+def test_recomputing_variant_equals_the_cached_one(exported, clip, tmp_path):
+    """reference_cache=False: the key graph projects the global and memory rows itself; same detections."""
+    cfg, model, onnx_detector, _ = exported("mega")
+    export_onnx(model, cfg, tmp_path / "export", reference_cache=False)
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["reference_cache"] is False and "project" not in manifest["graphs"]
+    assert "memory_1_feats" in [i["name"] for i in manifest["graphs"]["key"]["inputs"]]
+    recomputing = load_onnx_detector(tmp_path / "export", "cpu", threads=1)[0]
+    assert_same_detections(run(onnx_detector, cfg, clip, "offline"), run(recomputing, cfg, clip, "offline"))
+
+
+def _results_by_stream(pairs) -> list[list[tuple]]:
+    out: dict[int, list[tuple]] = {}
+    for i, r in pairs:
+        out.setdefault(i, []).append((r.frame, r.boxes, r.scores, r.labels))
+    return [out[i] for i in sorted(out)]
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_stream_many_on_onnxruntime_equals_each_stream_alone(exported, mode):
+    """Detector.stream_many with the onnxruntime backend: each stream (unequal lengths) gets the detections
+    it gets through Detector.stream alone on the same backend (each stream keeps its own caches)."""
+    cfg, _, onnx_detector, _ = exported("mega")
+    detector = Detector(onnx_detector, cfg, "cpu")
+    clips = []
+    for seed, n in ((1, 5), (2, 3), (3, 2)):
+        scene = make_scene(np.random.default_rng([seed, 17]), n, SIZE[1], SIZE[0], motion="medium")
+        clips.append([render_frame(scene, t) for t in range(n)])
+    alone = [_results_by_stream((0, r) for r in detector.stream(c, mode))[0] for c in clips]
+    together = _results_by_stream(detector.stream_many(clips, mode))
+    assert [len(r) for r in together] == [5, 3, 2]
+    assert sum(len(labels) for stream in alone for *_, labels in stream) > 0
+    for stream, (a, b) in enumerate(zip(alone, together)):
+        for (fa, boxes_a, scores_a, labels_a), (fb, boxes_b, scores_b, labels_b) in zip(a, b):
+            assert fa == fb and torch.equal(torch.as_tensor(labels_a), torch.as_tensor(labels_b)), f"stream {stream}"
+            assert torch.allclose(torch.as_tensor(boxes_a), torch.as_tensor(boxes_b), rtol=0, atol=BOX_TOL)
+            assert torch.allclose(torch.as_tensor(scores_a), torch.as_tensor(scores_b), rtol=0, atol=SCORE_TOL)
 
 
 def test_shipped_weights_round_trip_through_detect(tmp_path, capsys):

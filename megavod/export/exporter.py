@@ -46,12 +46,22 @@ def _recording(run: Callable[[Feeds], Feeds], last: dict[str, Feeds], name: str)
     return record
 
 
+class _FreshCacheDetector(GraphDetector):
+    """Every key frame with an empty stream cache: the last one's extra graphs (MEGA's ``project``) then
+    see every global and memory row, not none (a graph traced on zero rows may freeze shapes)."""
+
+    def detect_key(self, inputs: Any, cache: Any = None) -> Any:
+        return super().detect_key(inputs, self.new_stream_cache())
+
+
 def example_feeds(graphs: MethodGraphs, frame: NamedGraph, key: NamedGraph, cfg: Config,
-                  frames: int = EXAMPLE_FRAMES, size: tuple[int, int] = EXAMPLE_SIZE) -> dict[str, Feeds]:
-    """The two graphs' inputs at the last key frame of a random clip run by the engine in PyTorch."""
+                  frames: int = EXAMPLE_FRAMES, size: tuple[int, int] = EXAMPLE_SIZE,
+                  extra: dict[str, NamedGraph] | None = None) -> dict[str, Feeds]:
+    """The graphs' inputs at the last key frame of a random clip run by the engine in PyTorch."""
     last: dict[str, Feeds] = {}
-    detector = GraphDetector(graphs, _recording(torch_runner(frame), last, "frame"),
-                             _recording(torch_runner(key), last, "key"))
+    detector = _FreshCacheDetector(graphs, _recording(torch_runner(frame), last, "frame"),
+                                   _recording(torch_runner(key), last, "key"),
+                                   {n: _recording(torch_runner(g), last, n) for n, g in (extra or {}).items()})
     g = torch.Generator().manual_seed(0)
     clip = [torch.randn(3, *size, generator=g) * 40 for _ in range(frames)]
     for _ in detect_offline(detector, lambda t: (clip[t], size), frames, build_schedule(cfg)):
@@ -94,17 +104,21 @@ def _trace(graph: NamedGraph, feeds: Feeds, path: Path, opset: int) -> None:
 
 
 def export_onnx(model: nn.Module, cfg: Config, out: str | os.PathLike, fmt: str = "onnx", *,
-                source: str = "", opset: int = OPSET, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Write ``OUT/frame.onnx``, ``OUT/key.onnx`` and ``OUT/manifest.json`` for ``model`` (filled,
-    built from ``cfg``); returns the manifest. An existing export in ``OUT`` is replaced."""
+                source: str = "", opset: int = OPSET, log: Callable[[str], None] | None = None,
+                reference_cache: bool = True) -> dict[str, Any]:
+    """Write ``OUT/frame.onnx``, ``OUT/key.onnx`` (MEGA with ``reference_cache``: also ``OUT/project.onnx``)
+    and ``OUT/manifest.json`` for ``model`` (filled, built from ``cfg``); returns the manifest. An existing
+    export in ``OUT`` is replaced. ``reference_cache=False``: MEGA's key graph projects the global and
+    memory rows itself (:meth:`megavod.export.graphs.MethodGraphs.use_reference_cache`)."""
     if fmt not in FORMATS:
         raise MegavodError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out)
     _check_out(out)
-    graphs = method_graphs(cfg)
+    graphs = method_graphs(cfg, reference_cache)
     model = model.eval().cpu()
     # Eval mode on the wrappers too: the exporter restores each module's mode after tracing, recursively.
     frame, key = graphs.frame_graph(model).eval(), graphs.key_graph(model).eval()
+    extra = {n: g.eval() for n, g in graphs.extra_graphs(model).items()}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -112,15 +126,16 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | os.PathLike, fmt: str 
         raise MegavodError(f"{out}: cannot write the export there ({e.strerror or e})") from None
     try:
         start = time.perf_counter()
-        feeds = example_feeds(graphs, frame, key, cfg)
+        feeds = example_feeds(graphs, frame, key, cfg, extra=extra)
         described = {}
-        for name, graph in (("frame", frame), ("key", key)):
+        for name, graph in (("frame", frame), ("key", key), *extra.items()):
             path = tmp / f"{name}.onnx"
             _trace(graph, feeds[name], path, opset)
             described[name] = {"file": path.name, "bytes": path.stat().st_size, **_describe(path)}
         manifest = {
             "format": FORMAT, "version": 1, "method": cfg.method, "config_name": cfg.name, "source": source,
             "opset": opset, "torch": torch.__version__, "config": to_dict(cfg),
+            "reference_cache": bool(graphs.extra_io),
             "input": {"min_size_test": cfg.input.min_size_test, "max_size_test": cfg.input.max_size_test,
                       "pixel_mean": list(cfg.input.pixel_mean), "pixel_std": list(cfg.input.pixel_std),
                       "image": "[1, 3, H, W] float32: RGB frame resized (shorter side min_size_test, longer at most "

@@ -5,17 +5,22 @@ modules, and how the runtime turns the engine's values into graph inputs and bac
 Each method's entry (a :class:`MethodGraphs`) is reached from the method table
 (:attr:`megavod.registry.MethodSpec.export`), so the exporter and the runtime never ask which method
 they run. The key-frame graphs take the rows the engine already holds, concatenated, with dynamic row
-counts (``local_counts``: rows per window frame); the caches the PyTorch path keeps between key frames
-(projected keys/values, geometry blocks) are recomputed inside the graph (same numbers, see
-:mod:`megavod.export.ops`). Boxes leave the graphs in pixels of the resized image; the runtime scales
-them to the frame as :meth:`RelationDetector.predict` does.
+counts (``local_counts``: rows per window frame). Of the caches the PyTorch path keeps between key
+frames, MEGA's projected keys/values of global frames and memory entries are kept by the runtime too:
+a third graph (``project``) projects the rows met for the first time and the stream's cache
+(:class:`ProjectionStore`) holds them, as :class:`~megavod.models.relation.ReferenceProjectionCache`
+does; the geometry terms are recomputed inside the graph, in chunks (:func:`megavod.export.ops.geometry_bias`).
+Both choices were measured (benchmarks/README.md#onnx-runtime). Boxes leave the graphs in pixels of the
+resized image; the runtime scales them to the frame as :meth:`RelationDetector.predict` does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,7 @@ from megavod.export import ops
 from megavod.structures import Detections, FrameFeatures, FrameMaps
 
 Feeds = dict[str, Tensor]
+GraphRunner = Callable[[Feeds], Feeds]
 
 DETECTION_OUTPUTS = ("boxes", "scores", "labels")
 
@@ -93,12 +99,25 @@ class MethodGraphs:
 
     frame_io: GraphIO
     key_io: GraphIO
+    #: Graphs besides the two (name -> io) that :meth:`key_feeds` runs (MEGA's ``project``).
+    extra_io: dict[str, GraphIO] = {}
 
     def frame_graph(self, model: nn.Module) -> NamedGraph:
         raise NotImplementedError
 
     def key_graph(self, model: nn.Module) -> NamedGraph:
         raise NotImplementedError
+
+    def extra_graphs(self, model: nn.Module) -> dict[str, NamedGraph]:
+        return {}
+
+    def use_reference_cache(self, keep: bool) -> None:
+        """Keep what the stream meets again between key frames (MEGA's projected keys/values) in the
+        stream's cache, fed to the key graph, or recompute it inside the graph; others keep nothing."""
+
+    def new_stream_cache(self) -> Any:
+        """What one stream keeps between key frames for :meth:`key_feeds` (None: nothing)."""
+        return None
 
     def frame_feeds(self, image: Tensor, index: int) -> Feeds | None:
         """Inputs of the frame graph for ``image`` [3, H, W]; None: this frame needs no pass (DFF)."""
@@ -107,7 +126,9 @@ class MethodGraphs:
     def frame_value(self, outputs: Feeds | None, image: Tensor, index: int, original_size: tuple[int, int]) -> Any:
         raise NotImplementedError
 
-    def key_feeds(self, inputs: KeyFrameInputs) -> Feeds:
+    def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None, extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
+        """Inputs of the key graph; ``cache``: the stream's :meth:`new_stream_cache`; ``extra``: runners of
+        :attr:`extra_io`'s graphs."""
         raise NotImplementedError
 
     def key_output(self, outputs: Feeds, inputs: KeyFrameInputs) -> KeyFrameOutput:
@@ -168,7 +189,7 @@ class SingleFrameGraphs(MethodGraphs):
     def frame_value(self, outputs: Feeds | None, image: Tensor, index: int, original_size: tuple[int, int]) -> FrameMaps:
         return FrameMaps(index, image, outputs["c4"][0], None, tuple(image.shape[-2:]), original_size)
 
-    def key_feeds(self, inputs: KeyFrameInputs) -> Feeds:
+    def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None, extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
         return {"image_size": _size_feed(inputs.key.image_size), "c4": inputs.key.c4[None]}
 
     def key_output(self, outputs: Feeds, inputs: KeyFrameInputs) -> KeyFrameOutput:
@@ -236,23 +257,31 @@ class _RelationGraphs(MethodGraphs):
 
 class _MEGAKeyGraph(NamedGraph):
     """``MEGADetector.detect_key`` (global stage, local stages with memory, residual global stage,
-    predictor, postprocess) on concatenated rows; outputs the detections and each memory level's push."""
+    predictor, postprocess) on concatenated rows; outputs the detections and each memory level's push.
+    ``projected``: the global pool and memory are given as keys/values (``global_{j}_keys|values`` per
+    global module j, ``memory_{i}_keys|values`` per level), not as rows."""
 
-    def __init__(self, model: nn.Module, io: GraphIO, memory: bool) -> None:
+    def __init__(self, model: nn.Module, io: GraphIO, memory: bool, projected: bool) -> None:
         super().__init__()
-        self.model, self.io, self.memory = model, io, memory
+        self.model, self.io, self.memory, self.projected = model, io, memory, projected
+
+    def _global_refs(self, t: Feeds, j: int) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
+        if self.projected:
+            return None, (t[f"global_{j}_keys"], t[f"global_{j}_values"])
+        return t.get("global_feats"), None
 
     def compute(self, t: Feeds) -> tuple[Tensor, ...]:
         agg = self.model.aggregator
         key_feats, key_boxes = t["key_feats"], t["key_boxes"]
         n_key = key_feats.shape[0]
-        global_feats, global_boxes = t.get("global_feats"), t.get("global_boxes")
+        global_boxes = t.get("global_boxes")
         if agg.N_l > 0:
             feats, boxes = torch.cat([key_feats, t["local_feats"]]), torch.cat([key_boxes, t["local_boxes"]])
         else:
             feats, boxes = key_feats, key_boxes
-        for module in agg.global_stages[: agg.N_g]:  # MEGAAggregator.global_stage
-            feats = feats + ops.relation(module, feats, global_feats, boxes, global_boxes)
+        for j, module in enumerate(agg.global_stages[: agg.N_g]):  # MEGAAggregator.global_stage
+            refs, kv = self._global_refs(t, j)
+            feats = feats + ops.relation(module, feats, refs, boxes, global_boxes, kv)
         key_feats = feats[:n_key]
         pushes: list[Tensor] = []
         if agg.N_l > 0:  # MEGAAggregator.local_stage
@@ -269,57 +298,195 @@ class _MEGAKeyGraph(NamedGraph):
                 last = i == agg.N_l - 1
                 if last:
                     queries, query_boxes = queries[:n_key], query_boxes[:n_key]
-                all_refs, all_boxes = refs, ref_boxes
+                all_refs, all_boxes, memory_kv = refs, ref_boxes, None
                 if self.memory:  # memory level i joins the references of stage i, after the local rows
-                    all_refs = torch.cat([refs, t[f"memory_{i}_feats"]])
                     all_boxes = torch.cat([ref_boxes, t[f"memory_{i}_boxes"]])
-                queries = queries + ops.relation(module, queries, all_refs, query_boxes, all_boxes)
+                    if self.projected:
+                        memory_kv = t[f"memory_{i}_keys"], t[f"memory_{i}_values"]
+                    else:
+                        all_refs = torch.cat([refs, t[f"memory_{i}_feats"]])
+                queries = queries + ops.relation(module, queries, all_refs, query_boxes, all_boxes, memory_kv)
                 if not last:
                     queries = F.relu(agg.fcs[i + 1](queries))
                 refs, ref_boxes = queries[n_key:], query_boxes[n_key:]
             key_feats = queries[:n_key]
-        for module in agg.global_stages[agg.N_g :]:  # MEGAAggregator.global_residual_stage
-            key_feats = key_feats + ops.relation(module, key_feats, global_feats, key_boxes, global_boxes)
+        for j, module in enumerate(agg.global_stages[agg.N_g :], start=agg.N_g):  # global_residual_stage
+            refs, kv = self._global_refs(t, j)
+            key_feats = key_feats + ops.relation(module, key_feats, refs, key_boxes, global_boxes, kv)
         head = self.model.box_head
         class_logits, box_regression = head.predictor(key_feats)
         dets = ops.detections(head.postprocessor, class_logits, box_regression, key_boxes, t["image_size"])
         return (*dets, *(pushes if self.memory else []))
 
 
+class _MEGAProjectGraph(NamedGraph):
+    """Keys and values (:meth:`RelationModule.project_refs`) of global rows for every global module and of
+    memory level i's rows for local stage i: what :class:`ProjectionStore` keeps."""
+
+    def __init__(self, model: nn.Module, io: GraphIO, uses_global: bool, levels: int) -> None:
+        super().__init__()
+        self.model, self.io, self.uses_global, self.levels = model, io, uses_global, levels
+
+    def compute(self, t: Feeds) -> tuple[Tensor, ...]:
+        agg = self.model.aggregator
+        out: list[Tensor] = []
+        if self.uses_global:
+            for module in agg.global_stages:
+                out += module.project_refs(t["global_feats"])
+        for i in range(self.levels):
+            out += agg.local_stages[i].project_refs(t[f"memory_{i}_feats"])
+        return tuple(out)
+
+
+class ProjectionStore:
+    """One stream's keys/values of global frames and memory entries, computed by the ``project`` graph the
+    first time the stream meets them (:class:`~megavod.models.relation.ReferenceProjectionCache` for the
+    graphs): keyed by the object that owns the rows, weakly referenced, dropped with it."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, tuple[Tensor, ...]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, owner: object) -> tuple[Tensor, ...] | None:
+        entry = self._entries.get(id(owner))
+        return entry[1] if entry is not None and entry[0]() is owner else None
+
+    def put(self, owner: object, tensors: tuple[Tensor, ...]) -> None:
+        self._entries[id(owner)] = (weakref.ref(owner), tensors)
+
+    def prune(self) -> None:
+        """Forget the entries whose owner is gone (a frame evicted from the stream, a memory entry dropped)."""
+        self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
+
+
+def _missing(store: ProjectionStore, owners: Sequence[object]) -> list[object]:
+    """``owners`` not in ``store``, each once, in order."""
+    seen: dict[int, object] = {}
+    for owner in owners:
+        if store.get(owner) is None:
+            seen.setdefault(id(owner), owner)
+    return list(seen.values())
+
+
+def _split_cols(tensor: Tensor, counts: Sequence[int]) -> list[Tensor]:
+    return list(torch.split(tensor, list(counts), dim=1))
+
+
 class MEGAGraphs(_RelationGraphs):
     """MEGA and its base model and ablations (``mega.*``): the key graph takes the key's rows, the local
-    window's first ``ref_post_nms_top_n`` rows per frame (``local_counts``), the global pool's and, per
-    memory level, the memory's rows; it gives the detections and ``memory_push_{i}_feats/boxes``."""
+    window's first ``ref_post_nms_top_n`` rows per frame (``local_counts``), the global pool and, per
+    memory level, the memory (with the reference cache, the default: their keys/values from the
+    ``project`` graph, kept per stream; without it: their rows); it gives the detections and
+    ``memory_push_{i}_feats/boxes``."""
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         m = cfg.mega
         self.local = m.N_l > 0
         self.uses_global = m.N_g + m.global_res_stages > 0
+        self.global_modules = m.N_g + m.global_res_stages
         self.global_boxes = self.uses_global and m.location_based_global
         self.memory_levels = m.N_l if m.memory else 0
+        self.heads = cfg.relation.num_heads
+        self.use_reference_cache(True)
+
+    def use_reference_cache(self, keep: bool) -> None:
+        self.reference_cache = keep
         inputs = ["image_size", "key_feats", "key_boxes"]
         axes = {"key_feats": _rows("key_rows"), "key_boxes": _rows("key_rows"), **_detection_axes()}
+        kv_axes = {}
         if self.local:
             inputs += ["local_feats", "local_boxes", "local_counts"]
             axes.update(local_feats=_rows("local_rows"), local_boxes=_rows("local_rows"),
                         local_counts=_rows("local_frames"))
+        project_in, project_out = [], []
         if self.uses_global:
-            inputs += ["global_feats"] + (["global_boxes"] if self.global_boxes else [])
+            names = [f"global_{j}_{kind}" for j in range(self.global_modules) for kind in ("keys", "values")]
+            project_in.append("global_feats")
+            project_out += names
+            inputs += names if keep else ["global_feats"]
+            inputs += ["global_boxes"] if self.global_boxes else []
             axes.update(global_feats=_rows("global_rows"), global_boxes=_rows("global_rows"))
+            kv_axes.update({n: {1: "global_rows"} for n in names})
         outputs = list(DETECTION_OUTPUTS)
         for i in range(self.memory_levels):
-            inputs += [f"memory_{i}_feats", f"memory_{i}_boxes"]
+            names = [f"memory_{i}_keys", f"memory_{i}_values"]
+            project_in.append(f"memory_{i}_feats")
+            project_out += names
+            inputs += (names if keep else [f"memory_{i}_feats"]) + [f"memory_{i}_boxes"]
             outputs += [f"memory_push_{i}_feats", f"memory_push_{i}_boxes"]
             axes.update({f"memory_{i}_feats": _rows(f"memory_{i}_rows"), f"memory_{i}_boxes": _rows(f"memory_{i}_rows"),
                          f"memory_push_{i}_feats": _rows(f"push_{i}_rows"),
                          f"memory_push_{i}_boxes": _rows(f"push_{i}_rows")})
+            kv_axes.update({n: {1: f"memory_{i}_rows"} for n in names})
+        axes.update(kv_axes)
         self.key_io = GraphIO(inputs, outputs, {k: v for k, v in axes.items() if k in inputs + outputs})
+        self.extra_io = {}
+        if keep and project_in:
+            self.extra_io = {"project": GraphIO(project_in, project_out,
+                                                {k: v for k, v in axes.items() if k in project_in + project_out})}
 
     def key_graph(self, model: nn.Module) -> NamedGraph:
-        return _MEGAKeyGraph(model, self.key_io, self.memory_levels > 0)
+        return _MEGAKeyGraph(model, self.key_io, self.memory_levels > 0, self.reference_cache)
 
-    def key_feeds(self, inputs: KeyFrameInputs) -> Feeds:
+    def extra_graphs(self, model: nn.Module) -> dict[str, NamedGraph]:
+        return {name: _MEGAProjectGraph(model, io, self.uses_global, self.memory_levels)
+                for name, io in self.extra_io.items()}
+
+    def new_stream_cache(self) -> ProjectionStore | None:
+        return ProjectionStore() if self.extra_io else None
+
+    def _memory_levels(self, inputs: KeyFrameInputs) -> list[list[Any]]:
+        levels = list(inputs.memory) if inputs.memory is not None else [[] for _ in range(self.memory_levels)]
+        return [list(level) for level in levels[: self.memory_levels]]
+
+    def _empty_kv(self) -> Tensor:
+        return torch.zeros(self.heads, 0, self.feat_dim // self.heads)
+
+    def _projected(self, inputs: KeyFrameInputs, store: ProjectionStore | None,
+                   project: GraphRunner) -> Feeds:
+        """The key graph's ``global_{j}_*`` / ``memory_{i}_*`` keys and values: the rows met for the
+        first time go through ``project`` (one call) and into ``store``, the others come from it."""
+        store = store if store is not None else ProjectionStore()  # a fresh cache: same numbers, more work
+        store.prune()
+        n = self.ref_proposals
+        pool, levels = list(inputs.global_pool), self._memory_levels(inputs)
+        new_pool = _missing(store, pool) if self.uses_global else []
+        new_levels = [_missing(store, level) for level in levels]
+        if new_pool or any(new_levels):
+            feeds = {}
+            if self.uses_global:
+                feeds["global_feats"] = _cat_rows(new_pool, n, self.feat_dim)[0]
+            for i, level in enumerate(new_levels):
+                feeds[f"memory_{i}_feats"] = (torch.cat([e.feats for e in level]) if level
+                                              else torch.zeros(0, self.feat_dim))
+            out = project(feeds)
+            if new_pool:
+                counts = [min(n, len(g.boxes)) for g in new_pool]
+                per_name = [_split_cols(out[name], counts) for name in self.extra_io["project"].outputs
+                            if name.startswith("global_")]
+                for g, parts in zip(new_pool, zip(*per_name)):
+                    store.put(g, parts)
+            for i, level in enumerate(new_levels):
+                counts = [len(e.feats) for e in level]
+                pairs = zip(_split_cols(out[f"memory_{i}_keys"], counts), _split_cols(out[f"memory_{i}_values"], counts))
+                for e, pair in zip(level, pairs):
+                    store.put(e, pair)
+        feeds = {}
+        if self.uses_global:
+            names = [f"global_{j}_{kind}" for j in range(self.global_modules) for kind in ("keys", "values")]
+            kept = [store.get(g) for g in pool]
+            for c, name in enumerate(names):
+                feeds[name] = torch.cat([k[c] for k in kept], dim=1) if kept else self._empty_kv()
+        for i, level in enumerate(levels):
+            kept = [store.get(e) for e in level]
+            for c, kind in enumerate(("keys", "values")):
+                feeds[f"memory_{i}_{kind}"] = torch.cat([k[c] for k in kept], dim=1) if kept else self._empty_kv()
+        return feeds
+
+    def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None, extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
         key, n = inputs.key, self.ref_proposals
         feeds = {"image_size": _size_feed(key.image_size), "key_feats": key.feats, "key_boxes": key.boxes}
         if self.local:
@@ -328,12 +495,14 @@ class MEGAGraphs(_RelationGraphs):
             feeds["global_feats"], global_boxes, _ = _cat_rows(inputs.global_pool, n, self.feat_dim)
             if self.global_boxes:
                 feeds["global_boxes"] = global_boxes
-        for i in range(self.memory_levels):
-            level = list(inputs.memory[i]) if inputs.memory is not None else []
-            feeds[f"memory_{i}_feats"] = (torch.cat([e.feats for e in level]) if level
-                                          else torch.zeros(0, self.feat_dim))
+        for i, level in enumerate(self._memory_levels(inputs)):
+            if not self.extra_io:
+                feeds[f"memory_{i}_feats"] = (torch.cat([e.feats for e in level]) if level
+                                              else torch.zeros(0, self.feat_dim))
             feeds[f"memory_{i}_boxes"] = torch.cat([e.boxes for e in level]) if level else torch.zeros(0, 4)
-        return feeds
+        if self.extra_io:
+            feeds.update(self._projected(inputs, cache, extra["project"]))
+        return {k: v for k, v in feeds.items() if k in self.key_io.inputs}
 
     def key_output(self, outputs: Feeds, inputs: KeyFrameInputs) -> KeyFrameOutput:
         push = [RoiRows(outputs[f"memory_push_{i}_feats"], outputs[f"memory_push_{i}_boxes"])
@@ -386,7 +555,7 @@ class RDNGraphs(_RelationGraphs):
     def key_graph(self, model: nn.Module) -> NamedGraph:
         return _RDNKeyGraph(model, self.key_io)
 
-    def key_feeds(self, inputs: KeyFrameInputs) -> Feeds:
+    def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None, extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
         key = inputs.key
         feats, boxes, counts = _cat_rows(inputs.local, self.ref_proposals, self.feat_dim)
         feeds = {"image_size": _size_feed(key.image_size), "key_feats": key.feats, "key_boxes": key.boxes,
@@ -477,7 +646,7 @@ class FGFAGraphs(MethodGraphs):
     def frame_value(self, outputs: Feeds | None, image: Tensor, index: int, original_size: tuple[int, int]) -> FrameMaps:
         return FrameMaps(index, image, outputs["c4"][0], outputs["embed"][0], tuple(image.shape[-2:]), original_size)
 
-    def key_feeds(self, inputs: KeyFrameInputs) -> Feeds:
+    def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None, extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
         window = list(inputs.local)
         key = window[inputs.key_index]
         return {"image_size": _size_feed(key.image_size), "key_index": torch.tensor([inputs.key_index]),
@@ -533,7 +702,7 @@ class DFFGraphs(MethodGraphs):
         c4 = None if outputs is None else outputs["c4"][0]
         return FrameMaps(index, image, c4, None, tuple(image.shape[-2:]), original_size)
 
-    def key_feeds(self, inputs: KeyFrameInputs) -> Feeds:
+    def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None, extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
         frame, key = inputs.key, inputs.local[0]
         return {"image_size": _size_feed(frame.image_size), "image": frame.image[None],
                 "key_image": key.image[None], "key_c4": key.c4[None]}

@@ -26,7 +26,7 @@ from torchvision.ops import roi_align
 
 # The relation module's private pieces are reused, not copied, so the graph's geometry term is the
 # PyTorch path's formula (docs/conventions.md#relation-module).
-from megavod.models.relation import RelationModule, _frequencies, _relative_centre_offsets
+from megavod.models.relation import RelationModule, _frequencies
 from megavod.models.roi_heads import BoxPostProcessor, ResNetC5RoIPooler
 from megavod.models.rpn import RPN
 
@@ -167,29 +167,58 @@ def detections(post: BoxPostProcessor, class_logits: Tensor, box_regression: Ten
 # -- relation module (megavod.models.relation.RelationModule.forward, no cache) ---------------------------
 
 
+#: Query-row chunks of the geometry term (a fixed count: a traced graph cannot loop a data-dependent number
+#: of times). RelationModule.geometry_bias chunks for the same reason, the per-pair embedding of all
+#: pairs at once being far larger than the CPU caches; 16 chunks of MEGA's 675 x 3750 local stage 0
+#: (~42 rows, ~2.5M logits each) took 0.72 s in ONNX Runtime on one thread against 1.47 s unchunked
+#: (benchmarks/README.md#onnx-runtime).
+GEOMETRY_CHUNKS = 16
+
+
+def _geometry_logits(weights: tuple[Tensor, Tensor, Tensor], module: RelationModule, x_boxes: Tensor,
+                     ref_boxes: Tensor) -> Tensor:
+    """log(relu(Wg . E + bg) + 1e-6) of ``x_boxes`` x ``ref_boxes`` as [M_h, n, m]; the per-pair terms are
+    laid out term-major ([2f, n*m]), so both products are plain [M_h, 2f] x [2f, n*m] (no transposed copy)."""
+    w_sin, w_cos, scale_weight = weights
+    h, f = module.num_heads, module.embed_dim // 8
+    query_factors, ref_factors = module._scale_factors(x_boxes, ref_boxes, scale_weight)
+    freqs = _frequencies(f, module.wave_length, x_boxes.device, x_boxes.dtype)
+    # _relative_centre_offsets, term-major: log(|c_q - c_r| / wh_q + 1e-3), [2, n, m].
+    q_wh = (x_boxes[:, 2:] - x_boxes[:, :2] + 1).T
+    q_c = (0.5 * (x_boxes[:, :2] + x_boxes[:, 2:])).T
+    r_c = (0.5 * (ref_boxes[:, :2] + ref_boxes[:, 2:])).T
+    offsets = ((q_c[:, :, None] - r_c[:, None, :]).abs() / q_wh[:, :, None] + 1e-3).log()
+    angles = (offsets.reshape(2, 1, -1) * freqs.view(1, f, 1)).reshape(2 * f, -1)  # [(term, f), n*m]
+    logits = torch.bmm(query_factors.expand(h, -1, -1), ref_factors).reshape(h, -1)
+    logits = logits + w_sin @ angles.sin() + w_cos @ angles.cos() + module.Wg.bias[:, None]
+    return (F.relu(logits) + 1e-6).log().reshape(h, x_boxes.shape[0], ref_boxes.shape[0])
+
+
 def geometry_bias(module: RelationModule, x_boxes: Tensor, ref_boxes: Tensor) -> Tensor:
-    """:meth:`RelationModule.geometry_bias` [M_h, N, M] in one block (no chunks, no in-place ops)."""
+    """:meth:`RelationModule.geometry_bias` [M_h, N, M], in :data:`GEOMETRY_CHUNKS` chunks of query rows
+    (no in-place ops)."""
     h, f = module.num_heads, module.embed_dim // 8
     x_boxes, ref_boxes = x_boxes.float(), ref_boxes.float()
     weight = module.Wg.weight.view(h, -1)
     direct = torch.cat([weight[:, : 4 * f], weight[:, 8 * f :]], dim=1).view(h, -1, 2, f)
-    w_sin, w_cos = direct[:, :, 0].flatten(1), direct[:, :, 1].flatten(1)
-    query_factors, ref_factors = module._scale_factors(x_boxes, ref_boxes, weight[:, 4 * f : 8 * f])
-    freqs = _frequencies(f, module.wave_length, x_boxes.device, x_boxes.dtype)
-    n, m = x_boxes.shape[0], ref_boxes.shape[0]
-    logits = torch.bmm(query_factors.expand(h, -1, -1), ref_factors).reshape(h, -1)
-    angles = (_relative_centre_offsets(x_boxes, ref_boxes)[..., None] * freqs).reshape(-1, w_sin.shape[1])
-    logits = logits + w_sin @ angles.sin().T
-    logits = logits + w_cos @ angles.cos().T
-    logits = logits + module.Wg.bias[:, None]
-    return (F.relu(logits) + 1e-6).log().reshape(h, n, m)
+    weights = direct[:, :, 0].flatten(1), direct[:, :, 1].flatten(1), weight[:, 4 * f : 8 * f]
+    rows = (x_boxes.shape[0] + GEOMETRY_CHUNKS - 1) // GEOMETRY_CHUNKS
+    return torch.cat([_geometry_logits(weights, module, x_boxes[i * rows : (i + 1) * rows], ref_boxes)
+                      for i in range(GEOMETRY_CHUNKS)], dim=1)
 
 
-def relation(module: RelationModule, x: Tensor, refs: Tensor, x_boxes: Tensor | None = None,
-             ref_boxes: Tensor | None = None) -> Tensor:
-    """:meth:`RelationModule.forward` [N, C] (before the residual); needs at least one reference."""
+def relation(module: RelationModule, x: Tensor, refs: Tensor | None, x_boxes: Tensor | None = None,
+             ref_boxes: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """:meth:`RelationModule.forward` [N, C] (before the residual); needs at least one reference.
+    ``kv``: keys and values ([M_h, M', d]) of the last M' references, projected earlier (the
+    ``ref_kv`` of :meth:`RelationModule.forward`); ``refs`` then holds the M - M' others (or is None)."""
     h, d = module.num_heads, module.head_dim
-    k, v = module.project_refs(refs)
+    if kv is None:
+        k, v = module.project_refs(refs)
+    elif refs is None:
+        k, v = kv
+    else:
+        k, v = (torch.cat(pair, dim=1) for pair in zip(module.project_refs(refs), kv))
     q = module.Wq(x).reshape(-1, h, d).transpose(0, 1)
     if module.u is not None:
         q = q + module.u

@@ -5,13 +5,15 @@ PyTorch) behind the detector contract, so the streaming engine drives it unchang
 :class:`GraphDetector` implements :class:`megavod.models.contract.VideoDetector`: ``frame_features`` runs
 the per-frame graph, ``detect_key`` the key-frame graph, with the method's adapters
 (:class:`megavod.export.graphs.MethodGraphs`) turning the engine's values into graph inputs and back.
-The stream state (window, global pool, memory) stays the engine's; the graphs keep nothing.
+The stream state (window, global pool, memory) stays the engine's; what a stream keeps between key frames
+for the graphs (MEGA's projected keys/values, :class:`megavod.export.graphs.ProjectionStore`) is the
+stream's cache (:meth:`GraphDetector.new_stream_cache`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,46 +24,49 @@ from torch import Tensor, nn
 from megavod.checkpoints.loading import config_from_record
 from megavod.config import Config
 from megavod.errors import MegavodError
-from megavod.export.graphs import Feeds, MethodGraphs, NamedGraph
+from megavod.export.graphs import Feeds, GraphRunner, MethodGraphs, NamedGraph
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
 from megavod.registry import get_method
 
 MANIFEST = "manifest.json"
 FORMAT = "megavod.onnx"
 
-GraphRunner = Callable[[Feeds], Feeds]
-
-
-def method_graphs(cfg: Config) -> MethodGraphs:
-    """The method's graphs (the method table's ``export`` entry); one line when it has none."""
+def method_graphs(cfg: Config, reference_cache: bool = True) -> MethodGraphs:
+    """The method's graphs (the method table's ``export`` entry); one line when it has none.
+    ``reference_cache``: see :meth:`MethodGraphs.use_reference_cache`."""
     spec = get_method(cfg.method)
     if spec.export is None:
         raise MegavodError(f"method {cfg.method!r} ({spec.title}) cannot be exported to ONNX")
-    return spec.export(cfg)
+    graphs = spec.export(cfg)
+    graphs.use_reference_cache(reference_cache)
+    return graphs
 
 
 class GraphDetector:
     """The detector contract over two graph runners (see the module docstring).
 
-    ``run_frame`` / ``run_key``: inputs by name -> outputs by name (CPU tensors).
+    ``run_frame`` / ``run_key``: inputs by name -> outputs by name (CPU tensors); ``run_extra``: the
+    runners of the method's other graphs (:attr:`MethodGraphs.extra_io`).
     """
 
-    def __init__(self, graphs: MethodGraphs, run_frame: GraphRunner, run_key: GraphRunner) -> None:
+    def __init__(self, graphs: MethodGraphs, run_frame: GraphRunner, run_key: GraphRunner,
+                 run_extra: dict[str, GraphRunner] | None = None) -> None:
         self.graphs = graphs
         self.run_frame = run_frame
         self.run_key = run_key
+        self.run_extra = dict(run_extra or {})
 
     def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> Any:
         image = image.detach().cpu()
         feeds = self.graphs.frame_feeds(image, index)
         return self.graphs.frame_value(None if feeds is None else self.run_frame(feeds), image, index, original_size)
 
-    def new_stream_cache(self) -> None:
-        """The graphs recompute what the PyTorch path caches between key frames: nothing is kept."""
-        return None
+    def new_stream_cache(self) -> Any:
+        """What the stream keeps between key frames for the graphs (the method's; None: nothing)."""
+        return self.graphs.new_stream_cache()
 
-    def detect_key(self, inputs: KeyFrameInputs, cache: None = None) -> KeyFrameOutput:
-        return self.graphs.key_output(self.run_key(self.graphs.key_feeds(inputs)), inputs)
+    def detect_key(self, inputs: KeyFrameInputs, cache: Any = None) -> KeyFrameOutput:
+        return self.graphs.key_output(self.run_key(self.graphs.key_feeds(inputs, cache, self.run_extra)), inputs)
 
     # The API's Detector moves and switches its model like an nn.Module; the graphs hold no device state.
     def to(self, device: Any) -> "GraphDetector":
@@ -81,12 +86,13 @@ def torch_runner(graph: NamedGraph) -> GraphRunner:
     return run
 
 
-def torch_graph_detector(model: nn.Module, cfg: Config) -> GraphDetector:
+def torch_graph_detector(model: nn.Module, cfg: Config, reference_cache: bool = True) -> GraphDetector:
     """The method's graph modules run in PyTorch over ``model``'s weights."""
-    graphs = method_graphs(cfg)
+    graphs = method_graphs(cfg, reference_cache)
     model.eval()
     return GraphDetector(graphs, torch_runner(graphs.frame_graph(model).eval()),
-                         torch_runner(graphs.key_graph(model).eval()))
+                         torch_runner(graphs.key_graph(model).eval()),
+                         {n: torch_runner(g.eval()) for n, g in graphs.extra_graphs(model).items()})
 
 
 def ort_runner(session: Any, inputs: Sequence[str]) -> GraphRunner:
@@ -141,13 +147,16 @@ def load_onnx_detector(folder: str | Path, device: str = "cpu", threads: int | N
     folder = Path(folder)
     folder = folder.parent if folder.name == MANIFEST else folder
     cfg = config_from_record(manifest["config"], list(overrides), str(folder / MANIFEST))
-    graphs = method_graphs(cfg)
+    # Exports written before the reference cache existed have no "reference_cache" and no project graph.
+    graphs = method_graphs(cfg, bool(manifest.get("reference_cache", False)))
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    runners = []
-    for name, io in (("frame", graphs.frame_io), ("key", graphs.key_io)):
+    runners = {}
+    for name, io in (("frame", graphs.frame_io), ("key", graphs.key_io), *graphs.extra_io.items()):
+        if name not in manifest["graphs"]:
+            raise MegavodError(f"{folder / MANIFEST}: no graph '{name}' (export it again with megavod export)")
         path = folder / manifest["graphs"][name]["file"]
         if not path.is_file():
             raise MegavodError(f"{path}: not found (the manifest's graph '{name}')")
@@ -155,5 +164,6 @@ def load_onnx_detector(folder: str | Path, device: str = "cpu", threads: int | N
             session = onnxruntime.InferenceSession(str(path), options, providers=providers(device))
         except Exception as e:  # onnxruntime raises its own exception types for a broken file
             raise MegavodError(f"{path}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:200]})") from None
-        runners.append(ort_runner(session, [i.name for i in session.get_inputs()]))
-    return GraphDetector(graphs, *runners), cfg
+        runners[name] = ort_runner(session, [i.name for i in session.get_inputs()])
+    frame, key = runners.pop("frame"), runners.pop("key")
+    return GraphDetector(graphs, frame, key, runners), cfg
