@@ -5,6 +5,8 @@
 # 2. the tests marked cuda (pytest -m cuda: tests/test_cuda.py)
 # 3. megavod bench on CUDA at 600 px: single_R_101, base_R_101, mega_R_101
 # 4. the same for the compared methods: single_R_50, dff_R_50, fgfa_R_50, rdn_base_R_50, mega_R_50
+# 5. many streams (N = 1, 2, 4, 8) and batched training (B = 1, 2, 4) of mega_R_101 and synthetic_mega
+#    at 600 px
 # Every step runs even if one before it failed; the exit status is 1 if any failed. Without a CUDA device
 # it refuses in one line (exit 1).
 set -uo pipefail
@@ -53,6 +55,10 @@ step "bench R-101: single, base, MEGA" "$PY" -m megavod bench --device cuda --si
   --config single_R_101 --config base_R_101 --config mega_R_101
 step "bench R-50: the compared methods" "$PY" -m megavod bench --device cuda --size 600 \
   --config single_R_50 --config dff_R_50 --config fgfa_R_50 --config rdn_base_R_50 --config mega_R_50
+step "bench streams" "$PY" -m megavod bench --device cuda --size 600 --frames 20 --streams 1 2 4 8 \
+  --config synthetic_mega --config mega_R_101
+step "bench batched training" "$PY" -m megavod bench --device cuda --size 600 --iterations 5 --batch 1 2 4 \
+  --config synthetic_mega --config mega_R_101
 
 if [ ${#FAILED[@]} -gt 0 ]; then
   printf '\ngpu_check: FAILED: %s (results: %s)\n' "$(IFS=,; echo "${FAILED[*]}")" "$RESULTS" | tee -a "$RESULTS" >&2

@@ -223,7 +223,7 @@ def test_scaling_rows_and_table_arithmetic():
     table = format_scaling(rows, "streams", "header")
     lines = table.splitlines()
     assert lines[0] == "header"
-    assert lines[3].split() == ["4", "5.00", "800.0", "200.0", "2.50", "300"]  # 1000 / 5 ms/frame, 5 / 2 speed-up
+    assert lines[3].split() == ["4", "5", "800.0", "200.0", "2.50", "300"]  # 1000 / 5 ms/frame, 5 / 2 speed-up
 
 
 def test_peak_rss_sees_an_allocation():

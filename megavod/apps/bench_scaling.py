@@ -203,7 +203,7 @@ def format_scaling(rows: Sequence[ScalingRow], what: str, header: str) -> str:
     lines = [header, f"{what:>8s} {unit:>10s} {step:>10s} {'ms/' + ('frame' if what == 'streams' else 'image'):>10s} "
                      f"{'speed-up':>9s} {'peak MiB':>9s}"]
     for r in rows:
-        lines.append(f"{r.count:>8d} {r.per_second:>10.2f} {r.ms_per_step:>10.1f} {1000 / r.per_second:>10.1f} "
+        lines.append(f"{r.count:>8d} {r.per_second:>10.3g} {r.ms_per_step:>10.1f} {1000 / r.per_second:>10.1f} "
                      f"{r.per_second / base.per_second:>9.2f} {r.peak_mib:>9.0f}")
     lines.append(f"speed-up: {unit} over the first row's ({base.count}); " + (
         "ms/step: what each stream waits per frame" if what == "streams" else

@@ -36,26 +36,6 @@ INT64_MAX = sys.maxsize
 # -- boxes (megavod.models.box_coder) ---------------------------------------------------------------------
 
 
-def decode(weights: tuple[float, float, float, float], clip: float, deltas: Tensor, boxes: Tensor) -> Tensor:
-    """:meth:`BoxCoder.decode`: ``deltas`` [N, 4k] applied to ``boxes`` [N, 4] -> [N, 4k] (x2 = cx + w/2 - 1)."""
-    wx, wy, ww, wh = weights
-    widths = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
-    heights = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
-    ctr_x = boxes[:, 0, None] + 0.5 * widths
-    ctr_y = boxes[:, 1, None] + 0.5 * heights
-    dx = deltas[:, 0::4] / wx
-    dy = deltas[:, 1::4] / wy
-    dw = (deltas[:, 2::4] / ww).clamp(max=clip)
-    dh = (deltas[:, 3::4] / wh).clamp(max=clip)
-    pred_ctr_x = dx * widths + ctr_x
-    pred_ctr_y = dy * heights + ctr_y
-    pred_w = torch.exp(dw) * widths
-    pred_h = torch.exp(dh) * heights
-    out = torch.stack([pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h,
-                       pred_ctr_x + 0.5 * pred_w - 1, pred_ctr_y + 0.5 * pred_h - 1], dim=2)
-    return out.reshape(deltas.shape[0], -1)
-
-
 def clip_to_image(boxes: Tensor, image_size: Tensor) -> Tensor:
     """:func:`clip_boxes` with the image's (height, width) as a tensor: [N, 4k] into [0, W-1] x [0, H-1]."""
     hw = image_size.to(boxes.dtype)
@@ -96,7 +76,7 @@ def proposals(rpn: RPN, c4: Tensor, image_size: Tensor, pre_nms_top_n: int, post
     obj = objectness.permute(0, 2, 3, 1).reshape(-1)
     d = deltas.view(1, num_anchors, 4, deltas.shape[-2], deltas.shape[-1]).permute(0, 3, 4, 1, 2).reshape(-1, 4)
     scores, idx = obj.sigmoid().topk(_topk_min(obj, pre_nms_top_n, 0), dim=0, sorted=True)
-    boxes = decode(rpn.box_coder.weights, rpn.box_coder.bbox_xform_clip, d[idx], anchors(rpn, c4)[idx])
+    boxes = rpn.box_coder.decode(d[idx], anchors(rpn, c4)[idx])  # BoxCoder.decode traces as is
     boxes = clip_to_image(boxes, image_size)
     keep = tv_nms(plus_one(boxes), scores, rpn.nms_thresh)[:post_nms_top_n]
     return boxes[keep]
@@ -146,7 +126,7 @@ def detections(post: BoxPostProcessor, class_logits: Tensor, box_regression: Ten
     kth-value threshold (ties at the threshold kept, as the authors')."""
     probs = F.softmax(class_logits.float(), -1)
     num_classes = probs.shape[1]
-    decoded = decode(post.box_coder.weights, post.box_coder.bbox_xform_clip, box_regression.float(), boxes)
+    decoded = post.box_coder.decode(box_regression, boxes)
     decoded = clip_to_image(decoded, image_size).reshape(-1, num_classes, 4)[:, 1:]
     per_class_boxes = decoded.permute(1, 0, 2)  # [K-1, N, 4]
     per_class_scores = probs[:, 1:].permute(1, 0)  # [K-1, N]
