@@ -236,7 +236,8 @@ def reference_ddp_run(cfg, data: Path, world_size: int, iterations: int) -> list
     model.train()
     optimizer = make_optimizer(cfg.solver, model, world_size)
     scheduler = make_scheduler(cfg.solver, optimizer)
-    samplers = [IterationSampler(len(dataset), cfg.solver.max_iter, rank=r, world_size=world_size, seed=cfg.seed)
+    samplers = [IterationSampler(len(dataset), cfg.solver.max_iter, rank=r, world_size=world_size, seed=cfg.seed,
+                                 images_per_process=cfg.solver.images_per_process)
                 for r in range(world_size)]
     streams = []
     for r in range(world_size):
@@ -279,7 +280,19 @@ def _max_diffs(ours: dict, theirs: dict) -> tuple[float, float]:
 @pytest.mark.slow
 def test_two_process_ddp_mega_matches_ranks_and_single_process_reference(tmp_path, data):
     """2 gloo processes train ``synthetic_mega`` 2 iterations through the CLI; ranks identical, and equal to
-    :func:`reference_ddp_run` after each iteration.
+    :func:`reference_ddp_run` after each iteration (:func:`_check_ddp_against_reference`)."""
+    _check_ddp_against_reference(tmp_path, data, images_per_process=1)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_two_key_frames_per_process_matches_the_reference(tmp_path, data):
+    """As above with ``solver.images_per_process=2``: each rank trains on a batch of two key frames."""
+    _check_ddp_against_reference(tmp_path, data, images_per_process=2)
+
+
+def _check_ddp_against_reference(tmp_path, data, images_per_process: int) -> None:
+    """2 gloo processes train ``synthetic_mega`` 2 iterations through the CLI with ``images_per_process``
+    key frames each; ranks identical, and equal to :func:`reference_ddp_run` after each iteration.
 
     Tolerance: the reference is exact by construction up to float summation order. DDP sums ``g0/2 + g1/2``
     over ranks, the reference ``(g0 + g1)/2``; halving is exact in binary floating point and a two-term sum
@@ -294,7 +307,8 @@ def test_two_process_ddp_mega_matches_ranks_and_single_process_reference(tmp_pat
     out = tmp_path / "out"
     script = tmp_path / "ddp_run.py"
     script.write_text(_DDP_RUN)
-    overrides = TINY + ["solver.max_iter=2", "solver.checkpoint_period=1"]
+    overrides = TINY + ["solver.max_iter=2", "solver.checkpoint_period=1",
+                        f"solver.images_per_process={images_per_process}"]
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
          *_train_args("synthetic_mega", data, out, overrides)],
@@ -302,14 +316,14 @@ def test_two_process_ddp_mega_matches_ranks_and_single_process_reference(tmp_pat
         check=False,
     )
     assert proc.returncode == 0, _tail(proc)
-    assert "2 process(es) x 1 image(s)" in proc.stdout
+    assert f"2 process(es) x {images_per_process} image(s)" in proc.stdout
 
     r0, r1 = (torch.load(ranks / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert_identical(r0, r1, "rank 0 vs rank 1")
     final = ckpt.load_checkpoint(out / FINAL_NAME)
     assert_identical(final["model"], r0["model"], "checkpoint vs rank 0")
     assert len(final["rng"]) == 2 and final["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(
-        2 * 0.0025)
+        2 * images_per_process * 0.0025)  # the linear rule counts images
 
     cfg = load_config("synthetic_mega", overrides)
     assert scaled_lr(cfg.solver, 2) == pytest.approx(2 * scaled_lr(cfg.solver, 1))
