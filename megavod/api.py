@@ -229,7 +229,8 @@ class Detector:
         stream ``sources[i]``, one frame of every unfinished stream per step.
 
         At each step the per-frame passes of the streams' new frames run as one batched call per frame
-        size (``batch_frames=False``: one call per frame), then each stream's key-frame step; every
+        size, then the streams' key-frame steps (batched where the detector has a batched key step;
+        ``batch_frames=False``: one call per frame for both); every
         stream keeps its own window, pool, memory and caches, so its detections are those
         :meth:`stream` gives for it alone (up to the float rounding of batched convolutions). Streams
         may differ in length (a finished stream leaves the batch) and size (frames of one size are

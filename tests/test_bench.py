@@ -251,3 +251,8 @@ def test_cli_bench_rejects_a_zero_stream_count(capsys):
     with pytest.raises(SystemExit) as caught:
         cli_main(["bench", "--streams", "0"])
     assert caught.value.code == 2 and "--streams" in capsys.readouterr().err
+
+
+def test_batched_key_script_times_both_variants():
+    rows = _script("bench_batched_key").measure("synthetic_single", 48, [2, 3], repeats=1)
+    assert [b for b, _, _ in rows] == [2, 3] and all(loop > 0 and batched > 0 for _, loop, batched in rows)

@@ -14,6 +14,7 @@ import megavod
 from megavod.errors import MegavodError, StreamError
 from megavod.inference.engine import FrameRequest, frame_passes
 from megavod.methods import build_detector
+from megavod.models.contract import KeyFrameInputs
 
 from megavod.checkpoint_files import read_weights
 from megavod.data.synthetic_render import make_scene, render_frame
@@ -175,3 +176,25 @@ def test_a_failing_stream_is_named(single):
     with pytest.raises(StreamError) as caught:
         list(detector.stream_many([CLIPS[1], broken()], "online"))
     assert caught.value.stream == 1 and "camera.mp4" in str(caught.value)
+
+
+def test_single_frame_key_steps_of_many_streams_run_as_one_call(single, monkeypatch):
+    calls: list[int] = []
+    batched = single.model.detect_keys
+    monkeypatch.setattr(single.model, "detect_keys", lambda inputs, caches: calls.append(len(inputs)) or batched(inputs, caches))
+    list(single.stream_many(CLIPS, "online"))
+    assert calls == [4, 4, 3, 3, 2]  # clips of 6, 4, 5 and 2 frames; the last step has one stream left
+
+
+def test_batched_key_steps_group_key_frames_by_size(single):
+    model = single.model
+    frames = [CLIPS[0][0], CLIPS[2][0], CLIPS[1][0]]  # 96x128, 80x112, 96x128
+    inputs = []
+    for t, frame in enumerate(frames):
+        image, size = single.prepare(frame)
+        inputs.append(KeyFrameInputs(key=model.frame_features(image, t, size)))
+    alone = [model.detect_key(i).detections for i in inputs]
+    together = [out.detections for out in model.detect_keys(inputs, [None] * 3)]
+    for a, b in zip(alone, together):
+        assert torch.equal(a.labels, b.labels) and len(a.boxes) > 0
+        assert float((a.boxes - b.boxes).abs().max()) <= BOX_TOL and float((a.scores - b.scores).abs().max()) <= SCORE_TOL

@@ -100,7 +100,7 @@ class _InputJob:
     live streams need no buffer); offline runs decode the frames once for random access and draw them
     after the whole video (and its post-processing)."""
 
-    def __init__(self, detector: Detector, spec: str, out_dir: Path, options: DetectOptions) -> None:
+    def __init__(self, detector: Detector, spec: str, out_dir: Path, options: DetectOptions, position: int = 0) -> None:
         self.detector, self.spec, self.options = detector, spec, options
         self.name = output_name(spec)
         self.paths = _outputs(out_dir, self.name)
@@ -120,8 +120,9 @@ class _InputJob:
             self.frames = RandomAccessFrames(self.source)
         self.records: list[FramePrediction] = []
         self.relations: list[RelationInputs] = []  # BLR only: per frame, its detections' relation inputs (CPU)
+        # position: inputs run together (--batch-streams) each keep a progress line of their own
         self.bar = tqdm(total=self.source.num_frames, desc=self.name, unit="frame", disable=not options.progress,
-                        leave=False)
+                        leave=False, position=position)
         self.start = time.perf_counter()
 
     def _draw(self, frame: np.ndarray, d: Detections) -> np.ndarray:
@@ -183,7 +184,7 @@ def detect_together(detector: Detector, specs: Sequence[str], out_dir: Path, opt
     try:
         for i, spec in enumerate(specs):
             try:
-                jobs.append(_InputJob(detector, spec, out_dir, options))
+                jobs.append(_InputJob(detector, spec, out_dir, options, position=i))
             except MegavodError as error:
                 raise StreamError(i, error) from None
         remaining = [len(job.frames) if isinstance(job.frames, RandomAccessFrames) else None for job in jobs]

@@ -18,7 +18,8 @@ plays; offline, the frame is released after the last key frame that uses it (:cl
 
 Many streams go through one model in lockstep (:func:`detect_many_offline`, :func:`detect_many_online`):
 each step gathers the frames every stream's next key frame needs, runs their per-frame passes as one
-batched call per frame size (:func:`frame_passes`), then each stream's key-frame step. One stream at a
+batched call per frame size (:func:`frame_passes`), then the streams' key-frame steps (one batched
+call where the detector has one, :func:`key_steps`). One stream at a
 time (:func:`detect_offline`, :func:`detect_online`) is the same loop with a single stream.
 """
 
@@ -34,7 +35,7 @@ from torch import Tensor
 from megavod.inference.feature_store import FeatureStore
 from megavod.inference.memory import LongRangeMemory
 from megavod.inference.schedules import KeyPlan, OnlinePlanner, Schedule, last_use
-from megavod.models.contract import BatchedFramePass, KeyFrameInputs, VideoDetector
+from megavod.models.contract import BatchedFramePass, BatchedKeyStep, KeyFrameInputs, KeyFrameOutput, VideoDetector
 from megavod.structures import Detections
 
 #: frame index -> (the detector's input tensor [3, H, W], the frame's original (height, width))
@@ -62,9 +63,13 @@ class StreamState:
 
     def detect_key(self, model: VideoDetector, plan: KeyPlan, frame: Callable[[int], Any]) -> Detections:
         """Algorithm 1's body for one key frame: gather, aggregate and detect, update the memory."""
+        return self.update(model.detect_key(self.gather(plan, frame), self.cache))
+
+    def gather(self, plan: KeyPlan, frame: Callable[[int], Any]) -> KeyFrameInputs:
+        """What the key frame's step receives: the passes of its window and pool, the memory's rows."""
         local = [frame(t) for t in plan.local]
         global_pool = [frame(g) for g in plan.global_pool]
-        inputs = KeyFrameInputs(
+        return KeyFrameInputs(
             key=frame(plan.key),
             local=local,
             key_index=plan.key_index,
@@ -72,9 +77,11 @@ class StreamState:
             memory=self.memory.levels() if self.memory is not None else None,
             relation_inputs=self.relation_inputs,
         )
-        out = model.detect_key(inputs, self.cache)
+
+    def update(self, out: KeyFrameOutput) -> Detections:
+        """After the key frame's step: Update(M, L^l_{k-tau}); its detections."""
         if self.memory is not None:
-            self.memory.push(out.memory_push)  # Update(M, L^l_{k-tau})
+            self.memory.push(out.memory_push)
         return out.detections
 
 
@@ -108,6 +115,16 @@ def frame_passes(model: VideoDetector, requests: Sequence[FrameRequest], batch: 
         for i, frame in zip(members, passes):
             out[i] = frame
     return out
+
+
+def key_steps(model: VideoDetector, inputs: Sequence[KeyFrameInputs], caches: Sequence[Any],
+              batch: bool = True) -> list[KeyFrameOutput]:
+    """The key-frame steps of several streams, in order: one call when ``batch`` and the detector has a
+    batched key step (:class:`BatchedKeyStep`, measured faster for the single-frame detector), else one
+    call per stream."""
+    if batch and len(inputs) > 1 and isinstance(model, BatchedKeyStep):
+        return model.detect_keys(inputs, caches)
+    return [model.detect_key(i, c) for i, c in zip(inputs, caches)]
 
 
 class OfflineStream:
@@ -148,8 +165,15 @@ class OfflineStream:
 
     def step(self) -> tuple[int, Detections]:
         """Key frame k's detections; then the frames no later key frame uses are released."""
+        return self.finish(self.model.detect_key(self.gather(), self.state.cache))
+
+    def gather(self) -> KeyFrameInputs:
+        """The next key frame's inputs (its step runs outside: alone, or batched with other streams')."""
+        return self.state.gather(self.plans[self.k], self.store.get)
+
+    def finish(self, out: KeyFrameOutput) -> tuple[int, Detections]:
         k = self.k
-        detections = self.state.detect_key(self.model, self.plans[k], self.store.get)
+        detections = self.state.update(out)
         for frame in sorted(self.release_after.get(k, ())):
             self.store.release(frame)
         self.k += 1
@@ -172,9 +196,18 @@ class OnlineStream:
         self.k = 0
 
     def step(self, frame: Any) -> tuple[int, Detections]:
+        """Frame k's detections from its per-frame pass ``frame``."""
+        return self.finish(self.model.detect_key(self.gather(frame), self.state.cache))
+
+    def gather(self, frame: Any) -> KeyFrameInputs:
+        """Hold frame k's pass; its key step's inputs (the step runs outside: alone or batched)."""
+        state = self.state
+        state.held[self.k] = frame
+        return state.gather(state.planner.plan(self.k), state.held.__getitem__)
+
+    def finish(self, out: KeyFrameOutput) -> tuple[int, Detections]:
         k, state = self.k, self.state
-        state.held[k] = frame
-        detections = state.detect_key(self.model, state.planner.plan(k), state.held.__getitem__)
+        detections = state.update(out)
         keep = state.planner.keep_after(k)
         for t in [t for t in state.held if t not in keep]:
             del state.held[t]
@@ -235,8 +268,10 @@ def detect_many_offline(
             requests = [FrameRequest(t, *videos[i][0](t)) for i, t in wanted]
             for (i, t), frame in zip(wanted, frame_passes(model, requests, batch_frames)):
                 streams[i].provide(t, frame)
-            for i in active:
-                yield (i, *streams[i].step())
+            inputs = [streams[i].gather() for i in active]
+            outs = key_steps(model, inputs, [streams[i].state.cache for i in active], batch_frames)
+            for i, out in zip(active, outs):
+                yield (i, *streams[i].finish(out))
     finally:
         for stream in streams.values():
             stream.close()
@@ -266,5 +301,7 @@ def detect_many_online(
                 continue
             arrived.append((i, FrameRequest(streams[i].k, image, original_size)))
         passes = frame_passes(model, [request for _, request in arrived], batch_frames)
-        for (i, _), frame in zip(arrived, passes):
-            yield (i, *streams[i].step(frame))
+        inputs = [streams[i].gather(frame) for (i, _), frame in zip(arrived, passes)]
+        outs = key_steps(model, inputs, [streams[i].state.cache for i, _ in arrived], batch_frames)
+        for (i, _), out in zip(arrived, outs):
+            yield (i, *streams[i].finish(out))

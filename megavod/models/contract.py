@@ -90,3 +90,14 @@ class BatchedFramePass(Protocol[FrameT]):
         """The per-frame passes of ``images`` [B, 3, H, W] (frames of one size, e.g. of B streams), equal
         to B calls of :meth:`VideoDetector.frame_features` up to the float rounding of batched kernels."""
         ...
+
+
+@runtime_checkable
+class BatchedKeyStep(Protocol[FrameT]):
+    """A detector whose key-frame step can run for several streams' key frames in one call (optional;
+    the single-frame detector has one: its RPN and box head batch well). ``caches[i]`` is the stream
+    cache of ``inputs[i]``; key frames of different sizes may come together (the detector groups them)."""
+
+    def detect_keys(self, inputs: Sequence[KeyFrameInputs[FrameT]], caches: Sequence[Any]) -> list[KeyFrameOutput]:
+        """:meth:`VideoDetector.detect_key` of each of ``inputs``, in order."""
+        ...

@@ -110,6 +110,29 @@ class SingleFrameDetector(nn.Module):
         (h, w), (oh, ow) = key.image_size, key.original_size
         return KeyFrameOutput(det.scale(ow / w, oh / h))
 
+    @torch.no_grad()
+    def detect_keys(self, inputs: Sequence[KeyFrameInputs[FrameMaps]], caches: Sequence[None] = ()) -> list[KeyFrameOutput]:
+        """:meth:`detect_key` of several key frames (e.g. of several streams): those of one size in one RPN
+        and box-head call (6-8 % faster than one call each for single_R_101 on a CPU, benchmarks/README.md)."""
+        if self.training:
+            raise ValueError("detect_keys needs the model in eval mode")
+        keys = [i.key for i in inputs]
+        out: list[KeyFrameOutput | None] = [None] * len(keys)
+        for size, members in _group_by_size(keys).items():
+            c4 = torch.stack([keys[i].c4 for i in members])
+            proposals, _ = self.rpn(c4, [size] * len(members), None)
+            for i, det in zip(members, self.box_head(c4, proposals, [size] * len(members), None)):
+                (h, w), (oh, ow) = size, keys[i].original_size
+                out[i] = KeyFrameOutput(det.scale(ow / w, oh / h))
+        return out
+
+
+def _group_by_size(frames: Sequence[FrameMaps]) -> dict[tuple[int, int], list[int]]:
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, frame in enumerate(frames):
+        groups.setdefault(tuple(frame.image_size), []).append(i)
+    return groups
+
 
 def batch_samples(samples: Sequence[Any]) -> tuple[Tensor, list[Any], list[tuple[int, int]]]:
     """Training samples -> (images zero-padded at the bottom/right to one size [B,3,H,W]
