@@ -18,10 +18,14 @@ queries = the key frame's 300 rows + 15 distilled rows of each of the 25 window 
   from kept [16, 15, 75] blocks; a geometry-only graph computes the new pairs (the key frame's and the
   newest window frame's rows x all references, the other queries x the newest window frame), and the
   new blocks are kept (copies); blocks not used by this step are dropped, as GeometryBiasCache does.
+* (C) keep, one graph: the kept blocks assembled as in B with zeros at the new pairs, and the attention
+  graph computes the new pairs itself (query-row indices x all references, the other rows x the new
+  reference columns), writes them in (ScatterND on a [N, M, H] view) and returns them to be kept. What
+  key.onnx could do without a further graph file. Runs on a copy of B's cache, before A and B.
 
 Both take turns on the same q, k, v and boxes, one window step per repeat (after 2 untimed steps that
-fill B's cache); prints the median ms per key step of A and B, B's parts, and the largest difference of
-the two outputs. Random boxes and weights (the cost does not depend on their values).
+fill B's cache); prints the median ms per key step of A, B and C, B's parts, and the largest difference
+of the outputs (C's new pairs are zeros in its input, so equal outputs check the scatter). Random boxes and weights (the cost does not depend on their values).
 """
 
 from __future__ import annotations
@@ -61,6 +65,23 @@ class Given(nn.Module):
         return (q @ k.transpose(1, 2) / 8.0 + bias).softmax(dim=-1) @ v
 
 
+class Scattered(nn.Module):
+    """(C) the kept bias as an input, the new pairs computed in the same graph and written into it
+    (ScatterND on a [N, M, H] view) and returned for the caller to keep: no extra graph file."""
+
+    def __init__(self, module: RelationModule) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, q, k, v, bias, x_boxes, ref_boxes, new_rows, other_rows, new_cols):
+        rows_block = ops.geometry_bias(self.module, x_boxes[new_rows], ref_boxes)  # [H, r, M]
+        cols_block = ops.geometry_bias(self.module, x_boxes[other_rows], ref_boxes[new_cols])  # [H, o, c]
+        b = bias.permute(1, 2, 0)  # [N, M, H]
+        b = b.index_put((other_rows[:, None], new_cols[None, :]), cols_block.permute(1, 2, 0))
+        b = b.index_put((new_rows,), rows_block.permute(1, 2, 0)).permute(2, 0, 1)
+        return (q @ k.transpose(1, 2) / 8.0 + b).softmax(dim=-1) @ v, rows_block, cols_block
+
+
 class Geometry(nn.Module):
     def __init__(self, module: RelationModule) -> None:
         super().__init__()
@@ -75,7 +96,7 @@ def session(graph: nn.Module, feeds: tuple, names: list[str], threads: int):
 
     buffer = io.BytesIO()
     warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-    axes = {n: {0: f"{n}_0"} for n in names if "boxes" in n}
+    axes = {n: {0: f"{n}_0"} for n in names if "boxes" in n or n.endswith(("rows", "cols"))}
     torch.onnx.export(graph, feeds, buffer, dynamo=False, opset_version=17, input_names=names,
                       output_names=["out"], dynamic_axes=axes, do_constant_folding=True)
     options = onnxruntime.SessionOptions()
@@ -122,6 +143,9 @@ def main() -> None:
         a_sess = session(Recompute(module), (*t, xb, rb), ["q", "k", "v", "x_boxes", "ref_boxes"], args.threads)
         b_sess = session(Given(), (*t, torch.zeros(HEADS, n_q, n_r)), ["q", "k", "v", "bias"], args.threads)
         g_sess = session(Geometry(module), (xb, rb), ["x_boxes", "ref_boxes"], args.threads)
+        idx = (torch.arange(315), torch.arange(315, 675), torch.arange(1800, 1875))
+        c_names = ["q", "k", "v", "bias", "x_boxes", "ref_boxes", "new_rows", "other_rows", "new_cols"]
+        c_sess = session(Scattered(module), (*t, torch.zeros(HEADS, n_q, n_r), xb, rb, *idx), c_names, args.threads)
 
     kept: dict[tuple[int, int], np.ndarray] = {}
 
@@ -138,7 +162,7 @@ def main() -> None:
     def run_a(x_boxes, ref_boxes):
         return a_sess.run(None, {"q": q, "k": k, "v": v, "x_boxes": x_boxes, "ref_boxes": ref_boxes})[0]
 
-    def run_b(window, ref_frames, x_boxes, ref_boxes, parts):
+    def run_b(window, ref_frames, x_boxes, ref_boxes, parts, scatter=False):
         nonlocal kept
         t0 = time.perf_counter()
         bias = np.empty((HEADS, n_q, n_r), np.float32)
@@ -155,6 +179,8 @@ def main() -> None:
         cols = np.concatenate([np.arange(c * R, (c + 1) * R) for c in new_cols]) if new_cols else None
         block_cols = (g_sess.run(None, {"x_boxes": x_boxes[other_rows], "ref_boxes": ref_boxes[cols]})[0]
                       if other_rows is not None and cols is not None else None)
+        if scatter:  # (C) must write these pairs itself
+            block_rows, block_cols = np.zeros_like(block_rows), np.zeros_like(block_cols)
         t2 = time.perf_counter()
         bias[:, rows] = block_rows
         for i, g in enumerate(fresh_q):  # keep the newest window frame's blocks
@@ -172,6 +198,12 @@ def main() -> None:
                 bias[:, r0 : r0 + D, c * R : (c + 1) * R] = block
         kept = used
         t3 = time.perf_counter()
+        if scatter:  # (C): the same kept blocks, the new ones computed in the attention graph
+            c_feeds = {"q": q, "k": k, "v": v, "bias": bias, "x_boxes": x_boxes, "ref_boxes": ref_boxes,
+                       "new_rows": rows, "other_rows": other_rows, "new_cols": cols}
+            t3 = time.perf_counter()
+            out = c_sess.run(None, c_feeds)[0]
+            return out, time.perf_counter() - t3 + (t3 - t0) - (t2 - t1)
         out = b_sess.run(None, {"q": q, "k": k, "v": v, "bias": bias})[0]
         t4 = time.perf_counter()
         parts["new pairs (geometry graph)"].append(t2 - t1)
@@ -183,18 +215,22 @@ def main() -> None:
     parts = {"new pairs (geometry graph)": [], "assembly + keeping blocks": [], "attention graph (bias input)": []}
     for s in range(2):  # fill B's cache (the first step computes every pair)
         run_b(*step(s), {n: [] for n in parts})
-    times = {"A": [], "B": []}
+    times = {"A": [], "B": [], "C": []}
     diff = 0.0
     for s in range(2, 2 + args.repeats):
         window, ref_frames, x_boxes, ref_boxes = step(s)
         order = ("A", "B") if s % 2 else ("B", "A")
         outs = {}
+        saved = dict(kept)
+        outs["C"], c_time = run_b(window, ref_frames, x_boxes, ref_boxes, parts, scatter=True)
+        times["C"].append(c_time)
+        kept = saved
         for name in order:
             t0 = time.perf_counter()
             outs[name] = (run_a(x_boxes, ref_boxes) if name == "A"
                           else run_b(window, ref_frames, x_boxes, ref_boxes, parts))
             times[name].append(time.perf_counter() - t0)
-        diff = max(diff, float(np.abs(outs["A"] - outs["B"]).max()))
+        diff = max(diff, float(np.abs(outs["A"] - outs["B"]).max()), float(np.abs(outs["A"] - outs["C"]).max()))
     print(f"local stage 0: {n_q} x {n_r} pairs, {HEADS} heads, ORT {args.threads} thread(s), "
           f"median of {args.repeats} key steps")
     print(f"(A) recompute in graph: {1e3 * statistics.median(times['A']):.0f} ms")
@@ -202,7 +238,9 @@ def main() -> None:
           f"({parts.pop('new pairs')} of {n_q * n_r} pairs new)")
     for name, values in parts.items():
         print(f"    {name}: {1e3 * statistics.median(values):.0f} ms")
-    print(f"max |A - B| of the stage output: {diff:.2e}")
+    print(f"(C) keep, new pairs scattered in the attention graph: {1e3 * statistics.median(times['C']):.0f} ms "
+          "(assembly of the kept blocks + one graph call)")
+    print(f"max |A - B|, |A - C| of the stage output: {diff:.2e}")
 
 
 if __name__ == "__main__":

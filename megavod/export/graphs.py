@@ -9,8 +9,9 @@ counts (``local_counts``: rows per window frame). Of the caches the PyTorch path
 frames, MEGA's projected keys/values of global frames and memory entries are kept by the runtime too:
 a third graph (``project``) projects the rows met for the first time and the stream's cache
 (:class:`ProjectionStore`) holds them, as :class:`~megavod.models.relation.ReferenceProjectionCache`
-does; the geometry terms are recomputed inside the graph, in chunks (:func:`megavod.export.ops.geometry_bias`).
-Both choices were measured (benchmarks/README.md#onnx-runtime). Boxes leave the graphs in pixels of the
+does; the geometry terms are recomputed inside the graph, in chunks (:func:`megavod.export.ops.geometry_bias`),
+although keeping their blocks measured faster (benchmarks/onnx_geometry_cache.py; not yet done, see
+benchmarks/README.md "Issue 17: local geometry blocks"). Both choices were measured (benchmarks/README.md#onnx-runtime). Boxes leave the graphs in pixels of the
 resized image; the runtime scales them to the frame as :meth:`RelationDetector.predict` does.
 """
 
