@@ -10,7 +10,7 @@ PyTorch path keeps the geometry blocks of local stages per (query frame, referen
 This times one MEGA R-101 local stage 0 on a sliding window, the shapes of mega_R_101's key graph:
 queries = the key frame's 300 rows + 15 distilled rows of each of the 25 window frames (675), references
 = 75 rows of each window frame + memory level 0's 25 frames of 75 rows (3750), 16 heads of 64 channels
-(docs/architecture.md#mega; the authors' MEGA config: ref_post_nms_top_n 75, advanced 0.2, 16 heads).
+(docs/architecture.md#where-megas-ideas-live; the authors' MEGA config: ref_post_nms_top_n 75, advanced 0.2, 16 heads).
 
 * (A) recompute: one graph ``softmax(q k^T / 8 + geometry_bias(boxes)) v``, the geometry term in
   ``ops.GEOMETRY_CHUNKS`` chunks as key.onnx computes it.
