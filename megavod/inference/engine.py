@@ -128,7 +128,8 @@ def key_steps(model: VideoDetector, inputs: Sequence[KeyFrameInputs], caches: Se
 
 
 class OfflineStream:
-    """One video detected offline, one key frame per :meth:`step`.
+    """One video detected offline, one key frame per :meth:`step` (or :meth:`gather`, the step run
+    outside, then :meth:`finish`).
 
     ``load_frame(t)`` is called once per frame, when a key frame first needs frame t, unless the frame's
     pass was handed in before by :meth:`provide` (the frames :meth:`needed` lists); ``store`` replaces
@@ -258,8 +259,9 @@ def detect_many_offline(
 ) -> Iterator[tuple[int, int, Detections]]:
     """Algorithm 1 (offline) over several videos ``(load_frame, num_frames)`` in lockstep: (video i, k,
     detections of its frame k). Each step runs the per-frame passes that the next key frame of every
-    unfinished video needs as batched calls (:func:`frame_passes`), then each video's key-frame step; a
-    video that ends leaves the batch. Each video's detections are those it gives alone."""
+    unfinished video needs as batched calls (:func:`frame_passes`), then the videos' key-frame steps
+    (:func:`key_steps`); a video that ends leaves the batch. Each video's detections are those it gives
+    alone (exactly with ``batch_frames=False``; batched, up to the float rounding of batched kernels)."""
     streams = {i: OfflineStream(model, load, n, schedule, relation_inputs=relation_inputs)
                for i, (load, n) in enumerate(videos)}
     try:
@@ -287,8 +289,8 @@ def detect_many_online(
 ) -> Iterator[tuple[int, int, Detections]]:
     """Algorithm 1 (online) over several live streams in lockstep: (stream i, k, detections of its frame
     k). Each step reads the next frame of every unfinished stream, runs their per-frame passes as batched
-    calls (:func:`frame_passes`) and each stream's key-frame step; a stream's frame k is yielded before
-    its frame k+1 is read. A stream that ends leaves the batch."""
+    calls (:func:`frame_passes`) and the streams' key-frame steps (:func:`key_steps`); a stream's frame k
+    is yielded before its frame k+1 is read. A stream that ends leaves the batch."""
     readers = {i: iter(source) for i, source in enumerate(sources)}
     streams = {i: OnlineStream(model, schedule, relation_inputs=relation_inputs) for i in readers}
     while readers:
