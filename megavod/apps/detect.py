@@ -118,6 +118,7 @@ class _InputJob:
             self.writer = VideoWriter(self.paths["mp4"], fps=self.source.fps)
         else:
             self.frames = RandomAccessFrames(self.source)
+        self.finished = False  # its outputs are written
         self.records: list[FramePrediction] = []
         self.relations: list[RelationInputs] = []  # BLR only: per frame, its detections' relation inputs (CPU)
         # position: inputs run together (--batch-streams) each keep a progress line of their own
@@ -152,6 +153,7 @@ class _InputJob:
         video = VideoPredictions(self.name, self.source.width, self.source.height, self.records)
         video.save_csv(self.paths["csv"])
         video.save_json(self.paths["json"])  # written last: its presence marks the input done
+        self.finished = True
         print(f"{self.spec}: {len(self.records)} frames, {sum(len(r.detections) for r in self.records)} detections, "
               f"{1000 * elapsed / len(self.records):.1f} ms/frame -> {self.paths['json']}", file=sys.stderr)
         return video
@@ -177,9 +179,12 @@ def detect_one(detector: Detector, spec: str, out_dir: Path, options: DetectOpti
         job.close()
 
 
-def detect_together(detector: Detector, specs: Sequence[str], out_dir: Path, options: DetectOptions) -> None:
+def detect_together(detector: Detector, specs: Sequence[str], out_dir: Path, options: DetectOptions,
+                    finished: set[str] | None = None) -> None:
     """Detect on several inputs in lockstep through one model (:meth:`Detector.stream_many`) and write
-    each input's outputs when it ends. A bad input raises :class:`StreamError` naming its position."""
+    each input's outputs when it ends (its spec then goes into ``finished``). A bad input raises
+    :class:`StreamError` naming its position."""
+    finished = set() if finished is None else finished
     jobs: list[_InputJob] = []
     try:
         for i, spec in enumerate(specs):
@@ -193,9 +198,11 @@ def detect_together(detector: Detector, specs: Sequence[str], out_dir: Path, opt
             jobs[i].add(result)
             if remaining[i] is not None and len(jobs[i].records) == remaining[i]:
                 _finish(jobs[i], i)  # written as soon as the video ends, not when the group does
+                finished.add(jobs[i].spec)
         for i, job in enumerate(jobs):
-            if not job.paths["json"].exists():
+            if not job.finished:
                 _finish(job, i)
+                finished.add(job.spec)
     finally:
         for job in jobs:
             job.close()
@@ -244,9 +251,10 @@ def run_detect(
         return failed
     for start in range(0, len(todo), options.batch_streams):
         group = todo[start : start + options.batch_streams]
+        finished: set[str] = set()
         while group:
             try:
-                detect_together(detector, group, out_dir, options)
+                detect_together(detector, group, out_dir, options, finished)
                 break
             except StreamError as e:
                 # The bad input fails alone: the others of its group start again without it (their
@@ -254,7 +262,7 @@ def run_detect(
                 failed += 1
                 print(f"megavod detect: error: {e}", file=sys.stderr)
                 bad = group[e.stream]
-                group = [s for s in group if s != bad and not _outputs(out_dir, output_name(s))["json"].exists()]
+                group = [s for s in group if s != bad and s not in finished]
     return failed
 
 
