@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from megavod.checkpoints import signatures
 from megavod.data.sampling import MEGASampler, OffsetSampler
-from megavod.export.graphs import DFFGraphs, FGFAGraphs, MEGAGraphs, RDNGraphs, SingleFrameGraphs
+from megavod.export.flow_graphs import DFFGraphs, FGFAGraphs
+from megavod.export.graphs import SingleFrameGraphs
+from megavod.export.relation_graphs import MEGAGraphs, RDNGraphs
 from megavod.inference.schedules import FlowWindowSchedule, KeyFrameSchedule, RelationSchedule, SingleFrameSchedule
 from megavod.methods.building import build_detector, load_detector, load_initial_weights
 from megavod.models.dff import build_dff_detector

@@ -1,0 +1,405 @@
+"""MEGA's, the base model's and RDN's ONNX graphs: rows of RoIs (docs/architecture.md#export-and-onnx-runtime).
+
+The per-frame graph gives a frame's proposals and raw RoI features; the key graphs take the rows the engine
+holds, concatenated with per-frame counts. MEGA's projected keys/values of global frames and memory
+entries are kept per stream (:class:`ProjectionStore`, graph ``project``); the geometry terms are
+recomputed in the key graph (benchmarks/README.md "Issue 17: local geometry blocks").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megavod.errors import ConfigError
+from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
+from megavod.models.mega_head import RoiRows
+from megavod.export import ops
+from megavod.structures import Detections, FrameFeatures
+from megavod.export.graphs import (
+    DETECTION_OUTPUTS,
+    Feeds,
+    GraphIO,
+    GraphRunner,
+    MethodGraphs,
+    NamedGraph,
+    detection_axes,
+    image_axes,
+    rows_axes,
+    scaled,
+    size_feed,
+)
+
+
+# -- MEGA, the base model and RDN: rows of RoIs -----------------------------------------------------------
+
+
+class _RoIRowsGraph(NamedGraph):
+    """The relation methods' per-frame pass (``RelationDetector.frame_features``): C4, the test
+    proposals, their raw RoI features."""
+
+    io = GraphIO(["image"], ["boxes", "feats"], {**image_axes("image"), "boxes": rows_axes("proposals"),
+                                                  "feats": rows_axes("proposals")})
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def compute(self, t: Feeds) -> tuple[Tensor, ...]:
+        m = self.model
+        image = t["image"]
+        c4 = m.backbone(image)
+        pre_n, post_n = m.rpn.top_n[("key", False)]
+        boxes = ops.proposals(m.rpn, c4, ops.image_size_of(image), pre_n, post_n)
+        extractor = m.box_head.feature_extractor
+        return boxes, extractor.aggregator.embed(ops.pool(extractor, extractor.res5(c4), boxes))
+
+
+def _refuse_temporal_embedding(cfg: Any) -> None:
+    if cfg.relation.temporal_embedding:
+        raise ConfigError("config key 'relation.temporal_embedding': the ONNX export does not support the "
+                          "temporal embedding (off in every preset)")
+
+
+def _cat_rows(frames: Sequence[FrameFeatures], n: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The first ``n`` rows of every frame, concatenated: (feats, boxes, rows per frame)."""
+    if not frames:
+        return torch.zeros(0, width), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
+    return (torch.cat([f.feats[:n] for f in frames]), torch.cat([f.boxes[:n] for f in frames]),
+            torch.tensor([min(n, len(f.boxes)) for f in frames], dtype=torch.int64))
+
+
+class _RelationGraphs(MethodGraphs):
+    frame_io = _RoIRowsGraph.io
+
+    def __init__(self, cfg: Any) -> None:
+        _refuse_temporal_embedding(cfg)
+        self.cfg = cfg
+        self.ref_proposals = cfg.model.rpn.ref_post_nms_top_n
+        self.feat_dim = cfg.model.roi_head.representation_size
+
+    def frame_graph(self, model: nn.Module) -> NamedGraph:
+        return _RoIRowsGraph(model)
+
+    def frame_value(self, outputs: Feeds | None, image: Tensor, index: int,
+                    original_size: tuple[int, int]) -> FrameFeatures:
+        return FrameFeatures(index, outputs["boxes"], outputs["feats"], tuple(image.shape[-2:]), original_size)
+
+    def _detections(self, outputs: Feeds, key: FrameFeatures) -> Detections:
+        return scaled(*(outputs[n] for n in DETECTION_OUTPUTS), key.image_size, key.original_size)
+
+
+class _MEGAKeyGraph(NamedGraph):
+    """``MEGADetector.detect_key`` (global stage, local stages with memory, residual global stage,
+    predictor, postprocess) on concatenated rows; outputs the detections and each memory level's push.
+    ``projected``: the global pool and memory are given as keys/values (``global_{j}_keys|values`` per
+    global module j, ``memory_{i}_keys|values`` per level), not as rows."""
+
+    def __init__(self, model: nn.Module, io: GraphIO, memory: bool, projected: bool) -> None:
+        super().__init__()
+        self.model, self.io, self.memory, self.projected = model, io, memory, projected
+
+    def _global_refs(self, t: Feeds, j: int) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
+        if self.projected:
+            return None, (t[f"global_{j}_keys"], t[f"global_{j}_values"])
+        return t.get("global_feats"), None
+
+    def compute(self, t: Feeds) -> tuple[Tensor, ...]:
+        agg = self.model.aggregator
+        key_feats, key_boxes = t["key_feats"], t["key_boxes"]
+        n_key = key_feats.shape[0]
+        global_boxes = t.get("global_boxes")
+        if agg.N_l > 0:
+            feats, boxes = torch.cat([key_feats, t["local_feats"]]), torch.cat([key_boxes, t["local_boxes"]])
+        else:
+            feats, boxes = key_feats, key_boxes
+        for j, module in enumerate(agg.global_stages[: agg.N_g]):  # MEGAAggregator.global_stage
+            refs, kv = self._global_refs(t, j)
+            feats = feats + ops.relation(module, feats, refs, boxes, global_boxes, kv)
+        key_feats = feats[:n_key]
+        pushes: list[Tensor] = []
+        if agg.N_l > 0:  # MEGAAggregator.local_stage
+            counts = t["local_counts"]
+            distilled = ops.first_rows(counts, agg.advanced_num)
+            local_feats, local_boxes = feats[n_key:], boxes[n_key:]
+            queries = torch.cat([key_feats, local_feats[distilled]])
+            query_boxes = torch.cat([key_boxes, local_boxes[distilled]])
+            refs, ref_boxes = local_feats, local_boxes
+            oldest = counts[0]  # rows of the oldest window frame: what memory receives (_oldest_frame_rows)
+            for i, module in enumerate(agg.local_stages):
+                size = oldest if i == 0 else torch.clamp(oldest, max=agg.advanced_num)
+                pushes += [refs[:size], ref_boxes[:size]]
+                last = i == agg.N_l - 1
+                if last:
+                    queries, query_boxes = queries[:n_key], query_boxes[:n_key]
+                all_refs, all_boxes, memory_kv = refs, ref_boxes, None
+                if self.memory:  # memory level i joins the references of stage i, after the local rows
+                    all_boxes = torch.cat([ref_boxes, t[f"memory_{i}_boxes"]])
+                    if self.projected:
+                        memory_kv = t[f"memory_{i}_keys"], t[f"memory_{i}_values"]
+                    else:
+                        all_refs = torch.cat([refs, t[f"memory_{i}_feats"]])
+                queries = queries + ops.relation(module, queries, all_refs, query_boxes, all_boxes, memory_kv)
+                if not last:
+                    queries = F.relu(agg.fcs[i + 1](queries))
+                refs, ref_boxes = queries[n_key:], query_boxes[n_key:]
+            key_feats = queries[:n_key]
+        for j, module in enumerate(agg.global_stages[agg.N_g :], start=agg.N_g):  # global_residual_stage
+            refs, kv = self._global_refs(t, j)
+            key_feats = key_feats + ops.relation(module, key_feats, refs, key_boxes, global_boxes, kv)
+        head = self.model.box_head
+        class_logits, box_regression = head.predictor(key_feats)
+        dets = ops.detections(head.postprocessor, class_logits, box_regression, key_boxes, t["image_size"])
+        return (*dets, *(pushes if self.memory else []))
+
+
+class _MEGAProjectGraph(NamedGraph):
+    """Keys and values (:meth:`RelationModule.project_refs`) of global rows for every global module and of
+    memory level i's rows for local stage i: what :class:`ProjectionStore` keeps."""
+
+    def __init__(self, model: nn.Module, io: GraphIO, uses_global: bool, levels: int) -> None:
+        super().__init__()
+        self.model, self.io, self.uses_global, self.levels = model, io, uses_global, levels
+
+    def compute(self, t: Feeds) -> tuple[Tensor, ...]:
+        agg = self.model.aggregator
+        out: list[Tensor] = []
+        if self.uses_global:
+            for module in agg.global_stages:
+                out += module.project_refs(t["global_feats"])
+        for i in range(self.levels):
+            out += agg.local_stages[i].project_refs(t[f"memory_{i}_feats"])
+        return tuple(out)
+
+
+class ProjectionStore:
+    """One stream's keys/values of global frames and memory entries, computed by the ``project`` graph the
+    first time the stream meets them (:class:`~megavod.models.relation.ReferenceProjectionCache` for the
+    graphs): keyed by the object that owns the rows, weakly referenced, dropped with it."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, tuple[Tensor, ...]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, owner: object) -> tuple[Tensor, ...] | None:
+        entry = self._entries.get(id(owner))
+        return entry[1] if entry is not None and entry[0]() is owner else None
+
+    def put(self, owner: object, tensors: tuple[Tensor, ...]) -> None:
+        self._entries[id(owner)] = (weakref.ref(owner), tensors)
+
+    def prune(self) -> None:
+        """Forget the entries whose owner is gone (a frame evicted from the stream, a memory entry dropped)."""
+        self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
+
+
+def _missing(store: ProjectionStore, owners: Sequence[object]) -> list[object]:
+    """``owners`` not in ``store``, each once, in order."""
+    seen: dict[int, object] = {}
+    for owner in owners:
+        if store.get(owner) is None:
+            seen.setdefault(id(owner), owner)
+    return list(seen.values())
+
+
+def _split_cols(tensor: Tensor, counts: Sequence[int]) -> list[Tensor]:
+    return list(torch.split(tensor, list(counts), dim=1))
+
+
+class MEGAGraphs(_RelationGraphs):
+    """MEGA and its base model and ablations (``mega.*``): the key graph takes the key's rows, the local
+    window's first ``ref_post_nms_top_n`` rows per frame (``local_counts``), the global pool and, per
+    memory level, the memory (with the reference cache, the default: their keys/values from the
+    ``project`` graph, kept per stream; without it: their rows); it gives the detections and
+    ``memory_push_{i}_feats/boxes``."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        m = cfg.mega
+        self.local = m.N_l > 0
+        self.uses_global = m.N_g + m.global_res_stages > 0
+        self.global_modules = m.N_g + m.global_res_stages
+        self.global_boxes = self.uses_global and m.location_based_global
+        self.memory_levels = m.N_l if m.memory else 0
+        self.heads = cfg.relation.num_heads
+        self.use_reference_cache(True)
+
+    def use_reference_cache(self, keep: bool) -> None:
+        self.reference_cache = keep
+        inputs = ["image_size", "key_feats", "key_boxes"]
+        axes = {"key_feats": rows_axes("key_rows"), "key_boxes": rows_axes("key_rows"), **detection_axes()}
+        kv_axes = {}
+        if self.local:
+            inputs += ["local_feats", "local_boxes", "local_counts"]
+            axes.update(local_feats=rows_axes("local_rows"), local_boxes=rows_axes("local_rows"),
+                        local_counts=rows_axes("local_frames"))
+        project_in, project_out = [], []
+        if self.uses_global:
+            names = [f"global_{j}_{kind}" for j in range(self.global_modules) for kind in ("keys", "values")]
+            project_in.append("global_feats")
+            project_out += names
+            inputs += names if keep else ["global_feats"]
+            inputs += ["global_boxes"] if self.global_boxes else []
+            axes.update(global_feats=rows_axes("global_rows"), global_boxes=rows_axes("global_rows"))
+            kv_axes.update({n: {1: "global_rows"} for n in names})
+        outputs = list(DETECTION_OUTPUTS)
+        for i in range(self.memory_levels):
+            names = [f"memory_{i}_keys", f"memory_{i}_values"]
+            project_in.append(f"memory_{i}_feats")
+            project_out += names
+            inputs += (names if keep else [f"memory_{i}_feats"]) + [f"memory_{i}_boxes"]
+            outputs += [f"memory_push_{i}_feats", f"memory_push_{i}_boxes"]
+            axes.update({f"memory_{i}_feats": rows_axes(f"memory_{i}rows_axes"), f"memory_{i}_boxes": rows_axes(f"memory_{i}rows_axes"),
+                         f"memory_push_{i}_feats": rows_axes(f"push_{i}rows_axes"),
+                         f"memory_push_{i}_boxes": rows_axes(f"push_{i}rows_axes")})
+            kv_axes.update({n: {1: f"memory_{i}rows_axes"} for n in names})
+        axes.update(kv_axes)
+        self.key_io = GraphIO(inputs, outputs, {k: v for k, v in axes.items() if k in inputs + outputs})
+        self.extra_io = {}
+        if keep and project_in:
+            self.extra_io = {"project": GraphIO(project_in, project_out,
+                                                {k: v for k, v in axes.items() if k in project_in + project_out})}
+
+    def key_graph(self, model: nn.Module) -> NamedGraph:
+        return _MEGAKeyGraph(model, self.key_io, self.memory_levels > 0, self.reference_cache)
+
+    def extra_graphs(self, model: nn.Module) -> dict[str, NamedGraph]:
+        return {name: _MEGAProjectGraph(model, io, self.uses_global, self.memory_levels)
+                for name, io in self.extra_io.items()}
+
+    def new_stream_cache(self) -> ProjectionStore | None:
+        return ProjectionStore() if self.extra_io else None
+
+    def _memory_levels(self, inputs: KeyFrameInputs) -> list[list[Any]]:
+        levels = list(inputs.memory) if inputs.memory is not None else [[] for _ in range(self.memory_levels)]
+        return [list(level) for level in levels[: self.memory_levels]]
+
+    def _empty_kv(self) -> Tensor:
+        return torch.zeros(self.heads, 0, self.feat_dim // self.heads)
+
+    def _projected(self, inputs: KeyFrameInputs, store: ProjectionStore | None,
+                   project: GraphRunner) -> Feeds:
+        """The key graph's ``global_{j}_*`` / ``memory_{i}_*`` keys and values: the rows met for the
+        first time go through ``project`` (one call) and into ``store``, the others come from it."""
+        store = store if store is not None else ProjectionStore()  # a fresh cache: same numbers, more work
+        store.prune()
+        n = self.ref_proposals
+        pool, levels = list(inputs.global_pool), self._memory_levels(inputs)
+        new_pool = _missing(store, pool) if self.uses_global else []
+        new_levels = [_missing(store, level) for level in levels]
+        if new_pool or any(new_levels):
+            feeds = {}
+            if self.uses_global:
+                feeds["global_feats"] = _cat_rows(new_pool, n, self.feat_dim)[0]
+            for i, level in enumerate(new_levels):
+                feeds[f"memory_{i}_feats"] = (torch.cat([e.feats for e in level]) if level
+                                              else torch.zeros(0, self.feat_dim))
+            out = project(feeds)
+            if new_pool:
+                counts = [min(n, len(g.boxes)) for g in new_pool]
+                per_name = [_split_cols(out[name], counts) for name in self.extra_io["project"].outputs
+                            if name.startswith("global_")]
+                for g, parts in zip(new_pool, zip(*per_name)):
+                    store.put(g, parts)
+            for i, level in enumerate(new_levels):
+                counts = [len(e.feats) for e in level]
+                pairs = zip(_split_cols(out[f"memory_{i}_keys"], counts), _split_cols(out[f"memory_{i}_values"], counts))
+                for e, pair in zip(level, pairs):
+                    store.put(e, pair)
+        feeds = {}
+        if self.uses_global:
+            names = [f"global_{j}_{kind}" for j in range(self.global_modules) for kind in ("keys", "values")]
+            kept = [store.get(g) for g in pool]
+            for c, name in enumerate(names):
+                feeds[name] = torch.cat([k[c] for k in kept], dim=1) if kept else self._empty_kv()
+        for i, level in enumerate(levels):
+            kept = [store.get(e) for e in level]
+            for c, kind in enumerate(("keys", "values")):
+                feeds[f"memory_{i}_{kind}"] = torch.cat([k[c] for k in kept], dim=1) if kept else self._empty_kv()
+        return feeds
+
+    def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None, extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
+        key, n = inputs.key, self.ref_proposals
+        feeds = {"image_size": size_feed(key.image_size), "key_feats": key.feats, "key_boxes": key.boxes}
+        if self.local:
+            feeds["local_feats"], feeds["local_boxes"], feeds["local_counts"] = _cat_rows(inputs.local, n, self.feat_dim)
+        if self.uses_global:
+            feeds["global_feats"], global_boxes, _ = _cat_rows(inputs.global_pool, n, self.feat_dim)
+            if self.global_boxes:
+                feeds["global_boxes"] = global_boxes
+        for i, level in enumerate(self._memory_levels(inputs)):
+            if not self.extra_io:
+                feeds[f"memory_{i}_feats"] = (torch.cat([e.feats for e in level]) if level
+                                              else torch.zeros(0, self.feat_dim))
+            feeds[f"memory_{i}_boxes"] = torch.cat([e.boxes for e in level]) if level else torch.zeros(0, 4)
+        if self.extra_io:
+            feeds.update(self._projected(inputs, cache, extra["project"]))
+        return {k: v for k, v in feeds.items() if k in self.key_io.inputs}
+
+    def key_output(self, outputs: Feeds, inputs: KeyFrameInputs) -> KeyFrameOutput:
+        push = [RoiRows(outputs[f"memory_push_{i}_feats"], outputs[f"memory_push_{i}_boxes"])
+                for i in range(self.memory_levels)]
+        return KeyFrameOutput(self._detections(outputs, inputs.key), push)
+
+
+class _RDNKeyGraph(NamedGraph):
+    """``RDNDetector.detect_key``: basic stages over the supportive rows, the advanced stage, predictor,
+    postprocess (``RDNAggregator.forward``)."""
+
+    def __init__(self, model: nn.Module, io: GraphIO) -> None:
+        super().__init__()
+        self.model, self.io = model, io
+
+    def compute(self, t: Feeds) -> tuple[Tensor, ...]:
+        agg = self.model.aggregator
+        x, key_boxes = t["key_feats"], t["key_boxes"]
+        support, support_boxes = t["support_feats"], t["support_boxes"]
+        for i in range(agg.basic_stages):
+            if i > 0:
+                x = F.relu(agg.fcs[i](x))
+            x = x + ops.relation(agg.relations[i], x, support, key_boxes, support_boxes)
+        if agg.advanced_stages:
+            index = ops.first_rows(t["support_counts"], agg.advanced_num)
+            adv, adv_boxes = support[index], support_boxes[index]
+            for a in range(agg.advanced_stages):
+                i = agg.basic_stages + a
+                adv = F.relu(agg.fcs[i](adv + ops.relation(agg.relations[i], adv, support, adv_boxes, support_boxes)))
+            x = x + ops.relation(agg.relations[-1], x, adv, key_boxes, adv_boxes)
+        head = self.model.box_head
+        class_logits, box_regression = head.predictor(x)
+        return ops.detections(head.postprocessor, class_logits, box_regression, key_boxes, t["image_size"])
+
+
+class RDNGraphs(_RelationGraphs):
+    """RDN-base and RDN: the key graph takes the key's rows and the window's supportive rows
+    (``support_counts`` per frame)."""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        names = ["image_size", "key_feats", "key_boxes", "support_feats", "support_boxes"]
+        if cfg.rdn.advanced_stages:
+            names.append("support_counts")
+        axes = {"key_feats": rows_axes("key_rows"), "key_boxes": rows_axes("key_rows"), "support_feats": rows_axes("support_rows"),
+                "support_boxes": rows_axes("support_rows"), "support_counts": rows_axes("support_frames"), **detection_axes()}
+        self.key_io = GraphIO(names, list(DETECTION_OUTPUTS), {k: v for k, v in axes.items()
+                                                               if k in names or k in DETECTION_OUTPUTS})
+
+    def key_graph(self, model: nn.Module) -> NamedGraph:
+        return _RDNKeyGraph(model, self.key_io)
+
+    def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None, extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
+        key = inputs.key
+        feats, boxes, counts = _cat_rows(inputs.local, self.ref_proposals, self.feat_dim)
+        feeds = {"image_size": size_feed(key.image_size), "key_feats": key.feats, "key_boxes": key.boxes,
+                 "support_feats": feats, "support_boxes": boxes, "support_counts": counts}
+        return {k: v for k, v in feeds.items() if k in self.key_io.inputs}
+
+    def key_output(self, outputs: Feeds, inputs: KeyFrameInputs) -> KeyFrameOutput:
+        return KeyFrameOutput(self._detections(outputs, inputs.key))
