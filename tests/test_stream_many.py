@@ -89,13 +89,14 @@ def test_many_streams_unbatched_give_exactly_what_each_gives_alone(detector, mod
             assert torch.equal(ba, bt) and torch.equal(sa, st) and torch.equal(la, lt)
 
 
-def _unmatched(a: tuple, b: tuple) -> list[int]:
+def _unmatched(a: tuple, b: tuple) -> tuple[list[int], float, float]:
     """Detections of frame result ``a`` with no detection in ``b`` of the same label within BOX_TOL px
     and SCORE_TOL in score (each used once; order does not matter: two detections whose scores are
-    within rounding of each other may come out in either order)."""
+    within rounding of each other may come out in either order), and the largest box and score
+    differences of the matched pairs."""
     (_, boxes_a, scores_a, labels_a), (_, boxes_b, scores_b, labels_b) = a, b
     free = list(range(len(boxes_b)))
-    missing = []
+    missing, worst_box, worst_score = [], 0.0, 0.0
     for i in range(len(boxes_a)):
         match = next((j for j in free if labels_b[j] == labels_a[i]
                       and abs(float(scores_b[j] - scores_a[i])) <= SCORE_TOL
@@ -104,21 +105,27 @@ def _unmatched(a: tuple, b: tuple) -> list[int]:
             missing.append(i)
         else:
             free.remove(match)
-    return missing
+            worst_box = max(worst_box, float((boxes_b[match] - boxes_a[i]).abs().max()))
+            worst_score = max(worst_score, abs(float(scores_b[match] - scores_a[i])))
+    return missing, worst_box, worst_score
 
 
 @pytest.mark.parametrize("mode", ["offline", "online"])
 def test_many_streams_batched_equal_each_alone(detector, mode):
     alone = _alone(detector, mode)
     together = _results(detector.stream_many(CLIPS, mode))
+    worst = [0.0, 0.0]
     for a, t in zip(alone, together, strict=True):
         assert [k for k, *_ in a] == [k for k, *_ in t]
         for frame_a, frame_t in zip(a, t):
             assert len(frame_a[1]) == len(frame_t[1])
             for x, y in ((frame_a, frame_t), (frame_t, frame_a)):
+                missing, box, score = _unmatched(x, y)
+                worst = [max(worst[0], box), max(worst[1], score)]
                 # Only a detection at the cut-off (detections_per_img) may be replaced by a near-tie.
                 floor = float(x[2].min()) if len(x[2]) else 0.0
-                assert all(float(x[2][i]) <= floor + SCORE_TOL for i in _unmatched(x, y)), (frame_a[0], _unmatched(x, y))
+                assert all(float(x[2][i]) <= floor + SCORE_TOL for i in missing), (frame_a[0], missing)
+    print(f"{detector.cfg.method} {mode}: max box difference {worst[0]:.2e} px, max score difference {worst[1]:.2e}")
 
 
 @pytest.fixture(scope="module")
