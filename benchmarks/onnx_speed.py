@@ -13,9 +13,11 @@ resized) as one offline video through ``Detector.stream`` (what ``megavod detect
 warm-up video of 2 frames per backend first. ``--threads``: torch's intra-op threads and ONNX Runtime's
 ``intra_op_num_threads``. Prints one row per config and backend: ms/frame of the video, the mean
 per-frame pass (``frame_features``) and key step (``detect_key``) in ms, and the number of detections.
-MEGA's graphs are measured in both variants (``export_onnx(..., reference_cache=...)``):
-``onnx-cached`` keeps the global and memory rows' keys/values per stream (the default export),
-``onnx-recompute`` projects them inside the key graph at every key frame.
+MEGA's graphs are measured in three variants (``export_onnx(..., reference_cache=..., geometry_cache=...)``):
+``onnx-cached`` keeps the global and memory rows' keys/values and the local stages' geometry blocks per
+stream (the default export), ``onnx-keep-kv`` keeps the keys/values and computes the geometry terms
+inside the key graph, ``onnx-recompute`` computes both inside the key graph at every key frame. (Other
+methods keep nothing: their variants are the same graphs.)
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from megavod.apps.bench_frames import bench_config, calibrate, synthetic_frames 
 from megavod.export.exporter import export_onnx  # noqa: E402
 from megavod.export.runtime import load_onnx_detector  # noqa: E402
 from megavod.methods import build_detector  # noqa: E402
+
+
+#: (label, keep keys/values, keep geometry blocks), see the module docstring.
+VARIANTS = (("onnx-recompute", False, False), ("onnx-keep-kv", True, False), ("onnx-cached", True, True))
 
 
 def _clocked(method, spent: list[float]):
@@ -80,10 +86,10 @@ def main() -> None:
         calibrate(model, torch_detector.prepare(frames[0])[0])
         rows = [("torch", *timed(torch_detector, frames))]
         with tempfile.TemporaryDirectory() as folder:
-            for label, keep in (("onnx-recompute", False), ("onnx-cached", True)):
+            for label, keep_kv, keep_geometry in VARIANTS:
                 out = Path(folder) / label
                 start = time.perf_counter()
-                manifest = export_onnx(model, cfg, out, reference_cache=keep)
+                manifest = export_onnx(model, cfg, out, reference_cache=keep_kv, geometry_cache=keep_geometry)
                 export_s = time.perf_counter() - start
                 sizes = " + ".join(f"{g['bytes'] / 2**20:.0f}" for g in manifest["graphs"].values())
                 print(f"# {name} {label}: export {export_s:.0f} s, {sizes} MiB ({', '.join(manifest['graphs'])})")

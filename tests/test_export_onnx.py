@@ -142,26 +142,85 @@ def test_manifest_describes_the_graphs(exported):
     key = manifest["graphs"]["key"]
     names = [i["name"] for i in key["inputs"]]
     assert names[:6] == ["image_size", "key_feats", "key_boxes", "local_feats", "local_boxes", "local_counts"]
-    # With the reference cache (the default) the memory comes as keys/values from the project graph.
-    assert "memory_1_keys" in names and "memory_1_boxes" in names and "memory_1_feats" not in names
+    # With the stream caches (the default) the memory comes as keys/values from the project graph, and the
+    # geometry term of each local stage's window queries as an input (the last stage queries the key only).
+    assert "memory_1_keys" in names and "memory_1_feats" not in names and "memory_1_boxes" in names
+    assert [n for n in names if n.endswith("_geometry")] == [f"local_{i}_geometry" for i in range(cfg.mega.N_l - 1)]
+    assert key["inputs"][names.index("local_0_geometry")]["shape"] == [cfg.relation.num_heads, "stage_0_queries",
+                                                                       "stage_0_references"]
     assert "memory_push_1_feats" in [o["name"] for o in key["outputs"]]
     assert key["inputs"][1]["shape"] == ["key_rows", 256]  # dynamic rows, fixed width
-    assert manifest["reference_cache"] is True
+    assert manifest["reference_cache"] is True and manifest["geometry_cache"] is True
     project = manifest["graphs"]["project"]
     assert [i["name"] for i in project["inputs"]] == ["global_feats"] + [f"memory_{i}_feats" for i in range(cfg.mega.N_l)]
     assert {o["name"] for o in project["outputs"]} <= set(names)
-    assert sorted(p.name for p in out.iterdir()) == ["frame.onnx", "key.onnx", "manifest.json", "project.onnx"]
+    geometry = manifest["graphs"]["geometry_0"]
+    assert [i["name"] for i in geometry["inputs"]] == ["x_boxes", "ref_boxes"]
+    assert geometry["outputs"][0]["shape"] == [cfg.relation.num_heads, "queries", "references"]
+    assert sorted(p.name for p in out.iterdir()) == ["frame.onnx", *(f"geometry_{i}.onnx" for i in range(cfg.mega.N_l - 1)),
+                                                     "key.onnx", "manifest.json", "project.onnx"]
 
 
-def test_recomputing_variant_equals_the_cached_one(exported, clip, tmp_path):
-    """reference_cache=False: the key graph projects the global and memory rows itself; same detections."""
+@pytest.mark.parametrize("reference_cache, geometry_cache", [(False, False), (True, False), (False, True)])
+def test_recomputing_variants_equal_the_cached_one(exported, clip, tmp_path, reference_cache, geometry_cache):
+    """Without a stream cache the key graph recomputes that part itself (reference_cache=False: projects the
+    global and memory rows; geometry_cache=False: computes the local stages' geometry terms); same
+    detections as the default export, which keeps both."""
     cfg, model, onnx_detector, _ = exported("mega")
-    export_onnx(model, cfg, tmp_path / "export", reference_cache=False)
+    export_onnx(model, cfg, tmp_path / "export", reference_cache=reference_cache, geometry_cache=geometry_cache)
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
-    assert manifest["reference_cache"] is False and "project" not in manifest["graphs"]
-    assert "memory_1_feats" in [i["name"] for i in manifest["graphs"]["key"]["inputs"]]
+    key_inputs = [i["name"] for i in manifest["graphs"]["key"]["inputs"]]
+    assert manifest["reference_cache"] is reference_cache and ("project" in manifest["graphs"]) is reference_cache
+    assert ("memory_1_feats" in key_inputs) is not reference_cache
+    assert manifest["geometry_cache"] is geometry_cache and ("geometry_0" in manifest["graphs"]) is geometry_cache
+    assert ("local_0_geometry" in key_inputs) is geometry_cache
     recomputing = load_onnx_detector(tmp_path / "export", "cpu", threads=1)[0]
     assert_same_detections(run(onnx_detector, cfg, clip, "offline"), run(recomputing, cfg, clip, "offline"))
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_kept_geometry_blocks_are_reused(exported, clip, mode):
+    """The stream's geometry blocks: after the first key frames, most local-stage pairs come from the
+    blocks kept at the previous key frame (the PyTorch detector's GeometryBiasCache), and the stream's
+    detections equal those of an ONNX Runtime detector given a fresh cache at every key frame."""
+    cfg, _, onnx_detector, _ = exported("mega")
+    caches = []
+
+    class Recording:  # the same detector; remembers the stream's cache
+        def __getattr__(self, name):
+            return getattr(onnx_detector, name)
+
+        def new_stream_cache(self):
+            caches.append(onnx_detector.new_stream_cache())
+            return caches[-1]
+
+        def detect_key(self, inputs, cache=None):
+            before = cache.geometry.computed_pairs
+            out = onnx_detector.detect_key(inputs, cache)
+            computed["kept"].append(cache.geometry.computed_pairs - before)
+            return out
+
+    class Fresh(Recording):
+        def detect_key(self, inputs, cache=None):
+            fresh = onnx_detector.new_stream_cache()
+            out = onnx_detector.detect_key(inputs, fresh)
+            computed["fresh"].append(fresh.geometry.computed_pairs)
+            return out
+
+    computed: dict[str, list[int]] = {"kept": [], "fresh": []}
+    kept = run(Recording(), cfg, clip, mode)
+    assert_same_detections(run(Fresh(), cfg, clip, mode), kept)
+    assert len(caches) == 2 and caches[0].geometry is not None and len(caches[0].geometry) > 0
+    # A fresh cache computes every pair of a key frame; the stream's cache, from its second key frame on,
+    # only the pairs of frames new to the window (the key's own rows are the key graph's, in both).
+    assert len(computed["kept"]) == len(computed["fresh"]) == len(clip)
+    assert computed["kept"][0] == computed["fresh"][0]
+    assert all(k < f for k, f in zip(computed["kept"][1:], computed["fresh"][1:])), computed
+    print(mode, "geometry pairs computed per key frame, kept / fresh cache:", computed)
+    if mode == "online":  # steady state, by hand: T_l = 5 window frames of R = 10 rows, D = 2 distilled,
+        # memory T_m = 4 entries of R rows (stage 0; stage 1 is the last, the key's only). New: the newest
+        # frame's D rows x all 5R + 4R references, the other 4D query rows x the newest frame's R rows.
+        assert computed["kept"][-1] == 2 * 90 + 8 * 10 and computed["fresh"][-1] == 10 * 90
 
 
 def _results_by_stream(pairs) -> list[list[tuple]]:

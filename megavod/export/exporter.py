@@ -105,16 +105,18 @@ def _trace(graph: NamedGraph, feeds: Feeds, path: Path, opset: int) -> None:
 
 def export_onnx(model: nn.Module, cfg: Config, out: str | os.PathLike, fmt: str = "onnx", *,
                 source: str = "", opset: int = OPSET, log: Callable[[str], None] | None = None,
-                reference_cache: bool = True) -> dict[str, Any]:
-    """Write ``OUT/frame.onnx``, ``OUT/key.onnx`` (MEGA with ``reference_cache``: also ``OUT/project.onnx``)
-    and ``OUT/manifest.json`` for ``model`` (filled, built from ``cfg``); returns the manifest. An existing
-    export in ``OUT`` is replaced. ``reference_cache=False``: MEGA's key graph projects the global and
-    memory rows itself (:meth:`megavod.export.graphs.MethodGraphs.use_reference_cache`)."""
+                reference_cache: bool = True, geometry_cache: bool = True) -> dict[str, Any]:
+    """Write ``OUT/frame.onnx``, ``OUT/key.onnx`` (MEGA: also ``OUT/project.onnx`` with ``reference_cache``,
+    ``OUT/geometry_{i}.onnx`` per local stage with ``geometry_cache``) and ``OUT/manifest.json`` for
+    ``model`` (filled, built from ``cfg``); returns the manifest. An existing export in ``OUT`` is
+    replaced. ``reference_cache=False`` / ``geometry_cache=False``: MEGA's key graph projects the global
+    and memory rows / computes the local stages' geometry terms itself
+    (:meth:`megavod.export.graphs.MethodGraphs.use_stream_caches`)."""
     if fmt not in FORMATS:
         raise MegavodError(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out)
     _check_out(out)
-    graphs = method_graphs(cfg, reference_cache)
+    graphs = method_graphs(cfg, reference_cache, geometry_cache)
     model = model.eval().cpu()
     # Eval mode on the wrappers too: the exporter restores each module's mode after tracing, recursively.
     frame, key = graphs.frame_graph(model).eval(), graphs.key_graph(model).eval()
@@ -135,7 +137,8 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | os.PathLike, fmt: str 
         manifest = {
             "format": FORMAT, "version": 1, "method": cfg.method, "config_name": cfg.name, "source": source,
             "opset": opset, "torch": torch.__version__, "config": to_dict(cfg),
-            "reference_cache": bool(graphs.extra_io),
+            "reference_cache": "project" in graphs.extra_io,
+            "geometry_cache": any(n.startswith("geometry_") for n in graphs.extra_io),
             "input": {"min_size_test": cfg.input.min_size_test, "max_size_test": cfg.input.max_size_test,
                       "pixel_mean": list(cfg.input.pixel_mean), "pixel_std": list(cfg.input.pixel_std),
                       "image": "[1, 3, H, W] float32: RGB frame resized (shorter side min_size_test, longer at most "

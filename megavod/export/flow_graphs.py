@@ -6,13 +6,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megavod.errors import ConfigError
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
 from megavod.models.fgfa import aggregation_weights
-from megavod.export import ops
+from megavod.models.warp import warp
 from megavod.structures import FrameMaps
 from megavod.export.graphs import (
     BackboneGraph,
@@ -32,22 +31,6 @@ from megavod.export.graphs import (
 
 
 # -- FGFA and DFF: warped C4 maps -------------------------------------------------------------------------
-
-
-def flow_grid(flow: Tensor) -> Tensor:
-    """:func:`megavod.models.warp.flow_grid` with the map's size as graph values."""
-    size = ops.image_size_of(flow)  # (h, w)
-    ys = torch.arange(flow.shape[-2], dtype=flow.dtype)
-    xs = torch.arange(flow.shape[-1], dtype=flow.dtype)
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    pixels = torch.stack((grid_x, grid_y))[None]
-    half = torch.clamp(size.flip(0) - 1, min=1).to(flow.dtype) / 2  # (max(w - 1, 1), max(h - 1, 1)) / 2
-    return ((flow + pixels) / half.view(1, 2, 1, 1) - 1).permute(0, 2, 3, 1)
-
-
-def warp(features: Tensor, flow: Tensor, align_corners: bool) -> Tensor:
-    """:func:`megavod.models.warp.warp` (bilinear, border padding; batch of flows = batch of maps)."""
-    return F.grid_sample(features, flow_grid(flow), mode="bilinear", padding_mode="border", align_corners=align_corners)
 
 
 def _refuse_raft(method_cfg: Any, key: str) -> None:

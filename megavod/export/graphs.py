@@ -5,7 +5,7 @@ Each method's entry (a :class:`MethodGraphs`: its per-frame pass and key-frame s
 modules, and how the runtime turns the engine's values into graph inputs and back) is reached from the
 method table (:attr:`megavod.registry.MethodSpec.export`), so the exporter and the runtime never ask which
 method they run. The relation methods' graphs are in :mod:`megavod.export.relation_graphs` (MEGA's
-kept keys/values, recomputed geometry terms: both choices measured, benchmarks/README.md#onnx-runtime),
+kept keys/values and geometry blocks: each choice measured, benchmarks/README.md#onnx-runtime),
 FGFA's and DFF's in :mod:`megavod.export.flow_graphs`. Boxes leave the graphs in pixels of the resized
 image; the runtime scales them to the frame as :meth:`RelationDetector.predict` does.
 """
@@ -89,7 +89,7 @@ class MethodGraphs:
 
     frame_io: GraphIO
     key_io: GraphIO
-    #: Graphs besides the two (name -> io) that :meth:`key_feeds` runs (MEGA's ``project``).
+    #: Graphs besides the two (name -> io) that :meth:`key_feeds` runs (MEGA's ``project``, ``geometry_{i}``).
     extra_io: dict[str, GraphIO] = {}
 
     def frame_graph(self, model: nn.Module) -> NamedGraph:
@@ -101,9 +101,10 @@ class MethodGraphs:
     def extra_graphs(self, model: nn.Module) -> dict[str, NamedGraph]:
         return {}
 
-    def use_reference_cache(self, keep: bool) -> None:
-        """Keep what the stream meets again between key frames (MEGA's projected keys/values) in the
-        stream's cache, fed to the key graph, or recompute it inside the graph; others keep nothing."""
+    def use_stream_caches(self, projections: bool, geometry: bool) -> None:
+        """Keep what the stream meets again between key frames in the stream's cache, fed to the key
+        graph, or recompute it inside the graph: ``projections``: keys/values of global and memory rows,
+        ``geometry``: the local stages' geometry blocks (MEGA's); other methods keep nothing."""
 
     def new_stream_cache(self) -> Any:
         """What one stream keeps between key frames for :meth:`key_feeds` (None: nothing)."""

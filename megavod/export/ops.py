@@ -187,26 +187,41 @@ def geometry_bias(module: RelationModule, x_boxes: Tensor, ref_boxes: Tensor) ->
                       for i in range(GEOMETRY_CHUNKS)], dim=1)
 
 
-def relation(module: RelationModule, x: Tensor, refs: Tensor | None, x_boxes: Tensor | None = None,
-             ref_boxes: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """:meth:`RelationModule.forward` [N, C] (before the residual); needs at least one reference.
-    ``kv``: keys and values ([M_h, M', d]) of the last M' references, projected earlier (the
-    ``ref_kv`` of :meth:`RelationModule.forward`); ``refs`` then holds the M - M' others (or is None)."""
-    h, d = module.num_heads, module.head_dim
+def references(module: RelationModule, refs: Tensor | None, kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Keys and values [M_h, M, d] of the references (:meth:`RelationModule.project_refs`). ``kv``: those of
+    the last M' references, projected earlier (the ``ref_kv`` of :meth:`RelationModule.forward`); ``refs``
+    then holds the M - M' others (or is None)."""
     if kv is None:
-        k, v = module.project_refs(refs)
-    elif refs is None:
-        k, v = kv
-    else:
-        k, v = (torch.cat(pair, dim=1) for pair in zip(module.project_refs(refs), kv))
+        return module.project_refs(refs)
+    if refs is None:
+        return kv
+    k, v = (torch.cat(pair, dim=1) for pair in zip(module.project_refs(refs), kv))
+    return k, v
+
+
+def attend(module: RelationModule, x: Tensor, k: Tensor, v: Tensor, x_boxes: Tensor | None = None,
+           ref_boxes: Tensor | None = None, geometry: Tensor | None = None) -> Tensor:
+    """:meth:`RelationModule.forward` [N, C] of queries ``x`` over references given as keys and values
+    (:func:`references`), before the residual; needs at least one reference. ``geometry``: the geometry
+    term [M_h, N, M], computed earlier (the ``geometry`` of :meth:`RelationModule.forward`); otherwise a
+    location-based module computes it from the boxes. Query rows are independent of each other, so the
+    queries may be attended in parts."""
+    h, d = module.num_heads, module.head_dim
     q = module.Wq(x).reshape(-1, h, d).transpose(0, 1)
     if module.u is not None:
         q = q + module.u
     logits = q @ k.transpose(1, 2) / math.sqrt(d)
     if module.location_based:
-        logits = logits + geometry_bias(module, x_boxes, ref_boxes)
+        logits = logits + (geometry if geometry is not None else geometry_bias(module, x_boxes, ref_boxes))
     out = logits.softmax(dim=-1) @ v
     return out.transpose(0, 1).reshape(-1, module.feat_dim) + module.Wv.bias
+
+
+def relation(module: RelationModule, x: Tensor, refs: Tensor | None, x_boxes: Tensor | None = None,
+             ref_boxes: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """:meth:`RelationModule.forward` [N, C] (before the residual): :func:`attend` over
+    :func:`references` ``(refs, kv)``."""
+    return attend(module, x, *references(module, refs, kv), x_boxes, ref_boxes)
 
 
 def first_rows(counts: Tensor, n: int) -> Tensor:

@@ -6,8 +6,9 @@ PyTorch) behind the detector contract, so the streaming engine drives it unchang
 the per-frame graph, ``detect_key`` the key-frame graph, with the method's adapters
 (:class:`megavod.export.graphs.MethodGraphs`) turning the engine's values into graph inputs and back.
 The stream state (window, global pool, memory) stays the engine's; what a stream keeps between key frames
-for the graphs (MEGA's projected keys/values, :class:`megavod.export.graphs.ProjectionStore`) is the
-stream's cache (:meth:`GraphDetector.new_stream_cache`).
+for the graphs (MEGA's projected keys/values and geometry blocks,
+:class:`megavod.export.relation_graphs.MEGAGraphCache`) is the stream's cache
+(:meth:`GraphDetector.new_stream_cache`).
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ from megavod.registry import get_method
 MANIFEST = "manifest.json"
 FORMAT = "megavod.onnx"
 
-def method_graphs(cfg: Config, reference_cache: bool = True) -> MethodGraphs:
+def method_graphs(cfg: Config, reference_cache: bool = True, geometry_cache: bool = True) -> MethodGraphs:
     """The method's graphs (the method table's ``export`` entry); one line when it has none.
-    ``reference_cache``: see :meth:`MethodGraphs.use_reference_cache`."""
+    ``reference_cache`` / ``geometry_cache``: see :meth:`MethodGraphs.use_stream_caches`."""
     spec = get_method(cfg.method)
     if spec.export is None:
         raise MegavodError(f"method {cfg.method!r} ({spec.title}) cannot be exported to ONNX")
     graphs = spec.export(cfg)
-    graphs.use_reference_cache(reference_cache)
+    graphs.use_stream_caches(reference_cache, geometry_cache)
     return graphs
 
 
@@ -86,9 +87,10 @@ def torch_runner(graph: NamedGraph) -> GraphRunner:
     return run
 
 
-def torch_graph_detector(model: nn.Module, cfg: Config, reference_cache: bool = True) -> GraphDetector:
+def torch_graph_detector(model: nn.Module, cfg: Config, reference_cache: bool = True,
+                         geometry_cache: bool = True) -> GraphDetector:
     """The method's graph modules run in PyTorch over ``model``'s weights."""
-    graphs = method_graphs(cfg, reference_cache)
+    graphs = method_graphs(cfg, reference_cache, geometry_cache)
     model.eval()
     return GraphDetector(graphs, torch_runner(graphs.frame_graph(model).eval()),
                          torch_runner(graphs.key_graph(model).eval()),
@@ -147,8 +149,8 @@ def load_onnx_detector(folder: str | Path, device: str = "cpu", threads: int | N
     folder = Path(folder)
     folder = folder.parent if folder.name == MANIFEST else folder
     cfg = config_from_record(manifest["config"], list(overrides), str(folder / MANIFEST))
-    # Exports written before the reference cache existed have no "reference_cache" and no project graph.
-    graphs = method_graphs(cfg, bool(manifest.get("reference_cache", False)))
+    # Exports written before a stream cache existed have no field for it and no graph for it.
+    graphs = method_graphs(cfg, bool(manifest.get("reference_cache", False)), bool(manifest.get("geometry_cache", False)))
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads

@@ -31,15 +31,18 @@ def flow_grid(flow: Tensor) -> Tensor:
     A map one pixel wide or high would divide by zero in the authors' formula; its one column (row) is
     the only value bilinear sampling with border padding can return anyway, so the divisor is kept at
     least 1/2 there (same output, no inf/NaN).
+
+    The divisors come from the pixel grid itself (its last column and row are W-1 and H-1), not from
+    Python ints, so a traced graph (the ONNX export, docs/architecture.md#export-and-onnx-runtime) keeps
+    the map's size a graph value and serves any frame size.
     """
     if flow.ndim != 4 or flow.shape[1] != 2:
         raise ValueError(f"flow must have shape [B, 2, H, W], got {tuple(flow.shape)}")
-    h, w = flow.shape[-2:]
-    ys = torch.arange(h, dtype=flow.dtype, device=flow.device)
-    xs = torch.arange(w, dtype=flow.dtype, device=flow.device)
+    ys = torch.arange(flow.shape[-2], dtype=flow.dtype, device=flow.device)
+    xs = torch.arange(flow.shape[-1], dtype=flow.dtype, device=flow.device)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
     pixels = torch.stack((grid_x, grid_y))[None]  # [1, 2, H, W]
-    half = torch.tensor([max(w - 1, 1) / 2, max(h - 1, 1) / 2], dtype=flow.dtype, device=flow.device)
+    half = torch.cat([xs[-1:], ys[-1:]]).clamp(min=1) / 2  # (max(W-1, 1), max(H-1, 1)) / 2
     return ((flow + pixels) / half.view(1, 2, 1, 1) - 1).permute(0, 2, 3, 1)
 
 
