@@ -9,8 +9,9 @@ Per config: the model is built with random weights and its FrozenBN calibrated o
 (``megavod.apps.bench.calibrate``; no checkpoint needed), exported to a temporary folder
 (:func:`megavod.export.exporter.export_onnx`), and both backends run the same synthetic frames
 (``megavod.apps.bench.synthetic_frames``, S x round(5S/3), input resizing set to S so frames are not
-resized) as one offline video through ``Detector.stream`` (what ``megavod detect`` runs). One untimed
-warm-up video of 2 frames per backend first. ``--threads``: torch's intra-op threads and ONNX Runtime's
+resized) as one offline video through ``Detector.stream`` (what ``megavod detect`` runs), the backends
+taking turns frame by frame (a change in the machine's load lands on all alike). One untimed warm-up
+video of 2 frames per backend first. ``--threads``: torch's intra-op threads and ONNX Runtime's
 ``intra_op_num_threads``. Prints one row per config and backend: ms/frame of the video, the mean
 per-frame pass (``frame_features``) and key step (``detect_key``) in ms, and the number of detections.
 MEGA's graphs are measured in three variants (``export_onnx(..., reference_cache=..., geometry_cache=...)``):
@@ -53,17 +54,31 @@ def _clocked(method, spent: list[float]):
     return call
 
 
-def timed(detector: Detector, frames) -> tuple[tuple[float, float, float], list]:
-    """(ms/frame, ms per frame pass, ms per key step) of one offline video, and its results."""
-    list(detector.stream(frames[:2], "offline"))  # warm-up
-    model, passes, keys = detector.model, [], []
-    model.frame_features = _clocked(model.frame_features, passes)  # instance attributes: this run only
-    model.detect_key = _clocked(model.detect_key, keys)
-    start = time.perf_counter()
-    results = list(detector.stream(frames, "offline"))
-    ms = 1000 * (time.perf_counter() - start) / len(frames)
-    del model.frame_features, model.detect_key
-    return (ms, 1000 * sum(passes) / max(1, len(passes)), 1000 * sum(keys) / max(1, len(keys))), results
+def timed_together(detectors: list[Detector], frames) -> list[tuple[tuple[float, float, float], list]]:
+    """Per detector: (ms/frame, ms per frame pass, ms per key step) of one offline video of ``frames``, and
+    its results. The detectors take turns frame by frame (as ``megavod bench``'s run_interleaved), so a
+    change in the machine's load lands on every backend alike. One untimed 2-frame video each first."""
+    for detector in detectors:
+        list(detector.stream(frames[:2], "offline"))  # warm-up
+    records = []
+    for detector in detectors:
+        model, passes, keys = detector.model, [], []
+        model.frame_features = _clocked(model.frame_features, passes)  # instance attributes: this run only
+        model.detect_key = _clocked(model.detect_key, keys)
+        records.append((iter(detector.stream(frames, "offline")), passes, keys, [], [0.0]))
+    for _ in frames:
+        for stream, _, _, results, wall in records:
+            start = time.perf_counter()
+            results.append(next(stream))
+            wall[0] += time.perf_counter() - start
+    out = []
+    for detector, (stream, passes, keys, results, wall) in zip(detectors, records):
+        if next(stream, None) is not None:
+            raise RuntimeError("a backend gave more results than frames")
+        del detector.model.frame_features, detector.model.detect_key
+        out.append(((1000 * wall[0] / len(frames), 1000 * sum(passes) / max(1, len(passes)),
+                     1000 * sum(keys) / max(1, len(keys))), results))
+    return out
 
 
 def main() -> None:
@@ -84,7 +99,7 @@ def main() -> None:
         model = build_detector(cfg).eval()
         torch_detector = Detector(model, cfg, "cpu")
         calibrate(model, torch_detector.prepare(frames[0])[0])
-        rows = [("torch", *timed(torch_detector, frames))]
+        labels, detectors = ["torch"], [torch_detector]
         with tempfile.TemporaryDirectory() as folder:
             for label, keep_kv, keep_geometry in VARIANTS:
                 out = Path(folder) / label
@@ -93,8 +108,9 @@ def main() -> None:
                 export_s = time.perf_counter() - start
                 sizes = " + ".join(f"{g['bytes'] / 2**20:.0f}" for g in manifest["graphs"].values())
                 print(f"# {name} {label}: export {export_s:.0f} s, {sizes} MiB ({', '.join(manifest['graphs'])})")
-                onnx_model, _ = load_onnx_detector(out, "cpu", threads=args.threads)
-                rows.append((label, *timed(Detector(onnx_model, cfg, "cpu"), frames)))
+                labels.append(label)
+                detectors.append(Detector(load_onnx_detector(out, "cpu", threads=args.threads)[0], cfg, "cpu"))
+            rows = [(label, *timing) for label, timing in zip(labels, timed_together(detectors, frames))]
         # Equality within tolerances is tests/test_export_onnx.py's job; here: detections per backend.
         base = rows[0][1][0]
         for label, (ms, ms_pass, ms_key), results in rows:

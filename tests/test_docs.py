@@ -34,6 +34,16 @@ def test_docs_citations_resolve():
     assert not broken, "\n".join(broken)
 
 
+def test_benchmark_citations_resolve():
+    """Citations of benchmarks/README.md's sections (code comments and docs cite measurements there)."""
+    sections = anchors(ROOT / "benchmarks" / "README.md")
+    broken = [f"{path.relative_to(ROOT)}: #{m.group(1)}"
+              for path in SOURCES + sorted((ROOT / "docs").glob("*.md"))
+              for m in re.finditer(r"benchmarks/README\.md#([\w-]+)", path.read_text(encoding="utf-8"))
+              if m.group(1) not in sections]
+    assert not broken, "\n".join(broken)
+
+
 def test_no_citation_of_the_external_spec():
     cited = [f"{p.relative_to(ROOT)}:{i}" for p in SOURCES
              for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)

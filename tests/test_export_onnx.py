@@ -84,11 +84,12 @@ def _at_a_cut(scores, score: float) -> bool:
     return score <= float(scores.min()) + SCORE_TOL or abs(score - 0.001) <= SCORE_TOL
 
 
-def assert_same_detections(expected, got) -> tuple[float, float]:
+def assert_same_detections(expected, got, matches: list | None = None) -> tuple[float, float]:
     """Same frames, and per frame a one-to-one match of detections (same label, box within 1e-2 px, score
     within 1e-4). Detections whose scores tie within float noise may come out in swapped order, so each
     is matched to an equal one, not compared by position; one left without a match must sit at a hard cut
-    of the postprocess (:func:`_at_a_cut`). Returns the largest box and score differences."""
+    of the postprocess (:func:`_at_a_cut`). Returns the largest box and score differences; ``matches``
+    receives (frame, expected detection, matched detection) triples."""
     assert [k for k, _ in expected] == [k for k, _ in got]
     worst_box = worst_score = 0.0
     for (k, a), (_, b) in zip(expected, got):
@@ -103,6 +104,8 @@ def assert_same_detections(expected, got) -> tuple[float, float]:
                 continue
             j = i if i < len(b) and bool(ok[i]) else int(torch.nonzero(ok)[0])
             free[j] = False
+            if matches is not None:
+                matches.append((k, i, j))
             worst_box, worst_score = max(worst_box, float(box[j])), max(worst_score, float(score[j]))
         for j in torch.nonzero(free).flatten().tolist():
             assert _at_a_cut(b.scores, float(b.scores[j])), f"frame {k}: ONNX Runtime's detection {j} has no equal"
@@ -118,6 +121,42 @@ def test_onnxruntime_detections_equal_pytorch(exported, clip, case, mode):
     assert sum(len(d) for _, d in expected) > 0
     box, score = assert_same_detections(expected, run(onnx_detector, cfg, clip, mode))
     print(f"{case} {mode}: max box difference {box:.2e} px, max score difference {score:.2e}")
+
+
+@pytest.mark.parametrize("case", ["mega", "rdn"])
+def test_blr_on_onnxruntime_equals_pytorch(exported, clip, case):
+    """BLR on ONNX Runtime: the key graph gives each detection's query row in the last location-based
+    module (PyTorch's relation inputs, within tolerance), the blr graph the relation weights of two
+    frames' rows (PyTorch's on the same rows), and ``Detector.detect(..., postprocess="blr")`` the same
+    post-processed detections."""
+    cfg, model, onnx_detector, _ = exported(case)
+    schedule = build_schedule(cfg)
+
+    def with_relations(detector):
+        return list(detect_offline(detector, lambda t: (clip[t], SIZE), len(clip), schedule, relation_inputs=True))
+
+    expected, got = with_relations(model), with_relations(onnx_detector)
+    matches: list = []
+    assert_same_detections(expected, got, matches)
+    assert len(matches) > 0
+    by_frame = dict(expected), dict(got)
+    worst = 0.0
+    for k, i, j in matches:
+        a, b = by_frame[0][k].relation, by_frame[1][k].relation
+        assert torch.allclose(a.boxes[i], b.boxes[j], rtol=0, atol=BOX_TOL)
+        worst = max(worst, float((a.feats[i] - b.feats[j]).abs().max() / a.feats.abs().max()))
+    assert worst <= 1e-4, worst
+    rel_a, rel_b = by_frame[0][0].relation, by_frame[0][1].relation
+    weights = onnx_detector.blr_relation_weights(rel_a, rel_b, 0, 1)
+    assert weights.shape == (len(rel_a.boxes), len(rel_b.boxes))
+    assert torch.allclose(weights, model.blr_relation_weights(rel_a, rel_b, 0, 1), rtol=0, atol=1e-5)
+    assert onnx_detector.blr_relation_weights(rel_a[:0], rel_b, 0, 1).shape == (0, len(rel_b.boxes))
+    frames = [((f.permute(1, 2, 0).numpy() / 80 + 0.5).clip(0, 1) * 255).astype(np.uint8) for f in clip]
+    records = [[(r.frame, r.detections) for r in Detector(m, cfg, "cpu").detect(frames, postprocess="blr").frames]
+               for m in (model, onnx_detector)]
+    assert sum(len(d) for _, d in records[0]) > 0
+    box, score = assert_same_detections(*records)
+    print(f"{case} BLR: relation rows within {worst:.1e} (relative), detections within {box:.1e} px / {score:.1e}")
 
 
 @pytest.mark.slow
@@ -157,7 +196,12 @@ def test_manifest_describes_the_graphs(exported):
     geometry = manifest["graphs"]["geometry_0"]
     assert [i["name"] for i in geometry["inputs"]] == ["x_boxes", "ref_boxes"]
     assert geometry["outputs"][0]["shape"] == [cfg.relation.num_heads, "queries", "references"]
-    assert sorted(p.name for p in out.iterdir()) == ["frame.onnx", *(f"geometry_{i}.onnx" for i in range(cfg.mega.N_l - 1)),
+    assert [o["name"] for o in key["outputs"]][3:5] == ["relation_feats", "relation_boxes"]  # BLR's rows
+    blr = manifest["graphs"]["blr"]
+    assert [i["name"] for i in blr["inputs"]] == ["a_feats", "a_boxes", "b_feats", "b_boxes"]
+    assert blr["outputs"][0]["shape"] == ["a_rows", "b_rows"]
+    assert sorted(p.name for p in out.iterdir()) == ["blr.onnx", "frame.onnx",
+                                                     *(f"geometry_{i}.onnx" for i in range(cfg.mega.N_l - 1)),
                                                      "key.onnx", "manifest.json", "project.onnx"]
 
 

@@ -30,6 +30,7 @@ from megavod.export.graphs import Feeds, MethodGraphs, NamedGraph
 from megavod.export.runtime import FORMAT, MANIFEST, GraphDetector, method_graphs, torch_runner
 from megavod.inference.engine import detect_offline
 from megavod.inference.schedules import build_schedule
+from megavod.structures import RelationInputs
 
 OPSET = 17  # GridSample (FGFA/DFF warping) needs 16; 17 is the newest the TorchScript exporter covers well
 FORMATS = ("onnx",)
@@ -66,6 +67,9 @@ def example_feeds(graphs: MethodGraphs, frame: NamedGraph, key: NamedGraph, cfg:
     clip = [torch.randn(3, *size, generator=g) * 40 for _ in range(frames)]
     for _ in detect_offline(detector, lambda t: (clip[t], size), frames, build_schedule(cfg)):
         pass
+    if detector.blr_relation_module() is not None:  # BLR's graph, on rows of the last key frame
+        rows = last["key"]["key_feats"], last["key"]["key_boxes"]
+        detector.blr_relation_weights(RelationInputs(*(r[:7] for r in rows)), RelationInputs(*(r[2:7] for r in rows)), 0, 1)
     return last
 
 

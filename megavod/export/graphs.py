@@ -137,7 +137,7 @@ def c4_detections(model: nn.Module, c4: Tensor, image_size: Tensor) -> tuple[Ten
     extractor = head.feature_extractor
     features = extractor.mlp(ops.pool(extractor, extractor.res5(c4), boxes))
     class_logits, box_regression = head.predictor(features)
-    return ops.detections(head.postprocessor, class_logits, box_regression, boxes, image_size)
+    return ops.detections(head.postprocessor, class_logits, box_regression, boxes, image_size)[:3]
 
 
 class BackboneGraph(NamedGraph):

@@ -120,10 +120,11 @@ class PerClassNMS(torch.autograd.Function):
 
 
 def detections(post: BoxPostProcessor, class_logits: Tensor, box_regression: Tensor, boxes: Tensor,
-               image_size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """:class:`BoxPostProcessor` for one image: (boxes [D, 4], scores [D], labels [D]) in the pixels of the
-    resized image, in its order (classes ascending, by score), the top ``detections_per_img`` by the
-    kth-value threshold (ties at the threshold kept, as the authors')."""
+               image_size: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:class:`BoxPostProcessor` for one image: (boxes [D, 4], scores [D], labels [D], the proposal row each
+    detection came from [D] (its ``return_indices``)) in the pixels of the resized image, in its order
+    (classes ascending, by score), the top ``detections_per_img`` by the kth-value threshold (ties at the
+    threshold kept, as the authors')."""
     probs = F.softmax(class_logits.float(), -1)
     num_classes = probs.shape[1]
     decoded = post.box_coder.decode(box_regression, boxes)
@@ -140,8 +141,8 @@ def detections(post: BoxPostProcessor, class_logits: Tensor, box_regression: Ten
         ranked = torch.cat([out_scores.sort(descending=True)[0],
                             torch.full((post.detections_per_img,), -math.inf, dtype=out_scores.dtype)])
         keep = torch.nonzero(out_scores >= ranked[post.detections_per_img - 1]).squeeze(1)
-        out_boxes, out_scores, labels = out_boxes[keep], out_scores[keep], labels[keep]
-    return out_boxes, out_scores, labels
+        out_boxes, out_scores, labels, rows = out_boxes[keep], out_scores[keep], labels[keep], rows[keep]
+    return out_boxes, out_scores, labels, rows
 
 
 # -- relation module (megavod.models.relation.RelationModule.forward, no cache) ---------------------------
@@ -199,13 +200,12 @@ def references(module: RelationModule, refs: Tensor | None, kv: tuple[Tensor, Te
     return k, v
 
 
-def attend(module: RelationModule, x: Tensor, k: Tensor, v: Tensor, x_boxes: Tensor | None = None,
-           ref_boxes: Tensor | None = None, geometry: Tensor | None = None) -> Tensor:
-    """:meth:`RelationModule.forward` [N, C] of queries ``x`` over references given as keys and values
-    (:func:`references`), before the residual; needs at least one reference. ``geometry``: the geometry
-    term [M_h, N, M], computed earlier (the ``geometry`` of :meth:`RelationModule.forward`); otherwise a
-    location-based module computes it from the boxes. Query rows are independent of each other, so the
-    queries may be attended in parts."""
+def attention_logits(module: RelationModule, x: Tensor, k: Tensor, x_boxes: Tensor | None = None,
+                     ref_boxes: Tensor | None = None, geometry: Tensor | None = None) -> Tensor:
+    """The logits [M_h, N, M] of queries ``x`` over references with keys ``k`` (:func:`references`): the
+    appearance term (with the content bias u) plus, for a location-based module, the geometry term, given
+    (``geometry``, computed earlier: the ``geometry`` of :meth:`RelationModule.forward`) or computed from
+    the boxes."""
     h, d = module.num_heads, module.head_dim
     q = module.Wq(x).reshape(-1, h, d).transpose(0, 1)
     if module.u is not None:
@@ -213,8 +213,24 @@ def attend(module: RelationModule, x: Tensor, k: Tensor, v: Tensor, x_boxes: Ten
     logits = q @ k.transpose(1, 2) / math.sqrt(d)
     if module.location_based:
         logits = logits + (geometry if geometry is not None else geometry_bias(module, x_boxes, ref_boxes))
-    out = logits.softmax(dim=-1) @ v
+    return logits
+
+
+def attend(module: RelationModule, x: Tensor, k: Tensor, v: Tensor, x_boxes: Tensor | None = None,
+           ref_boxes: Tensor | None = None, geometry: Tensor | None = None) -> Tensor:
+    """:meth:`RelationModule.forward` [N, C] of queries ``x`` over references given as keys and values
+    (:func:`references`), before the residual; needs at least one reference (``geometry``: see
+    :func:`attention_logits`). Query rows are independent of each other, so the queries may be attended
+    in parts."""
+    out = attention_logits(module, x, k, x_boxes, ref_boxes, geometry).softmax(dim=-1) @ v
     return out.transpose(0, 1).reshape(-1, module.feat_dim) + module.Wv.bias
+
+
+def attention_weights(module: RelationModule, x: Tensor, refs: Tensor, x_boxes: Tensor, ref_boxes: Tensor) -> Tensor:
+    """:meth:`RelationModule.attention_weights` [M_h, N, M] (rows sum to 1), BLR's relation weights."""
+    h, d = module.num_heads, module.head_dim
+    k = module.Wk(refs).reshape(-1, h, d).transpose(0, 1)
+    return attention_logits(module, x, k, x_boxes, ref_boxes).softmax(dim=-1)
 
 
 def relation(module: RelationModule, x: Tensor, refs: Tensor | None, x_boxes: Tensor | None = None,

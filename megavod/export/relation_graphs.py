@@ -25,7 +25,7 @@ from megavod.models.geometry_cache import GeometryBiasCache
 from megavod.models.mega_head import RoiRows, distilled_rows
 from megavod.models.relation import first_rows_index
 from megavod.export import ops
-from megavod.structures import Detections, FrameFeatures
+from megavod.structures import Detections, FrameFeatures, RelationInputs
 from megavod.export.graphs import (
     DETECTION_OUTPUTS,
     Feeds,
@@ -65,6 +65,28 @@ class _RoIRowsGraph(NamedGraph):
         return boxes, extractor.aggregator.embed(ops.pool(extractor, extractor.res5(c4), boxes))
 
 
+#: The key graphs' outputs for BLR: each detection's query row in the last location-based relation module
+#: and its proposal box (:class:`~megavod.structures.RelationInputs`), row for row with the detections.
+RELATION_OUTPUTS = ("relation_feats", "relation_boxes")
+
+
+class _BLRWeightsGraph(NamedGraph):
+    """BLR's relation weights (:meth:`RelationDetector.blr_relation_weights`): the last location-based
+    module's softmax weights of ``a``'s query rows over ``b``'s, mean over heads, [n_a, n_b]."""
+
+    io = GraphIO(["a_feats", "a_boxes", "b_feats", "b_boxes"], ["weights"],
+                 {"a_feats": rows_axes("a_rows"), "a_boxes": rows_axes("a_rows"), "b_feats": rows_axes("b_rows"),
+                  "b_boxes": rows_axes("b_rows"), "weights": {0: "a_rows", 1: "b_rows"}})
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.module = model.blr_relation_module()
+
+    def compute(self, t: Feeds) -> tuple[Tensor, ...]:
+        weights = ops.attention_weights(self.module, t["a_feats"], t["b_feats"], t["a_boxes"], t["b_boxes"])
+        return (weights.mean(0),)
+
+
 def _refuse_temporal_embedding(cfg: Any) -> None:
     if cfg.relation.temporal_embedding:
         raise ConfigError("config key 'relation.temporal_embedding': the ONNX export does not support the "
@@ -95,8 +117,25 @@ class _RelationGraphs(MethodGraphs):
                     original_size: tuple[int, int]) -> FrameFeatures:
         return FrameFeatures(index, outputs["boxes"], outputs["feats"], tuple(image.shape[-2:]), original_size)
 
-    def _detections(self, outputs: Feeds, key: FrameFeatures) -> Detections:
-        return scaled(*(outputs[n] for n in DETECTION_OUTPUTS), key.image_size, key.original_size)
+    #: Whether the method has a location-based relation module for BLR (graph ``blr``, the key graph's
+    #: :data:`RELATION_OUTPUTS`).
+    blr = True
+
+    def key_outputs(self) -> list[str]:
+        return [*DETECTION_OUTPUTS, *(RELATION_OUTPUTS if self.blr else ())]
+
+    def key_output_axes(self) -> dict[str, dict[int, str]]:
+        return {**detection_axes(), **({n: rows_axes("detections") for n in RELATION_OUTPUTS} if self.blr else {})}
+
+    def blr_graphs(self, model: nn.Module) -> dict[str, NamedGraph]:
+        return {"blr": _BLRWeightsGraph(model)} if self.blr else {}
+
+    def _detections(self, outputs: Feeds, inputs: KeyFrameInputs) -> Detections:
+        key = inputs.key
+        detections = scaled(*(outputs[n] for n in DETECTION_OUTPUTS), key.image_size, key.original_size)
+        if inputs.relation_inputs and self.blr:
+            detections.relation = RelationInputs(*(outputs[n] for n in RELATION_OUTPUTS))
+        return detections
 
 
 class _MEGAKeyGraph(NamedGraph):
@@ -145,6 +184,7 @@ class _MEGAKeyGraph(NamedGraph):
                 last = i == agg.N_l - 1
                 if last:
                     queries, query_boxes = queries[:n_key], query_boxes[:n_key]
+                    blr_queries = queries  # the last location-based module's queries: BLR's rows
                 all_refs, all_boxes, memory_kv = refs, ref_boxes, None
                 if self.memory:  # memory level i joins the references of stage i, after the local rows
                     all_boxes = torch.cat([ref_boxes, t[f"memory_{i}_boxes"]])
@@ -170,8 +210,9 @@ class _MEGAKeyGraph(NamedGraph):
             key_feats = key_feats + ops.relation(module, key_feats, refs, key_boxes, global_boxes, kv)
         head = self.model.box_head
         class_logits, box_regression = head.predictor(key_feats)
-        dets = ops.detections(head.postprocessor, class_logits, box_regression, key_boxes, t["image_size"])
-        return (*dets, *(pushes if self.memory else []))
+        *dets, rows = ops.detections(head.postprocessor, class_logits, box_regression, key_boxes, t["image_size"])
+        relation = [blr_queries[rows], key_boxes[rows]] if agg.N_l > 0 else []
+        return (*dets, *relation, *(pushes if self.memory else []))
 
 
 class _MEGAProjectGraph(NamedGraph):
@@ -287,6 +328,7 @@ class MEGAGraphs(_RelationGraphs):
         self.global_boxes = self.uses_global and m.location_based_global
         self.memory_levels = m.N_l if m.memory else 0
         self.heads = cfg.relation.num_heads
+        self.blr = m.N_l > 0  # BLR's module is the last local stage (MEGADetector.blr_relation_module)
         self.use_stream_caches(True, True)
 
     def use_stream_caches(self, projections: bool, geometry: bool) -> None:
@@ -311,7 +353,8 @@ class MEGAGraphs(_RelationGraphs):
             inputs += ["global_boxes"] if self.global_boxes else []
             axes.update(global_feats=rows_axes("global_rows"), global_boxes=rows_axes("global_rows"))
             kv_axes.update({n: {1: "global_rows"} for n in names})
-        outputs = list(DETECTION_OUTPUTS)
+        outputs = self.key_outputs()
+        axes.update(self.key_output_axes())
         for i in range(self.memory_levels):
             names = [f"memory_{i}_keys", f"memory_{i}_values"]
             project_in.append(f"memory_{i}_feats")
@@ -334,6 +377,8 @@ class MEGAGraphs(_RelationGraphs):
                                                {k: v for k, v in axes.items() if k in project_in + project_out})
         if self.kept_geometry:
             self.extra_io.update({f"geometry_{i}": GEOMETRY_IO for i in range(self.local_stages - 1)})
+        if self.blr:
+            self.extra_io["blr"] = _BLRWeightsGraph.io
 
     def key_graph(self, model: nn.Module) -> NamedGraph:
         return _MEGAKeyGraph(model, self.key_io, self.memory_levels > 0, self.kept_projections, self.kept_geometry)
@@ -345,10 +390,10 @@ class MEGAGraphs(_RelationGraphs):
         if self.kept_geometry:
             graphs.update({f"geometry_{i}": _MEGAGeometryGraph(module, GEOMETRY_IO)
                            for i, module in enumerate(model.aggregator.local_stages[:-1])})
-        return graphs
+        return {**graphs, **self.blr_graphs(model)}
 
     def new_stream_cache(self) -> MEGAGraphCache | None:
-        if not self.extra_io:
+        if not (self.kept_projections or self.kept_geometry):
             return None
         return MEGAGraphCache(ProjectionStore() if "project" in self.extra_io else None,
                               GeometryBiasCache() if self.kept_geometry else None)
@@ -452,7 +497,7 @@ class MEGAGraphs(_RelationGraphs):
     def key_output(self, outputs: Feeds, inputs: KeyFrameInputs) -> KeyFrameOutput:
         push = [RoiRows(outputs[f"memory_push_{i}_feats"], outputs[f"memory_push_{i}_boxes"])
                 for i in range(self.memory_levels)]
-        return KeyFrameOutput(self._detections(outputs, inputs.key), push)
+        return KeyFrameOutput(self._detections(outputs, inputs), push)
 
 
 def _graph_blocks(run: GraphRunner, query_boxes: Tensor, ref_boxes: Tensor):
@@ -479,6 +524,7 @@ class _RDNKeyGraph(NamedGraph):
         for i in range(agg.basic_stages):
             if i > 0:
                 x = F.relu(agg.fcs[i](x))
+            blr_queries = x  # the last module's queries, unless an advanced stage follows
             x = x + ops.relation(agg.relations[i], x, support, key_boxes, support_boxes)
         if agg.advanced_stages:
             index = ops.first_rows(t["support_counts"], agg.advanced_num)
@@ -486,10 +532,12 @@ class _RDNKeyGraph(NamedGraph):
             for a in range(agg.advanced_stages):
                 i = agg.basic_stages + a
                 adv = F.relu(agg.fcs[i](adv + ops.relation(agg.relations[i], adv, support, adv_boxes, support_boxes)))
+            blr_queries = x
             x = x + ops.relation(agg.relations[-1], x, adv, key_boxes, adv_boxes)
         head = self.model.box_head
         class_logits, box_regression = head.predictor(x)
-        return ops.detections(head.postprocessor, class_logits, box_regression, key_boxes, t["image_size"])
+        *dets, rows = ops.detections(head.postprocessor, class_logits, box_regression, key_boxes, t["image_size"])
+        return (*dets, blr_queries[rows], key_boxes[rows])
 
 
 class RDNGraphs(_RelationGraphs):
@@ -502,12 +550,17 @@ class RDNGraphs(_RelationGraphs):
         if cfg.rdn.advanced_stages:
             names.append("support_counts")
         axes = {"key_feats": rows_axes("key_rows"), "key_boxes": rows_axes("key_rows"), "support_feats": rows_axes("support_rows"),
-                "support_boxes": rows_axes("support_rows"), "support_counts": rows_axes("support_frames"), **detection_axes()}
-        self.key_io = GraphIO(names, list(DETECTION_OUTPUTS), {k: v for k, v in axes.items()
-                                                               if k in names or k in DETECTION_OUTPUTS})
+                "support_boxes": rows_axes("support_rows"), "support_counts": rows_axes("support_frames"),
+                **self.key_output_axes()}
+        outputs = self.key_outputs()
+        self.key_io = GraphIO(names, outputs, {k: v for k, v in axes.items() if k in names or k in outputs})
+        self.extra_io = {"blr": _BLRWeightsGraph.io}
 
     def key_graph(self, model: nn.Module) -> NamedGraph:
         return _RDNKeyGraph(model, self.key_io)
+
+    def extra_graphs(self, model: nn.Module) -> dict[str, NamedGraph]:
+        return self.blr_graphs(model)
 
     def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None, extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
         key = inputs.key
@@ -517,4 +570,4 @@ class RDNGraphs(_RelationGraphs):
         return {k: v for k, v in feeds.items() if k in self.key_io.inputs}
 
     def key_output(self, outputs: Feeds, inputs: KeyFrameInputs) -> KeyFrameOutput:
-        return KeyFrameOutput(self._detections(outputs, inputs.key))
+        return KeyFrameOutput(self._detections(outputs, inputs))

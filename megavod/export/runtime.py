@@ -28,6 +28,7 @@ from megavod.errors import MegavodError
 from megavod.export.graphs import Feeds, GraphRunner, MethodGraphs, NamedGraph
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
 from megavod.registry import get_method
+from megavod.structures import RelationInputs
 
 MANIFEST = "manifest.json"
 FORMAT = "megavod.onnx"
@@ -68,6 +69,23 @@ class GraphDetector:
 
     def detect_key(self, inputs: KeyFrameInputs, cache: Any = None) -> KeyFrameOutput:
         return self.graphs.key_output(self.run_key(self.graphs.key_feeds(inputs, cache, self.run_extra)), inputs)
+
+    def blr_relation_module(self) -> GraphRunner | None:
+        """What gives BLR's relation weights: the export's ``blr`` graph (None: the method has no
+        location-based relation module, or the export predates the graph; BLR then uses w = 0). The API
+        only asks whether there is one (:meth:`megavod.api.Detector.has_relation_module`)."""
+        return self.run_extra.get("blr")
+
+    def blr_relation_weights(self, a: RelationInputs, b: RelationInputs, frame_a: int, frame_b: int) -> Tensor:
+        """:meth:`megavod.models.relation_detector.RelationDetector.blr_relation_weights` by the ``blr``
+        graph: [n_a, n_b] (the frame indices only tag rows for the temporal embedding, never exported)."""
+        run = self.blr_relation_module()
+        if run is None:
+            raise ValueError("this export has no BLR relation graph ('blr')")
+        n, m = len(a.boxes), len(b.boxes)
+        if n == 0 or m == 0:
+            return torch.zeros(n, m)
+        return run({"a_feats": a.feats, "a_boxes": a.boxes, "b_feats": b.feats, "b_boxes": b.boxes})["weights"]
 
     # The API's Detector moves and switches its model like an nn.Module; the graphs hold no device state.
     def to(self, device: Any) -> "GraphDetector":
