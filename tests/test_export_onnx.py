@@ -6,6 +6,7 @@ exported graphs, run by ONNX Runtime behind the detector contract, give PyTorch'
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 pytest.importorskip("onnxruntime", reason="the ONNX tests need the onnx extra: pip install -e '.[onnx]'")
 pytest.importorskip("onnx", reason="the ONNX tests need the onnx extra: pip install -e '.[onnx]'")
 
+import megavod  # noqa: E402
 from megavod.api import Detector  # noqa: E402
 from megavod.apps.cli import main as cli_main  # noqa: E402
 from megavod.config import load_config  # noqa: E402
@@ -295,17 +297,18 @@ def test_stream_many_on_onnxruntime_equals_each_stream_alone(exported, mode):
             assert torch.allclose(torch.as_tensor(scores_a), torch.as_tensor(scores_b), rtol=0, atol=SCORE_TOL)
 
 
-def test_shipped_weights_round_trip_through_detect(tmp_path, capsys):
-    from pathlib import Path
-
-    import megavod
-
+@pytest.mark.parametrize("flags", [[], ["--recompute-in-graph"]])
+def test_shipped_weights_round_trip_through_detect(tmp_path, capsys, flags):
+    """``megavod export`` of the shipped weights (default: with the stream caches' graphs;
+    ``--recompute-in-graph``: frame and key graphs only), then ``megavod detect`` on both backends."""
     weights = Path(megavod.__file__).parent / "weights" / "synthetic_mega.safetensors"
     data = tmp_path / "synth"
     generate_synthetic_dataset(data, num_train_videos=1, num_val_videos=1, frames=6, size=96, num_det_images=0)
     clip_dir = next((data / "Data" / "VID" / "val").iterdir())
     small = ["input.min_size_test=96", "input.max_size_test=160"]
-    assert cli_main(["export", str(tmp_path / "onnx"), "--weights", str(weights), *small]) == 0
+    assert cli_main(["export", str(tmp_path / "onnx"), "--weights", str(weights), *small, *flags]) == 0
+    graphs = set(json.loads((tmp_path / "onnx" / "manifest.json").read_text())["graphs"])
+    assert graphs == ({"frame", "key", "blr"} if flags else {"frame", "key", "project", "geometry_0", "blr"})
     outs = {}
     for backend, given in (("torch", str(weights)), ("onnxruntime", str(tmp_path / "onnx"))):
         outs[backend] = tmp_path / backend

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="preset name or YAML path (default: the one --weights records "
                    "or its keys show)")
     p.add_argument("--format", default="onnx", help="onnx (the only format)")
+    p.add_argument("--recompute-in-graph", action="store_true",
+                   help="MEGA: key.onnx recomputes what a stream otherwise keeps between key frames (keys/values of "
+                        "global and memory rows, geometry blocks): no project/geometry graphs to drive, slower")
     p.add_argument("--trust-pickle", action="store_true",
                    help="allow a checkpoint that needs arbitrary unpickling (only for files you trust)")
 

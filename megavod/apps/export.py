@@ -11,7 +11,8 @@ from megavod.methods import build_detector, load_detector
 
 
 def main(args) -> int:
-    """``megavod export OUT [KEY=VALUE...] [--weights FILE] [--config NAME|PATH] [--format onnx]``."""
+    """``megavod export OUT [KEY=VALUE...] [--weights FILE] [--config NAME|PATH] [--format onnx]
+    [--recompute-in-graph]``."""
     if args.format not in FORMATS:
         raise MegavodError(f"--format: expected one of {', '.join(FORMATS)}, got {args.format!r}")
     if args.weights is not None:
@@ -22,6 +23,7 @@ def main(args) -> int:
         print("megavod export: warning: no --weights given: the model is randomly initialised", file=sys.stderr)
     else:
         raise MegavodError("give --weights FILE (and/or --config NAME|PATH)")
+    keep = not args.recompute_in_graph
     export_onnx(model, cfg, args.out, args.format, source=str(args.weights or ""),
-                log=lambda line: print(line, file=sys.stderr))
+                log=lambda line: print(line, file=sys.stderr), reference_cache=keep, geometry_cache=keep)
     return 0
