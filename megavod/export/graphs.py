@@ -4,8 +4,9 @@
 Each method's entry (a :class:`MethodGraphs`: its per-frame pass and key-frame step as traceable
 modules, and how the runtime turns the engine's values into graph inputs and back) is reached from the
 method table (:attr:`megavod.registry.MethodSpec.export`), so the exporter and the runtime never ask which
-method they run. The relation methods' graphs are in :mod:`megavod.export.relation_graphs` (MEGA's
-kept keys/values and geometry blocks: each choice measured, benchmarks/README.md#onnx-runtime),
+method they run. The relation methods' graphs are in :mod:`megavod.export.relation_graphs` (shared, RDN)
+and :mod:`megavod.export.mega_graphs` (MEGA's kept keys/values and geometry blocks: each choice measured,
+benchmarks/README.md#onnx-runtime),
 FGFA's and DFF's in :mod:`megavod.export.flow_graphs`. Boxes leave the graphs in pixels of the resized
 image; the runtime scales them to the frame as :meth:`RelationDetector.predict` does.
 """

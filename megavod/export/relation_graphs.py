@@ -1,18 +1,15 @@
-"""MEGA's, the base model's and RDN's ONNX graphs: rows of RoIs (docs/architecture.md#export-and-onnx-runtime).
+"""The relation methods' ONNX graphs: what MEGA, the base model and RDN share (rows of RoIs, BLR's relation
+weights), and RDN's (docs/architecture.md#export-and-onnx-runtime). MEGA's are in
+:mod:`megavod.export.mega_graphs`.
 
 The per-frame graph gives a frame's proposals and raw RoI features; the key graphs take the rows the engine
-holds, concatenated with per-frame counts. MEGA's projected keys/values of global frames and memory
-entries are kept per stream (:class:`ProjectionStore`, graph ``project``), and so are the local stages'
-geometry blocks (:class:`~megavod.models.geometry_cache.GeometryBiasCache`, graphs ``geometry_{i}`` for
-the new pairs): both measured faster than recomputing them inside the key graph
-(benchmarks/README.md#onnx-runtime).
+holds, concatenated with per-frame counts, and give with the detections each one's query row in the last
+location-based relation module, for BLR (graph ``blr`` gives the relation weights of two frames' rows).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-import weakref
 from typing import Any
 
 import torch
@@ -21,9 +18,6 @@ from torch import Tensor, nn
 
 from megavod.errors import ConfigError
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
-from megavod.models.geometry_cache import GeometryBiasCache
-from megavod.models.mega_head import RoiRows, distilled_rows
-from megavod.models.relation import first_rows_index
 from megavod.export import ops
 from megavod.structures import Detections, FrameFeatures, RelationInputs
 from megavod.export.graphs import (
@@ -41,7 +35,7 @@ from megavod.export.graphs import (
 )
 
 
-# -- MEGA, the base model and RDN: rows of RoIs -----------------------------------------------------------
+# -- what MEGA, the base model and RDN share: rows of RoIs ---------------------------------------------
 
 
 class _RoIRowsGraph(NamedGraph):
@@ -70,13 +64,17 @@ class _RoIRowsGraph(NamedGraph):
 RELATION_OUTPUTS = ("relation_feats", "relation_boxes")
 
 
+#: The ``blr`` graph's inputs and outputs.
+BLR_IO = GraphIO(["a_feats", "a_boxes", "b_feats", "b_boxes"], ["weights"],
+                 {"a_feats": rows_axes("a_rows"), "a_boxes": rows_axes("a_rows"), "b_feats": rows_axes("b_rows"),
+                  "b_boxes": rows_axes("b_rows"), "weights": {0: "a_rows", 1: "b_rows"}})
+
+
 class _BLRWeightsGraph(NamedGraph):
     """BLR's relation weights (:meth:`RelationDetector.blr_relation_weights`): the last location-based
     module's softmax weights of ``a``'s query rows over ``b``'s, mean over heads, [n_a, n_b]."""
 
-    io = GraphIO(["a_feats", "a_boxes", "b_feats", "b_boxes"], ["weights"],
-                 {"a_feats": rows_axes("a_rows"), "a_boxes": rows_axes("a_rows"), "b_feats": rows_axes("b_rows"),
-                  "b_boxes": rows_axes("b_rows"), "weights": {0: "a_rows", 1: "b_rows"}})
+    io = BLR_IO
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -93,7 +91,7 @@ def _refuse_temporal_embedding(cfg: Any) -> None:
                           "temporal embedding (off in every preset)")
 
 
-def _cat_rows(frames: Sequence[FrameFeatures], n: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+def cat_rows(frames: Sequence[FrameFeatures], n: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
     """The first ``n`` rows of every frame, concatenated: (feats, boxes, rows per frame)."""
     if not frames:
         return torch.zeros(0, width), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)
@@ -101,7 +99,7 @@ def _cat_rows(frames: Sequence[FrameFeatures], n: int, width: int) -> tuple[Tens
             torch.tensor([min(n, len(f.boxes)) for f in frames], dtype=torch.int64))
 
 
-class _RelationGraphs(MethodGraphs):
+class RelationGraphs(MethodGraphs):
     frame_io = _RoIRowsGraph.io
 
     def __init__(self, cfg: Any) -> None:
@@ -138,377 +136,6 @@ class _RelationGraphs(MethodGraphs):
         return detections
 
 
-class _MEGAKeyGraph(NamedGraph):
-    """``MEGADetector.detect_key`` (global stage, local stages with memory, residual global stage,
-    predictor, postprocess) on concatenated rows; outputs the detections and each memory level's push.
-    ``projected``: the global pool and memory are given as keys/values (``global_{j}_keys|values`` per
-    global module j, ``memory_{i}_keys|values`` per level), not as rows. ``kept_geometry``: the geometry
-    term of local stage i's window queries (all stages but the last) is given (``local_{i}_geometry``);
-    the key's own rows, new at every key frame, get theirs computed here."""
-
-    def __init__(self, model: nn.Module, io: GraphIO, memory: bool, projected: bool, kept_geometry: bool) -> None:
-        super().__init__()
-        self.model, self.io, self.memory, self.projected = model, io, memory, projected
-        self.kept_geometry = kept_geometry
-
-    def _global_refs(self, t: Feeds, j: int) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
-        if self.projected:
-            return None, (t[f"global_{j}_keys"], t[f"global_{j}_values"])
-        return t.get("global_feats"), None
-
-    def compute(self, t: Feeds) -> tuple[Tensor, ...]:
-        agg = self.model.aggregator
-        key_feats, key_boxes = t["key_feats"], t["key_boxes"]
-        n_key = key_feats.shape[0]
-        global_boxes = t.get("global_boxes")
-        if agg.N_l > 0:
-            feats, boxes = torch.cat([key_feats, t["local_feats"]]), torch.cat([key_boxes, t["local_boxes"]])
-        else:
-            feats, boxes = key_feats, key_boxes
-        for j, module in enumerate(agg.global_stages[: agg.N_g]):  # MEGAAggregator.global_stage
-            refs, kv = self._global_refs(t, j)
-            feats = feats + ops.relation(module, feats, refs, boxes, global_boxes, kv)
-        key_feats = feats[:n_key]
-        pushes: list[Tensor] = []
-        if agg.N_l > 0:  # MEGAAggregator.local_stage
-            counts = t["local_counts"]
-            distilled = ops.first_rows(counts, agg.advanced_num)
-            local_feats, local_boxes = feats[n_key:], boxes[n_key:]
-            queries = torch.cat([key_feats, local_feats[distilled]])
-            query_boxes = torch.cat([key_boxes, local_boxes[distilled]])
-            refs, ref_boxes = local_feats, local_boxes
-            oldest = counts[0]  # rows of the oldest window frame: what memory receives (_oldest_frame_rows)
-            for i, module in enumerate(agg.local_stages):
-                size = oldest if i == 0 else torch.clamp(oldest, max=agg.advanced_num)
-                pushes += [refs[:size], ref_boxes[:size]]
-                last = i == agg.N_l - 1
-                if last:
-                    queries, query_boxes = queries[:n_key], query_boxes[:n_key]
-                    blr_queries = queries  # the last location-based module's queries: BLR's rows
-                all_refs, all_boxes, memory_kv = refs, ref_boxes, None
-                if self.memory:  # memory level i joins the references of stage i, after the local rows
-                    all_boxes = torch.cat([ref_boxes, t[f"memory_{i}_boxes"]])
-                    if self.projected:
-                        memory_kv = t[f"memory_{i}_keys"], t[f"memory_{i}_values"]
-                    else:
-                        all_refs = torch.cat([refs, t[f"memory_{i}_feats"]])
-                k, v = ops.references(module, all_refs, memory_kv)
-                if self.kept_geometry and not last:
-                    relation = torch.cat([
-                        ops.attend(module, queries[:n_key], k, v, key_boxes, all_boxes),
-                        ops.attend(module, queries[n_key:], k, v, geometry=t[f"local_{i}_geometry"]),
-                    ])
-                else:
-                    relation = ops.attend(module, queries, k, v, query_boxes, all_boxes)
-                queries = queries + relation
-                if not last:
-                    queries = F.relu(agg.fcs[i + 1](queries))
-                refs, ref_boxes = queries[n_key:], query_boxes[n_key:]
-            key_feats = queries[:n_key]
-        for j, module in enumerate(agg.global_stages[agg.N_g :], start=agg.N_g):  # global_residual_stage
-            refs, kv = self._global_refs(t, j)
-            key_feats = key_feats + ops.relation(module, key_feats, refs, key_boxes, global_boxes, kv)
-        head = self.model.box_head
-        class_logits, box_regression = head.predictor(key_feats)
-        *dets, rows = ops.detections(head.postprocessor, class_logits, box_regression, key_boxes, t["image_size"])
-        relation = [blr_queries[rows], key_boxes[rows]] if agg.N_l > 0 else []
-        return (*dets, *relation, *(pushes if self.memory else []))
-
-
-class _MEGAProjectGraph(NamedGraph):
-    """Keys and values (:meth:`RelationModule.project_refs`) of global rows for every global module and of
-    memory level i's rows for local stage i: what :class:`ProjectionStore` keeps."""
-
-    def __init__(self, model: nn.Module, io: GraphIO, uses_global: bool, levels: int) -> None:
-        super().__init__()
-        self.model, self.io, self.uses_global, self.levels = model, io, uses_global, levels
-
-    def compute(self, t: Feeds) -> tuple[Tensor, ...]:
-        agg = self.model.aggregator
-        out: list[Tensor] = []
-        if self.uses_global:
-            for module in agg.global_stages:
-                out += module.project_refs(t["global_feats"])
-        for i in range(self.levels):
-            out += agg.local_stages[i].project_refs(t[f"memory_{i}_feats"])
-        return tuple(out)
-
-
-class _MEGAGeometryGraph(NamedGraph):
-    """Local stage i's geometry term of the given query and reference boxes
-    (:meth:`RelationModule.geometry_bias`): the pairs a stream meets for the first time."""
-
-    def __init__(self, module: nn.Module, io: GraphIO) -> None:
-        super().__init__()
-        self.module, self.io = module, io
-
-    def compute(self, t: Feeds) -> tuple[Tensor, ...]:
-        return (ops.geometry_bias(self.module, t["x_boxes"], t["ref_boxes"]),)
-
-
-GEOMETRY_IO = GraphIO(["x_boxes", "ref_boxes"], ["geometry"],
-                      {"x_boxes": rows_axes("queries"), "ref_boxes": rows_axes("references"),
-                       "geometry": {1: "queries", 2: "references"}})
-
-
-class ProjectionStore:
-    """One stream's keys/values of global frames and memory entries, computed by the ``project`` graph the
-    first time the stream meets them (:class:`~megavod.models.relation.ReferenceProjectionCache` for the
-    graphs): keyed by the object that owns the rows, weakly referenced, dropped with it."""
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, tuple[Tensor, ...]]] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, owner: object) -> tuple[Tensor, ...] | None:
-        entry = self._entries.get(id(owner))
-        return entry[1] if entry is not None and entry[0]() is owner else None
-
-    def put(self, owner: object, tensors: tuple[Tensor, ...]) -> None:
-        self._entries[id(owner)] = (weakref.ref(owner), tensors)
-
-    def prune(self) -> None:
-        """Forget the entries whose owner is gone (a frame evicted from the stream, a memory entry dropped)."""
-        self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
-
-
-@dataclass
-class MEGAGraphCache:
-    """What one stream keeps between key frames for MEGA's graphs (as :class:`MEGAStreamCache` for the
-    PyTorch detector): keys/values of global and memory rows, the local stages' geometry blocks. None:
-    that part is recomputed inside the key graph."""
-
-    projections: ProjectionStore | None
-    geometry: GeometryBiasCache | None
-    #: Per local stage, the memory its geometry term is assembled in, reused from key frame to key frame
-    #: (the key graph reads it during its run only).
-    geometry_buffers: dict[int, Tensor] = field(default_factory=dict)
-
-    def geometry_buffer(self, stage: int, shape: tuple[int, int, int]) -> Tensor:
-        """A float32 tensor of ``shape`` over stage ``stage``'s buffer (grown when too small)."""
-        size = shape[0] * shape[1] * shape[2]
-        buffer = self.geometry_buffers.get(stage)
-        if buffer is None or buffer.numel() < size:
-            buffer = self.geometry_buffers[stage] = torch.empty(size)
-        return buffer[:size].view(shape)
-
-
-def _missing(store: ProjectionStore, owners: Sequence[object]) -> list[object]:
-    """``owners`` not in ``store``, each once, in order."""
-    seen: dict[int, object] = {}
-    for owner in owners:
-        if store.get(owner) is None:
-            seen.setdefault(id(owner), owner)
-    return list(seen.values())
-
-
-def _split_cols(tensor: Tensor, counts: Sequence[int]) -> list[Tensor]:
-    return list(torch.split(tensor, list(counts), dim=1))
-
-
-class MEGAGraphs(_RelationGraphs):
-    """MEGA and its base model and ablations (``mega.*``): the key graph takes the key's rows, the local
-    window's first ``ref_post_nms_top_n`` rows per frame (``local_counts``), the global pool and, per
-    memory level, the memory; it gives the detections and ``memory_push_{i}_feats/boxes``.
-
-    With the stream caches (the default, :meth:`use_stream_caches`): the global pool and memory come as
-    keys/values from the ``project`` graph, kept per stream (without: as rows), and local stage i's
-    geometry term as ``local_{i}_geometry``, assembled from the stream's kept blocks with the new pairs
-    from the ``geometry_{i}`` graph (without: computed in the key graph)."""
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        m = cfg.mega
-        self.local_stages = m.N_l
-        self.advanced_num = distilled_rows(cfg)
-        self.uses_global = m.N_g + m.global_res_stages > 0
-        self.global_modules = m.N_g + m.global_res_stages
-        self.global_boxes = self.uses_global and m.location_based_global
-        self.memory_levels = m.N_l if m.memory else 0
-        self.heads = cfg.relation.num_heads
-        self.blr = m.N_l > 0  # BLR's module is the last local stage (MEGADetector.blr_relation_module)
-        self.use_stream_caches(True, True)
-
-    def use_stream_caches(self, projections: bool, geometry: bool) -> None:
-        self.kept_projections = projections
-        # The last local stage queries the key's rows only, whose geometry is never met again: with a
-        # single local stage there is nothing to keep.
-        self.kept_geometry = geometry and self.local_stages > 1
-        keep = projections
-        inputs = ["image_size", "key_feats", "key_boxes"]
-        axes = {"key_feats": rows_axes("key_rows"), "key_boxes": rows_axes("key_rows"), **detection_axes()}
-        kv_axes = {}
-        if self.local_stages:
-            inputs += ["local_feats", "local_boxes", "local_counts"]
-            axes.update(local_feats=rows_axes("local_rows"), local_boxes=rows_axes("local_rows"),
-                        local_counts=rows_axes("local_frames"))
-        project_in, project_out = [], []
-        if self.uses_global:
-            names = [f"global_{j}_{kind}" for j in range(self.global_modules) for kind in ("keys", "values")]
-            project_in.append("global_feats")
-            project_out += names
-            inputs += names if keep else ["global_feats"]
-            inputs += ["global_boxes"] if self.global_boxes else []
-            axes.update(global_feats=rows_axes("global_rows"), global_boxes=rows_axes("global_rows"))
-            kv_axes.update({n: {1: "global_rows"} for n in names})
-        outputs = self.key_outputs()
-        axes.update(self.key_output_axes())
-        for i in range(self.memory_levels):
-            names = [f"memory_{i}_keys", f"memory_{i}_values"]
-            project_in.append(f"memory_{i}_feats")
-            project_out += names
-            inputs += (names if keep else [f"memory_{i}_feats"]) + [f"memory_{i}_boxes"]
-            outputs += [f"memory_push_{i}_feats", f"memory_push_{i}_boxes"]
-            axes.update({f"memory_{i}_feats": rows_axes(f"memory_{i}_rows"), f"memory_{i}_boxes": rows_axes(f"memory_{i}_rows"),
-                         f"memory_push_{i}_feats": rows_axes(f"push_{i}_rows"),
-                         f"memory_push_{i}_boxes": rows_axes(f"push_{i}_rows")})
-            kv_axes.update({n: {1: f"memory_{i}_rows"} for n in names})
-        if self.kept_geometry:
-            for i in range(self.local_stages - 1):
-                inputs.append(f"local_{i}_geometry")
-                axes[f"local_{i}_geometry"] = {1: f"stage_{i}_queries", 2: f"stage_{i}_references"}
-        axes.update(kv_axes)
-        self.key_io = GraphIO(inputs, outputs, {k: v for k, v in axes.items() if k in inputs + outputs})
-        self.extra_io = {}
-        if keep and project_in:
-            self.extra_io["project"] = GraphIO(project_in, project_out,
-                                               {k: v for k, v in axes.items() if k in project_in + project_out})
-        if self.kept_geometry:
-            self.extra_io.update({f"geometry_{i}": GEOMETRY_IO for i in range(self.local_stages - 1)})
-        if self.blr:
-            self.extra_io["blr"] = _BLRWeightsGraph.io
-
-    def key_graph(self, model: nn.Module) -> NamedGraph:
-        return _MEGAKeyGraph(model, self.key_io, self.memory_levels > 0, self.kept_projections, self.kept_geometry)
-
-    def extra_graphs(self, model: nn.Module) -> dict[str, NamedGraph]:
-        graphs: dict[str, NamedGraph] = {}
-        if "project" in self.extra_io:
-            graphs["project"] = _MEGAProjectGraph(model, self.extra_io["project"], self.uses_global, self.memory_levels)
-        if self.kept_geometry:
-            graphs.update({f"geometry_{i}": _MEGAGeometryGraph(module, GEOMETRY_IO)
-                           for i, module in enumerate(model.aggregator.local_stages[:-1])})
-        return {**graphs, **self.blr_graphs(model)}
-
-    def new_stream_cache(self) -> MEGAGraphCache | None:
-        if not (self.kept_projections or self.kept_geometry):
-            return None
-        return MEGAGraphCache(ProjectionStore() if "project" in self.extra_io else None,
-                              GeometryBiasCache() if self.kept_geometry else None)
-
-    def _memory_levels(self, inputs: KeyFrameInputs) -> list[list[Any]]:
-        levels = list(inputs.memory) if inputs.memory is not None else [[] for _ in range(self.memory_levels)]
-        return [list(level) for level in levels[: self.memory_levels]]
-
-    def _empty_kv(self) -> Tensor:
-        return torch.zeros(self.heads, 0, self.feat_dim // self.heads)
-
-    def _projected(self, inputs: KeyFrameInputs, store: ProjectionStore, project: GraphRunner) -> Feeds:
-        """The key graph's ``global_{j}_*`` / ``memory_{i}_*`` keys and values: the rows met for the
-        first time go through ``project`` (one call) and into ``store``, the others come from it."""
-        store.prune()
-        n = self.ref_proposals
-        pool, levels = list(inputs.global_pool), self._memory_levels(inputs)
-        new_pool = _missing(store, pool) if self.uses_global else []
-        new_levels = [_missing(store, level) for level in levels]
-        if new_pool or any(new_levels):
-            feeds = {}
-            if self.uses_global:
-                feeds["global_feats"] = _cat_rows(new_pool, n, self.feat_dim)[0]
-            for i, level in enumerate(new_levels):
-                feeds[f"memory_{i}_feats"] = (torch.cat([e.feats for e in level]) if level
-                                              else torch.zeros(0, self.feat_dim))
-            out = project(feeds)
-            if new_pool:
-                counts = [min(n, len(g.boxes)) for g in new_pool]
-                per_name = [_split_cols(out[name], counts) for name in self.extra_io["project"].outputs
-                            if name.startswith("global_")]
-                for g, parts in zip(new_pool, zip(*per_name)):
-                    store.put(g, parts)
-            for i, level in enumerate(new_levels):
-                counts = [len(e.feats) for e in level]
-                pairs = zip(_split_cols(out[f"memory_{i}_keys"], counts), _split_cols(out[f"memory_{i}_values"], counts))
-                for e, pair in zip(level, pairs):
-                    store.put(e, pair)
-        feeds = {}
-        if self.uses_global:
-            names = [f"global_{j}_{kind}" for j in range(self.global_modules) for kind in ("keys", "values")]
-            kept = [store.get(g) for g in pool]
-            for c, name in enumerate(names):
-                feeds[name] = torch.cat([k[c] for k in kept], dim=1) if kept else self._empty_kv()
-        for i, level in enumerate(levels):
-            kept = [store.get(e) for e in level]
-            for c, kind in enumerate(("keys", "values")):
-                feeds[f"memory_{i}_{kind}"] = torch.cat([k[c] for k in kept], dim=1) if kept else self._empty_kv()
-        return feeds
-
-    def _local_geometry(self, inputs: KeyFrameInputs, local_boxes: Tensor, local_counts: list[int],
-                        cache: MEGAGraphCache, extra: Mapping[str, GraphRunner]) -> Feeds:
-        """The key graph's ``local_{i}_geometry``: the geometry term [M_h, queries, references] of local
-        stage i's window queries (every window frame's distilled rows; all stages but the last, which
-        queries the key only) over its references (the window's rows at stage 0, their distilled rows
-        afterwards, then memory level i's entries), as :meth:`MEGAAggregator.local_stage` lays them out,
-        assembled from the stream's blocks as :meth:`MEGADetector.detect_key` does; the new pairs come
-        from graph ``geometry_{i}``. The key's own rows are left to the key graph: never met again, they
-        would only be computed here and copied in."""
-        blocks = cache.geometry
-        blocks.next_frame()
-        distilled_counts = [min(self.advanced_num, c) for c in local_counts]
-        distilled_boxes = local_boxes[first_rows_index(local_counts, self.advanced_num)]
-        levels = self._memory_levels(inputs)
-        ref_boxes, ref_counts = local_boxes, list(local_counts)
-        feeds = {}
-        for i in range(self.local_stages - 1):
-            level = levels[i] if levels else []
-            all_boxes = torch.cat([ref_boxes, *(e.boxes for e in level)])
-            all_counts = ref_counts + [len(e.boxes) for e in level]
-            run = extra[f"geometry_{i}"]
-            out = cache.geometry_buffer(i, (self.heads, len(distilled_boxes), len(all_boxes)))
-            feeds[f"local_{i}_geometry"] = blocks.assemble(
-                (f"geometry_{i}", id(run)), self.heads, _graph_blocks(run, distilled_boxes, all_boxes),
-                distilled_boxes, distilled_counts, all_boxes, all_counts, out=out)
-            ref_boxes, ref_counts = distilled_boxes, distilled_counts
-        return feeds
-
-    def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None, extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
-        key, n = inputs.key, self.ref_proposals
-        cache = cache if cache is not None else self.new_stream_cache()  # a fresh cache: same numbers, more work
-        feeds = {"image_size": size_feed(key.image_size), "key_feats": key.feats, "key_boxes": key.boxes}
-        if self.local_stages:
-            feeds["local_feats"], feeds["local_boxes"], counts = _cat_rows(inputs.local, n, self.feat_dim)
-            feeds["local_counts"] = counts
-            if self.kept_geometry:
-                feeds.update(self._local_geometry(inputs, feeds["local_boxes"], counts.tolist(), cache, extra))
-        if self.uses_global:
-            feeds["global_feats"], global_boxes, _ = _cat_rows(inputs.global_pool, n, self.feat_dim)
-            if self.global_boxes:
-                feeds["global_boxes"] = global_boxes
-        for i, level in enumerate(self._memory_levels(inputs)):
-            if not self.kept_projections:
-                feeds[f"memory_{i}_feats"] = (torch.cat([e.feats for e in level]) if level
-                                              else torch.zeros(0, self.feat_dim))
-            feeds[f"memory_{i}_boxes"] = torch.cat([e.boxes for e in level]) if level else torch.zeros(0, 4)
-        if self.kept_projections:
-            feeds.update(self._projected(inputs, cache.projections, extra["project"]))
-        return {k: v for k, v in feeds.items() if k in self.key_io.inputs}
-
-    def key_output(self, outputs: Feeds, inputs: KeyFrameInputs) -> KeyFrameOutput:
-        push = [RoiRows(outputs[f"memory_push_{i}_feats"], outputs[f"memory_push_{i}_boxes"])
-                for i in range(self.memory_levels)]
-        return KeyFrameOutput(self._detections(outputs, inputs), push)
-
-
-def _graph_blocks(run: GraphRunner, query_boxes: Tensor, ref_boxes: Tensor):
-    """:data:`~megavod.models.geometry_cache.BlockFn` of a ``geometry_{i}`` graph over these boxes."""
-
-    def compute(query_rows: Tensor, ref_rows: Tensor) -> Tensor:
-        return run({"x_boxes": query_boxes[query_rows], "ref_boxes": ref_boxes[ref_rows]})["geometry"]
-
-    return compute
-
-
 class _RDNKeyGraph(NamedGraph):
     """``RDNDetector.detect_key``: basic stages over the supportive rows, the advanced stage, predictor,
     postprocess (``RDNAggregator.forward``)."""
@@ -540,7 +167,7 @@ class _RDNKeyGraph(NamedGraph):
         return (*dets, blr_queries[rows], key_boxes[rows])
 
 
-class RDNGraphs(_RelationGraphs):
+class RDNGraphs(RelationGraphs):
     """RDN-base and RDN: the key graph takes the key's rows and the window's supportive rows
     (``support_counts`` per frame)."""
 
@@ -564,7 +191,7 @@ class RDNGraphs(_RelationGraphs):
 
     def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None, extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
         key = inputs.key
-        feats, boxes, counts = _cat_rows(inputs.local, self.ref_proposals, self.feat_dim)
+        feats, boxes, counts = cat_rows(inputs.local, self.ref_proposals, self.feat_dim)
         feeds = {"image_size": size_feed(key.image_size), "key_feats": key.feats, "key_boxes": key.boxes,
                  "support_feats": feats, "support_boxes": boxes, "support_counts": counts}
         return {k: v for k, v in feeds.items() if k in self.key_io.inputs}

@@ -7,7 +7,7 @@ the per-frame graph, ``detect_key`` the key-frame graph, with the method's adapt
 (:class:`megavod.export.graphs.MethodGraphs`) turning the engine's values into graph inputs and back.
 The stream state (window, global pool, memory) stays the engine's; what a stream keeps between key frames
 for the graphs (MEGA's projected keys/values and geometry blocks,
-:class:`megavod.export.relation_graphs.MEGAGraphCache`) is the stream's cache
+:class:`megavod.export.mega_graphs.MEGAGraphCache`) is the stream's cache
 (:meth:`GraphDetector.new_stream_cache`).
 """
 

@@ -22,7 +22,8 @@ from megavod.checkpoints import signatures
 from megavod.data.sampling import MEGASampler, OffsetSampler
 from megavod.export.flow_graphs import DFFGraphs, FGFAGraphs
 from megavod.export.graphs import SingleFrameGraphs
-from megavod.export.relation_graphs import MEGAGraphs, RDNGraphs
+from megavod.export.mega_graphs import MEGAGraphs
+from megavod.export.relation_graphs import RDNGraphs
 from megavod.inference.schedules import FlowWindowSchedule, KeyFrameSchedule, RelationSchedule, SingleFrameSchedule
 from megavod.methods.building import build_detector, load_detector, load_initial_weights
 from megavod.models.dff import build_dff_detector
