@@ -6,6 +6,7 @@ exported graphs, run by ONNX Runtime behind the detector contract, give PyTorch'
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -318,6 +319,21 @@ def test_shipped_weights_round_trip_through_detect(tmp_path, capsys, flags):
     a, b = (read_predictions(next(outs[k].glob("*.json"))) for k in ("torch", "onnxruntime"))
     frames = lambda p: [(r.frame, r.detections) for r in p[0].frames]  # noqa: E731
     assert_same_detections(frames(a), frames(b))
+
+
+def test_export_without_blr_graph_still_runs(exported, clip, tmp_path):
+    """An export written before the blr graph existed loads; BLR then has no relation module (w = 0)."""
+    cfg, _, onnx_detector, out = exported("rdn")
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["graphs"]["blr"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    (old / "blr.onnx").unlink()
+    detector = Detector(load_onnx_detector(old, "cpu", threads=1)[0], cfg, "cpu")
+    assert not detector.has_relation_module() and Detector(onnx_detector, cfg, "cpu").has_relation_module()
+    frames = [((f.permute(1, 2, 0).numpy() / 80 + 0.5).clip(0, 1) * 255).astype(np.uint8) for f in clip[:3]]
+    assert len(detector.detect(frames, postprocess="blr").frames) == 3
 
 
 def test_bad_input_gives_one_line(tmp_path, capsys):

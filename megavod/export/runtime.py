@@ -31,6 +31,8 @@ from megavod.registry import get_method
 from megavod.structures import RelationInputs
 
 MANIFEST = "manifest.json"
+#: Graphs an export may lack (written before they existed): without ``blr``, BLR links with w = 0.
+OPTIONAL_GRAPHS = ("blr",)
 FORMAT = "megavod.onnx"
 
 def method_graphs(cfg: Config, reference_cache: bool = True, geometry_cache: bool = True) -> MethodGraphs:
@@ -175,6 +177,8 @@ def load_onnx_detector(folder: str | Path, device: str = "cpu", threads: int | N
         options.inter_op_num_threads = 1
     runners = {}
     for name, io in (("frame", graphs.frame_io), ("key", graphs.key_io), *graphs.extra_io.items()):
+        if name in OPTIONAL_GRAPHS and name not in manifest["graphs"]:
+            continue
         if name not in manifest["graphs"]:
             raise MegavodError(f"{folder / MANIFEST}: no graph '{name}' (export it again with megavod export)")
         path = folder / manifest["graphs"][name]["file"]
