@@ -66,50 +66,59 @@ class _MEGAKeyGraph(NamedGraph):
             refs, kv = self._global_refs(t, j)
             feats = feats + ops.relation(module, feats, refs, boxes, global_boxes, kv)
         key_feats = feats[:n_key]
-        pushes: list[Tensor] = []
-        if agg.N_l > 0:  # MEGAAggregator.local_stage
-            counts = t["local_counts"]
-            distilled = ops.first_rows(counts, agg.advanced_num)
-            local_feats, local_boxes = feats[n_key:], boxes[n_key:]
-            queries = torch.cat([key_feats, local_feats[distilled]])
-            query_boxes = torch.cat([key_boxes, local_boxes[distilled]])
-            refs, ref_boxes = local_feats, local_boxes
-            oldest = counts[0]  # rows of the oldest window frame: what memory receives (_oldest_frame_rows)
-            for i, module in enumerate(agg.local_stages):
-                size = oldest if i == 0 else torch.clamp(oldest, max=agg.advanced_num)
-                pushes += [refs[:size], ref_boxes[:size]]
-                last = i == agg.N_l - 1
-                if last:
-                    queries, query_boxes = queries[:n_key], query_boxes[:n_key]
-                    blr_queries = queries  # the last location-based module's queries: BLR's rows
-                all_refs, all_boxes, memory_kv = refs, ref_boxes, None
-                if self.memory:  # memory level i joins the references of stage i, after the local rows
-                    all_boxes = torch.cat([ref_boxes, t[f"memory_{i}_boxes"]])
-                    if self.projected:
-                        memory_kv = t[f"memory_{i}_keys"], t[f"memory_{i}_values"]
-                    else:
-                        all_refs = torch.cat([refs, t[f"memory_{i}_feats"]])
-                k, v = ops.references(module, all_refs, memory_kv)
-                if self.kept_geometry and not last:
-                    relation = torch.cat([
-                        ops.attend(module, queries[:n_key], k, v, key_boxes, all_boxes),
-                        ops.attend(module, queries[n_key:], k, v, geometry=t[f"local_{i}_geometry"]),
-                    ])
-                else:
-                    relation = ops.attend(module, queries, k, v, query_boxes, all_boxes)
-                queries = queries + relation
-                if not last:
-                    queries = F.relu(agg.fcs[i + 1](queries))
-                refs, ref_boxes = queries[n_key:], query_boxes[n_key:]
-            key_feats = queries[:n_key]
+        blr_queries, pushes = None, []
+        if agg.N_l > 0:
+            key_feats, blr_queries, pushes = self._local_stages(t, feats[:n_key], key_boxes, feats[n_key:], boxes[n_key:])
         for j, module in enumerate(agg.global_stages[agg.N_g :], start=agg.N_g):  # global_residual_stage
             refs, kv = self._global_refs(t, j)
             key_feats = key_feats + ops.relation(module, key_feats, refs, key_boxes, global_boxes, kv)
         head = self.model.box_head
         class_logits, box_regression = head.predictor(key_feats)
         *dets, rows = ops.detections(head.postprocessor, class_logits, box_regression, key_boxes, t["image_size"])
-        relation = [blr_queries[rows], key_boxes[rows]] if agg.N_l > 0 else []
+        relation = [blr_queries[rows], key_boxes[rows]] if blr_queries is not None else []
         return (*dets, *relation, *(pushes if self.memory else []))
+
+    def _local_stages(self, t: Feeds, key_feats: Tensor, key_boxes: Tensor, local_feats: Tensor,
+                      local_boxes: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """``MEGAAggregator.local_stage`` with memory level i joining stage i's references: (the key rows
+        after the last stage, their rows as the last stage's queries (BLR's), the memory pushes
+        [feats, boxes] per level)."""
+        agg = self.model.aggregator
+        n_key = key_feats.shape[0]
+        counts = t["local_counts"]
+        distilled = ops.first_rows(counts, agg.advanced_num)
+        queries = torch.cat([key_feats, local_feats[distilled]])
+        query_boxes = torch.cat([key_boxes, local_boxes[distilled]])
+        refs, ref_boxes = local_feats, local_boxes
+        oldest = counts[0]  # rows of the oldest window frame: what memory receives (_oldest_frame_rows)
+        pushes: list[Tensor] = []
+        for i, module in enumerate(agg.local_stages):
+            size = oldest if i == 0 else torch.clamp(oldest, max=agg.advanced_num)
+            pushes += [refs[:size], ref_boxes[:size]]
+            last = i == agg.N_l - 1
+            if last:
+                queries, query_boxes = queries[:n_key], query_boxes[:n_key]
+            blr_queries = queries  # the last stage's are the last location-based module's queries
+            all_refs, all_boxes, memory_kv = refs, ref_boxes, None
+            if self.memory:  # memory level i joins the references of stage i, after the local rows
+                all_boxes = torch.cat([ref_boxes, t[f"memory_{i}_boxes"]])
+                if self.projected:
+                    memory_kv = t[f"memory_{i}_keys"], t[f"memory_{i}_values"]
+                else:
+                    all_refs = torch.cat([refs, t[f"memory_{i}_feats"]])
+            k, v = ops.references(module, all_refs, memory_kv)
+            if self.kept_geometry and not last:  # the key's rows here, the window's from the stream's blocks
+                relation = torch.cat([
+                    ops.attend(module, queries[:n_key], k, v, key_boxes, all_boxes),
+                    ops.attend(module, queries[n_key:], k, v, geometry=t[f"local_{i}_geometry"]),
+                ])
+            else:
+                relation = ops.attend(module, queries, k, v, query_boxes, all_boxes)
+            queries = queries + relation
+            if not last:
+                queries = F.relu(agg.fcs[i + 1](queries))
+            refs, ref_boxes = queries[n_key:], query_boxes[n_key:]
+        return queries[:n_key], blr_queries, pushes
 
 
 class _MEGAProjectGraph(NamedGraph):
