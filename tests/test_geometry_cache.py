@@ -100,3 +100,41 @@ def test_temporal_embedding_keys_include_the_frame_index():
         cache.next_frame()
         bias = cache.bias(module, queries, [3], refs, [4], qf, rf)
         torch.testing.assert_close(bias, module.geometry_bias(queries, refs, qf, rf), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_assemble_with_any_block_function_and_a_reused_buffer():
+    """``assemble`` with a block function of its own (what the ONNX runtime passes: a geometry graph) and
+    one output buffer reused from key frame to key frame gives the term ``bias`` gives, in that buffer,
+    computing the same pairs; blocks of the two sources are never mixed."""
+    module = make_module()
+    by_module, by_function = GeometryBiasCache(), GeometryBiasCache()
+    g = torch.Generator().manual_seed(3)
+    frames = [random_boxes(FRAME_ROWS, g) for _ in range(6 + MEMORY + WINDOW)]
+    buffer = torch.full((module.num_heads, WINDOW * DISTILLED, (WINDOW + MEMORY) * FRAME_ROWS), float("nan"))
+    for k in range(6):
+        window, memory = frames[k + MEMORY : k + MEMORY + WINDOW], frames[k : k + MEMORY]
+        queries, refs = torch.cat([f[:DISTILLED] for f in window]), torch.cat([*window, *memory])
+        counts = [DISTILLED] * WINDOW, [FRAME_ROWS] * (WINDOW + MEMORY)
+        by_module.next_frame()
+        by_function.next_frame()
+        expected = by_module.bias(module, queries, counts[0], refs, counts[1])
+        got = by_function.assemble(
+            "a geometry graph", module.num_heads,
+            lambda qi, ri: module.geometry_bias(queries[qi], refs[ri]),  # noqa: B023 (called here, at once)
+            queries, counts[0], refs, counts[1], out=buffer)
+        assert got.data_ptr() == buffer.data_ptr()
+        assert torch.equal(got, expected)
+        assert by_function.computed_pairs == by_module.computed_pairs
+    try:
+        by_function.assemble("a geometry graph", module.num_heads, lambda qi, ri: None, queries, counts[0], refs,
+                             counts[1], out=buffer[:, :1])
+    except ValueError as e:
+        assert "out is" in str(e)
+    else:
+        raise AssertionError("a buffer of the wrong shape was accepted")
+    other_source = GeometryBiasCache()
+    other_source._used = dict(by_function._used)  # the same keys under another source: never a hit
+    other_source.next_frame()
+    other_source.bias(module, queries, counts[0], refs, counts[1])
+    assert other_source.computed_pairs == len(queries) * len(refs)
