@@ -177,6 +177,19 @@ def test_graph_modules_in_pytorch_equal_the_model(exported, clip):
     assert_same_detections(run(model, cfg, clip, "offline"), run(torch_graph_detector(model, cfg), cfg, clip, "offline"))
 
 
+def test_graph_modules_without_global_pool_or_memory(clip):
+    """A MEGA ablation with nothing to project (no global modules, no memory): the graphs keep no keys/values
+    (there is no project graph) and still compute the model's detections."""
+    cfg = load_config("synthetic_base", SMALL + ["mega.N_g=0", "mega.global_res_stages=0"])
+    torch.manual_seed(0)
+    model = build_detector(cfg).eval()
+    graph_detector = torch_graph_detector(model, cfg)
+    assert not graph_detector.graphs.kept_projections and "project" not in graph_detector.graphs.extra_io
+    expected = run(model, cfg, clip, "offline")
+    assert sum(len(d) for _, d in expected) > 0
+    assert_same_detections(expected, run(graph_detector, cfg, clip, "offline"))
+
+
 def test_manifest_describes_the_graphs(exported):
     cfg, _, _, out = exported("mega")
     manifest = json.loads((out / "manifest.json").read_text())

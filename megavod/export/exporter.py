@@ -141,8 +141,7 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | os.PathLike, fmt: str 
         manifest = {
             "format": FORMAT, "version": 1, "method": cfg.method, "config_name": cfg.name, "source": source,
             "opset": opset, "torch": torch.__version__, "config": to_dict(cfg),
-            "reference_cache": "project" in graphs.extra_io,
-            "geometry_cache": any(n.startswith("geometry_") for n in graphs.extra_io),
+            "reference_cache": graphs.kept_projections, "geometry_cache": graphs.kept_geometry,
             "input": {"min_size_test": cfg.input.min_size_test, "max_size_test": cfg.input.max_size_test,
                       "pixel_mean": list(cfg.input.pixel_mean), "pixel_std": list(cfg.input.pixel_std),
                       "image": "[1, 3, H, W] float32: RGB frame resized (shorter side min_size_test, longer at most "

@@ -83,7 +83,6 @@ class FGFAGraphs(MethodGraphs):
 
     def __init__(self, cfg: Any) -> None:
         _refuse_raft(cfg.fgfa, "fgfa")
-        self.cfg = cfg
 
     def frame_graph(self, model: nn.Module) -> NamedGraph:
         return _FGFAFrameGraph(model)
@@ -134,7 +133,6 @@ class DFFGraphs(MethodGraphs):
 
     def __init__(self, cfg: Any) -> None:
         _refuse_raft(cfg.dff, "dff")
-        self.cfg = cfg
         self.key_interval = cfg.dff.key_interval
 
     def frame_graph(self, model: nn.Module) -> NamedGraph:

@@ -92,6 +92,8 @@ class MethodGraphs:
     key_io: GraphIO
     #: Graphs besides the two (name -> io) that :meth:`key_feeds` runs (MEGA's ``project``, ``geometry_{i}``).
     extra_io: dict[str, GraphIO] = {}
+    #: What :meth:`use_stream_caches` keeps (the manifest records it): keys/values, geometry blocks.
+    kept_projections = kept_geometry = False
 
     def frame_graph(self, model: nn.Module) -> NamedGraph:
         raise NotImplementedError
@@ -169,8 +171,8 @@ class SingleFrameGraphs(MethodGraphs):
     frame_io = BackboneGraph.io
     key_io = C4HeadGraph.io
 
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Any) -> None:  # the method table builds every entry from the config
+        pass
 
     def frame_graph(self, model: nn.Module) -> NamedGraph:
         return BackboneGraph(model)

@@ -238,11 +238,10 @@ class MEGAGraphs(RelationGraphs):
         self.use_stream_caches(True, True)
 
     def use_stream_caches(self, projections: bool, geometry: bool) -> None:
-        self.kept_projections = projections
+        self.kept_projections = projections and (self.uses_global or self.memory_levels > 0)
         # The last local stage queries the key's rows only, whose geometry is never met again: with a
         # single local stage there is nothing to keep.
         self.kept_geometry = geometry and self.local_stages > 1
-        keep = projections
         inputs = ["image_size", "key_feats", "key_boxes"]
         axes = {"key_feats": rows_axes("key_rows"), "key_boxes": rows_axes("key_rows"), **detection_axes()}
         kv_axes = {}
@@ -255,7 +254,7 @@ class MEGAGraphs(RelationGraphs):
             names = [f"global_{j}_{kind}" for j in range(self.global_modules) for kind in ("keys", "values")]
             project_in.append("global_feats")
             project_out += names
-            inputs += names if keep else ["global_feats"]
+            inputs += names if self.kept_projections else ["global_feats"]
             inputs += ["global_boxes"] if self.global_boxes else []
             axes.update(global_feats=rows_axes("global_rows"), global_boxes=rows_axes("global_rows"))
             kv_axes.update({n: {1: "global_rows"} for n in names})
@@ -265,7 +264,7 @@ class MEGAGraphs(RelationGraphs):
             names = [f"memory_{i}_keys", f"memory_{i}_values"]
             project_in.append(f"memory_{i}_feats")
             project_out += names
-            inputs += (names if keep else [f"memory_{i}_feats"]) + [f"memory_{i}_boxes"]
+            inputs += (names if self.kept_projections else [f"memory_{i}_feats"]) + [f"memory_{i}_boxes"]
             outputs += [f"memory_push_{i}_feats", f"memory_push_{i}_boxes"]
             axes.update({f"memory_{i}_feats": rows_axes(f"memory_{i}_rows"), f"memory_{i}_boxes": rows_axes(f"memory_{i}_rows"),
                          f"memory_push_{i}_feats": rows_axes(f"push_{i}_rows"),
@@ -278,7 +277,7 @@ class MEGAGraphs(RelationGraphs):
         axes.update(kv_axes)
         self.key_io = GraphIO(inputs, outputs, {k: v for k, v in axes.items() if k in inputs + outputs})
         self.extra_io = {}
-        if keep and project_in:
+        if self.kept_projections:
             self.extra_io["project"] = GraphIO(project_in, project_out,
                                                {k: v for k, v in axes.items() if k in project_in + project_out})
         if self.kept_geometry:

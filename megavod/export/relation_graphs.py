@@ -104,7 +104,6 @@ class RelationGraphs(MethodGraphs):
 
     def __init__(self, cfg: Any) -> None:
         _refuse_temporal_embedding(cfg)
-        self.cfg = cfg
         self.ref_proposals = cfg.model.rpn.ref_post_nms_top_n
         self.feat_dim = cfg.model.roi_head.representation_size
 
