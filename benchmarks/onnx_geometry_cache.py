@@ -6,7 +6,9 @@ Usage::
 
 Issue 17: a cache of the PyTorch path is kept or recomputed inside the graph, whichever is faster. The
 PyTorch path keeps the geometry blocks of local stages per (query frame, reference frame)
-(``megavod/models/geometry_cache.py``); key.onnx recomputes them (:func:`megavod.export.ops.geometry_bias`).
+(``megavod/models/geometry_cache.py``); key.onnx recomputed them (:func:`megavod.export.ops.geometry_bias`)
+when this was written. It measured the choice; the export now keeps them (``benchmarks/onnx_key_profile.py``
+times the built version).
 This times one MEGA R-101 local stage 0 on a sliding window, the shapes of mega_R_101's key graph:
 queries = the key frame's 300 rows + 15 distilled rows of each of the 25 window frames (675), references
 = 75 rows of each window frame + memory level 0's 25 frames of 75 rows (3750), 16 heads of 64 channels

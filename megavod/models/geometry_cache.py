@@ -111,8 +111,9 @@ class GeometryBiasCache:
         what computes the blocks (blocks of different sources are never mixed; a module's includes the
         version of its ``Wg``). ``x_frames`` / ``ref_frames`` only enter the keys. ``out``: a float32
         tensor [heads, N, M] to write the term into, which the caller may reuse from one key frame to the
-        next (a fresh allocation of a large term is paid in page faults: ~20 of ~50 ms for MEGA R-101's
-        90 MB stage-0 term on one CPU thread)."""
+        next (a fresh allocation of a large term is paid in page faults: MEGA R-101's 90 MB stage-0 term
+        took 77 ms to assemble into a fresh tensor, 42 ms into a reused one, on one CPU thread,
+        ``benchmarks/onnx_key_profile.py --assembly``)."""
         if sum(x_counts) != x_boxes.shape[0] or sum(ref_counts) != ref_boxes.shape[0]:
             raise ValueError("GeometryBiasCache.bias: group counts do not add up to the rows")
         q_keys = _group_keys(x_boxes, x_frames, x_counts)
