@@ -4,7 +4,7 @@ Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/onnx_geometry_cache.py [--repeats 7] [--threads 1]
 
-Issue 17: a cache of the PyTorch path is kept or recomputed inside the graph, whichever is faster. The
+The question: a cache of the PyTorch path is kept or recomputed inside the graph, whichever is faster. The
 PyTorch path keeps the geometry blocks of local stages per (query frame, reference frame)
 (``megavod/models/geometry_cache.py``); key.onnx recomputed them (:func:`megavod.export.ops.geometry_bias`)
 when this was written. It measured the choice; the export now keeps them (``benchmarks/onnx_key_profile.py``
