@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import pickle
-import re
 
 import pytest
 import torch
@@ -22,22 +21,9 @@ from megavod.models.backbone import (
     resnet_spec,
 )
 from megavod.models.single_frame import build_single_frame_detector
-from _spec import CHECKPOINT_KEYS
-
-KEYS_DIR = CHECKPOINT_KEYS
+from reference_data import authors_listing
 
 
-def _authors_keys(name: str) -> tuple[int, int, dict[str, tuple[int, ...]]]:
-    lines = (KEYS_DIR / f"{name}.txt").read_text().splitlines()
-    m = re.search(r"header: (\d+) keys (\d+) elements", lines[0])
-    keys = {}
-    for line in lines[1:]:
-        key, shape = line.split(" ", 1)
-        keys[key] = tuple(int(x) for x in re.findall(r"\d+", shape))
-    return int(m.group(1)), int(m.group(2)), keys
-
-
-@pytest.mark.skipif(not KEYS_DIR.is_dir(), reason="spec checkpoint key listings not available")
 @pytest.mark.parametrize(
     "arch,listing,n_keys,n_elements",
     [("R-101-C4", "vid_R_101_C4_1x", 535, 156_075_207), ("R-50-C4", "vid_R_50_C4_1x", 282, 47_640_007)],
@@ -47,7 +33,7 @@ def test_single_frame_state_dict_equals_authors_listing(arch, listing, n_keys, n
     cfg.model.backbone.arch = arch
     cfg.model.roi_head.reduce_channel = arch == "R-50-C4"  # the R-50 configs' REDUCE_CHANNEL
     sd = build_single_frame_detector(cfg).state_dict()
-    header_keys, header_elements, authors = _authors_keys(listing)
+    header_keys, header_elements, authors = authors_listing(listing)
     assert (header_keys, header_elements) == (n_keys, n_elements)
     # parameters + buffers counted like the listing's header
     assert len(sd) == n_keys

@@ -73,13 +73,7 @@ PRESETS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tensors are small, and a shared machine's cores are busy (~10x faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test (tests/conftest.py): small tensors
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,8 @@ from megavod.errors import ConfigError, MegavodError
 from megavod.methods import build_detector, load_detector
 from megavod.models.contract import KeyFrameInputs
 from megavod.models.rpn import legacy_cell_anchors
-from _spec import CHECKPOINT_KEYS
+from reference_data import authors_listing as listing
 
-KEYS_DIR = CHECKPOINT_KEYS
 FE = "roi_heads.box.feature_extractor."
 
 # listing -> (preset, description, tensors renamed by the mapping). Only the aggregators of MEGA and
@@ -71,21 +70,8 @@ METHOD_LAYERS = {
     "dff": [FE + "fc7", "flownet.Convolution5_scale", "flownet.upsample_flow4to3", "flownet.conv3_1"],
 }
 
-pytestmark = pytest.mark.skipif(not KEYS_DIR.is_dir(), reason="checkpoint key listings not available")
-
-
 # ----------------------------------------------------------------------------------------------
-# Helpers: listings, synthetic checkpoints, the name mapping of docs/conventions.md#state-dict-names written out by hand
-
-
-def listing(name: str) -> tuple[int, int, dict[str, tuple[int, ...]]]:
-    lines = (KEYS_DIR / f"{name}.txt").read_text().splitlines()
-    m = re.search(r"header: (\d+) keys (\d+) elements", lines[0])
-    keys = {}
-    for line in lines[1:]:
-        key, shape = line.split(" ", 1)
-        keys[key] = tuple(int(x) for x in re.findall(r"\d+", shape))
-    return int(m.group(1)), int(m.group(2)), keys
+# Helpers: synthetic checkpoints (listing: reference_data.authors_listing), the name mapping of docs/conventions.md#state-dict-names written out by hand
 
 
 def ours(key: str) -> str:

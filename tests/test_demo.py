@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 import megavod.apps.demo as demo
@@ -14,15 +13,6 @@ from megavod.data.video import open_source
 from megavod.methods import build_detector
 
 MAX_WEIGHTS_BYTES = 8 * 1024 * 1024
-
-
-@pytest.fixture
-def one_thread():
-    # Small tensors: a second thread only adds synchronisation on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_shipped_weights_are_small_and_fill_the_model_exactly():

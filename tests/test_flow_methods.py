@@ -4,7 +4,6 @@ listings, FGFA's weights, the flow engine's schedules, training and detection on
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
@@ -21,23 +20,11 @@ from megavod.models.dff import DFFDetector
 from megavod.models.fgfa import FGFADetector, aggregation_weights
 from megavod.models.flownet import FlowNetS, RAFTFlow, load_flownet_weights
 from megavod.models.warp import flow_grid, warp
-from _spec import CHECKPOINT_KEYS
+from reference_data import authors_listing
 
-KEYS = CHECKPOINT_KEYS
 # The synthetic preset's small detector at 64-pixel frames.
 SMALL = ["input.min_size_train=[64]", "input.max_size_train=96", "input.min_size_test=64",
          "input.max_size_test=96", "data.train_sets=[DET_train_30classes, VID_train_15frames]"]
-
-
-def authors_listing(name: str) -> tuple[int, int, dict[str, tuple[int, ...]]]:
-    path = KEYS / f"{name}.txt"
-    if not path.exists():
-        pytest.skip(f"checkpoint key listing not found at {path}")
-    lines = path.read_text().splitlines()
-    n_keys, n_elements = map(int, re.search(r"header: (\d+) keys (\d+) elements", lines[0]).groups())
-    return n_keys, n_elements, {
-        key: tuple(int(v) for v in re.findall(r"\d+", shape)) for key, shape in (l.split(" ", 1) for l in lines[1:])
-    }
 
 
 def ramp(h, w):

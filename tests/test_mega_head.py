@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from megavod.models.mega_head import MEGAAggregator, RoiRows
-from _spec import CHECKPOINT_KEYS
+from reference_data import authors_listing as full_listing
 
-KEY_LISTINGS = CHECKPOINT_KEYS
 PREFIX = "roi_heads.box.feature_extractor."
 
 # Small sizes for the behaviour tests: C = 32, 4 heads, 16-d geometry, 5 rows per frame, D = 2 per frame.
@@ -38,15 +37,11 @@ def frame_rows(n, seed, frame=None, dim=C):
 
 
 def authors_listing(config):
-    path = KEY_LISTINGS / f"{config}.txt"
-    if not path.exists():
-        pytest.skip(f"checkpoint key listing not found at {path}")
-    shapes = {}
-    for line in path.read_text().splitlines():
-        if line.startswith(PREFIX) and ".head.layer4." not in line and not line.startswith(PREFIX + "conv."):
-            name, shape = line[len(PREFIX) :].split(" ", 1)
-            shapes[name] = tuple(int(v) for v in shape.strip("()").split(",") if v.strip())
-    return shapes
+    """The aggregator's part of the authors' listing: feature-extractor keys without PREFIX, less the res5
+    head and the reduce conv."""
+    _, _, shapes = full_listing(config)
+    return {key[len(PREFIX) :]: shape for key, shape in shapes.items()
+            if key.startswith(PREFIX) and ".head.layer4." not in key and not key.startswith(PREFIX + "conv.")}
 
 
 @pytest.mark.parametrize(

@@ -28,15 +28,6 @@ from megavod.apps.reproduce_report import format_table
 TINY = dict(videos=2, frames=6, size=64, iterations=2, pretrain_iterations=2)
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny tensors: a second thread only adds synchronisation on a shared 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_presets_differ_only_in_method_and_memory():
     """The comparison is fair: same detector, input, solver and seed; only method / memory differ, and
     the base model reads as many reference frames per iteration as MEGA (memory slots spent on local)."""

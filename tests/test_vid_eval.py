@@ -19,9 +19,7 @@ from megavod.errors import MegavodError
 from megavod.data.motion import bucket_shares, motion_ious_for_video
 from megavod.evaluation.vid_eval import evaluate_dataset, evaluate_vid
 from megavod.structures import Detections, FrameAnnotation
-from _spec import VECTORS
-
-CASE = VECTORS / "vid_eval_case.json"
+from reference_data import VID_EVAL_CASE as CASE
 
 
 def gt(boxes, labels, video="v", frame=0, tracks=None, size=(640, 480)) -> FrameAnnotation:
