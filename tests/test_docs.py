@@ -49,3 +49,41 @@ def test_no_citation_of_the_external_spec():
              for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
              if re.search(r"\bspec\s*§", line, re.I)]
     assert not cited, "\n".join(cited)
+
+
+def _readme_synopsis() -> dict[str, str]:
+    """README "Command line"'s synopsis block: per subcommand, its lines joined (continuations are indented)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Command line", 1)[1].split("```", 2)[1]
+    out: dict[str, str] = {}
+    command = None
+    for line in block.splitlines():
+        if line.startswith("megavod "):
+            command = line.split()[1]
+            out[command] = line
+        elif line.strip() and command is not None:
+            out[command] += " " + line.strip()
+    return out
+
+
+def test_readme_synopsis_lists_every_cli_option():
+    """Every subcommand of ``megavod`` and every option it accepts (``--help`` aside) appear in README's
+    synopsis, so the synopsis cannot fall behind the parser."""
+    import argparse
+
+    from megavod.apps.cli import build_parser
+
+    synopsis = _readme_synopsis()
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, parser in sub.choices.items():
+        if name not in synopsis:
+            missing.append(f"megavod {name}")
+            continue
+        words = set(re.findall(r"--[\w-]+", synopsis[name]))
+        for action in parser._actions:
+            longs = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
+            if longs and not words & set(longs):
+                missing.append(f"megavod {name} {longs[0]}")
+    assert not missing, "README's command-line synopsis lacks: " + ", ".join(missing)
+    assert set(synopsis) <= set(sub.choices), set(synopsis) - set(sub.choices)
