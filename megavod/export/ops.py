@@ -20,12 +20,12 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.models.detection._utils import _topk_min
 from torchvision.ops import nms as tv_nms
 from torchvision.ops import roi_align
 
 # The relation module's private pieces are reused, not copied, so the graph's geometry term is the
 # PyTorch path's formula (docs/conventions.md#relation-module).
+from megavod.models.box_coder import nms, plus_one, top_k
 from megavod.models.relation import RelationModule, _frequencies
 from megavod.models.roi_heads import BoxPostProcessor, ResNetC5RoIPooler
 from megavod.models.rpn import RPN
@@ -42,11 +42,6 @@ def clip_to_image(boxes: Tensor, image_size: Tensor) -> Tensor:
     upper = torch.stack([hw[1] - 1, hw[0] - 1, hw[1] - 1, hw[0] - 1])
     grouped = boxes.reshape(boxes.shape[0], -1, 4)
     return torch.min(torch.max(grouped, torch.zeros_like(upper)), upper).reshape(boxes.shape[0], -1)
-
-
-def plus_one(boxes: Tensor) -> Tensor:
-    """x2, y2 shifted by one pixel: torchvision's / ONNX's NMS then measure the +1 areas (box_coder.nms)."""
-    return torch.cat([boxes[..., :2], boxes[..., 2:] + 1], dim=-1)
 
 
 def image_size_of(image: Tensor) -> Tensor:
@@ -69,16 +64,16 @@ def anchors(rpn: RPN, c4: Tensor) -> Tensor:
     return (shifts + generator.cell_anchors[0].view(1, -1, 4)).reshape(-1, 4)
 
 
-def proposals(rpn: RPN, c4: Tensor, image_size: Tensor, pre_nms_top_n: int, post_nms_top_n: int) -> Tensor:
+def proposals(rpn: RPN, c4: Tensor, image_size: Tensor, pre_nms_top_n: int, post_nms_top_n: int | Tensor) -> Tensor:
     """One image's test proposals [P, 4], sorted by objectness (:meth:`RPN.select`, min_size 0)."""
     objectness, deltas = rpn.head(c4)
     num_anchors = objectness.shape[1]
     obj = objectness.permute(0, 2, 3, 1).reshape(-1)
     d = deltas.view(1, num_anchors, 4, deltas.shape[-2], deltas.shape[-1]).permute(0, 3, 4, 1, 2).reshape(-1, 4)
-    scores, idx = obj.sigmoid().topk(_topk_min(obj, pre_nms_top_n, 0), dim=0, sorted=True)
+    scores, idx = top_k(obj.sigmoid(), pre_nms_top_n)  # min(k, anchors) in the graph; ties: index order
     boxes = rpn.box_coder.decode(d[idx], anchors(rpn, c4)[idx])  # BoxCoder.decode traces as is
     boxes = clip_to_image(boxes, image_size)
-    keep = tv_nms(plus_one(boxes), scores, rpn.nms_thresh)[:post_nms_top_n]
+    keep = nms(boxes, scores, rpn.nms_thresh)[:post_nms_top_n]
     return boxes[keep]
 
 
@@ -91,9 +86,18 @@ def pool(pooler: ResNetC5RoIPooler, feature_map: Tensor, boxes: Tensor) -> Tenso
 # -- box postprocess (megavod.models.roi_heads.BoxPostProcessor) -----------------------------------------
 
 
+def _scalar_input(g, value, dtype: torch.dtype):
+    """A symbolic's scalar argument as a graph value: a constant, or the graph input it already is (the
+    postprocess's thresholds are graph inputs, megavod.export.graphs.SETTINGS)."""
+    if isinstance(value, torch._C.Value):
+        return value
+    return g.op("Constant", value_t=torch.tensor([value], dtype=dtype))
+
+
 class PerClassNMS(torch.autograd.Function):
     """Per-class +1 NMS after the score threshold, as :class:`BoxPostProcessor` runs it (one
-    torchvision NMS per class, classes ascending, each by score). In the graph it is one ONNX
+    torchvision NMS per class, classes ascending, each by score; :func:`detections` passes distinct
+    priorities as scores, so no two entries of a class tie). In the graph it is one ONNX
     ``NonMaxSuppression`` with the classes as its batch (every class has its own boxes), which returns
     the kept entries in the same order. Returns [S, 2]: (class column, proposal row)."""
 
@@ -102,7 +106,7 @@ class PerClassNMS(torch.autograd.Function):
         kept = []
         for c in range(boxes.shape[0]):
             rows = torch.nonzero(scores[c] > score_thresh).squeeze(1)
-            rows = rows[tv_nms(boxes[c, rows], scores[c, rows], iou_thresh)]
+            rows = rows[tv_nms(boxes[c, rows], scores[c, rows], float(iou_thresh))]
             kept.append(torch.stack([torch.full_like(rows, c), rows], dim=1))
         return torch.cat(kept) if kept else boxes.new_zeros(0, 2, dtype=torch.int64)
 
@@ -113,8 +117,8 @@ class PerClassNMS(torch.autograd.Function):
         selected = g.op(
             "NonMaxSuppression", boxes, g.op("Unsqueeze", scores, axes),
             g.op("Constant", value_t=torch.tensor([INT64_MAX], dtype=torch.int64)),
-            g.op("Constant", value_t=torch.tensor([iou_thresh], dtype=torch.float32)),
-            g.op("Constant", value_t=torch.tensor([score_thresh], dtype=torch.float32)),
+            _scalar_input(g, iou_thresh, torch.float32),
+            _scalar_input(g, score_thresh, torch.float32),
         )  # [S, 3]: (batch = class, 0, box)
         return g.op("Gather", selected, g.op("Constant", value_t=torch.tensor([0, 2], dtype=torch.int64)), axis_i=1)
 
@@ -131,17 +135,28 @@ def detections(post: BoxPostProcessor, class_logits: Tensor, box_regression: Ten
     decoded = clip_to_image(decoded, image_size).reshape(-1, num_classes, 4)[:, 1:]
     per_class_boxes = decoded.permute(1, 0, 2)  # [K-1, N, 4]
     per_class_scores = probs[:, 1:].permute(1, 0)  # [K-1, N]
-    kept = PerClassNMS.apply(plus_one(per_class_boxes), per_class_scores, post.score_thresh, post.nms_thresh)
+    # Each class's entries in :func:`top_k` order (score, ties by proposal row) as strictly decreasing
+    # priorities, 0 below the score threshold: NonMaxSuppression then takes them in the order
+    # BoxPostProcessor's NMS does, whatever its own tie rule (docs/conventions.md#ties).
+    num_rows = per_class_scores.shape[1]
+    order = top_k(per_class_scores, num_rows)[1]
+    ranks = torch.zeros_like(order).scatter(1, order, torch.arange(num_rows).expand_as(order))
+    priority = (num_rows - ranks).to(torch.float32) * (per_class_scores > post.score_thresh)
+    kept = PerClassNMS.apply(plus_one(per_class_boxes), priority, 0.0, post.nms_thresh)
     cls, rows = kept[:, 0], kept[:, 1]
     out_boxes = per_class_boxes[cls, rows]
     out_scores = per_class_scores[cls, rows]
     labels = cls + 1
-    if post.detections_per_img > 0:
-        # kthvalue(scores, n - D + 1) is the D-th largest score; with D or fewer detections nothing goes.
-        ranked = torch.cat([out_scores.sort(descending=True)[0],
-                            torch.full((post.detections_per_img,), -math.inf, dtype=out_scores.dtype)])
-        keep = torch.nonzero(out_scores >= ranked[post.detections_per_img - 1]).squeeze(1)
-        out_boxes, out_scores, labels, rows = out_boxes[keep], out_scores[keep], labels[keep], rows[keep]
+    # kthvalue(scores, n - D + 1) is the D-th largest score; with D or fewer detections (or D <= 0: no
+    # limit) the cut is -1, below every probability, and nothing goes. D may be a graph input (a 0-d tensor,
+    # megavod.export.graphs.SETTINGS), so no Python branch or size on it. (-1, not -inf: the exporter's
+    # shape inference reads a one-element float constant as an int64 and fails on -inf.)
+    limit = torch.as_tensor(post.detections_per_img, dtype=torch.int64)
+    below = torch.full((1,), -1.0, dtype=out_scores.dtype)
+    ranked = torch.cat([out_scores.sort(descending=True)[0], below])
+    at = torch.clamp(torch.minimum(limit - 1, torch._shape_as_tensor(out_scores)[0]), min=0)
+    keep = torch.nonzero(out_scores >= torch.where(limit > 0, ranked.index_select(0, at.reshape(1)), below)).squeeze(1)
+    out_boxes, out_scores, labels, rows = out_boxes[keep], out_scores[keep], labels[keep], rows[keep]
     return out_boxes, out_scores, labels, rows
 
 

@@ -10,6 +10,7 @@ than re-implement them.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import Tensor
@@ -102,19 +103,75 @@ def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
     return out
 
 
+class _TopKLowerIndexFirst(torch.autograd.Function):
+    """Indices of the ``k`` largest values along the last axis, by decreasing value, equal values in
+    increasing index order (docs/conventions.md#ties). In an ONNX graph it is one ``TopK``, whose
+    specification orders ties this way; ``torch.topk`` promises no order among ties, so the eager
+    forward finds the k-th value with it and orders the candidates by a stable sort."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, k: int | Tensor) -> Tensor:
+        k = min(int(k), values.shape[-1])
+        if values.dim() > 1:
+            rows = [_TopKLowerIndexFirst.forward(ctx, row, k) for row in values.reshape(-1, values.shape[-1])]
+            return torch.stack(rows).reshape(*values.shape[:-1], k) if rows else values.new_zeros(
+                *values.shape[:-1], k, dtype=torch.int64)
+        if k == 0:
+            return torch.zeros(0, dtype=torch.int64, device=values.device)
+        # Every value above the k-th is in; of those equal to it, the lowest indices (nonzero ascends).
+        kth = values.topk(k, sorted=False).values.min()
+        candidates = torch.nonzero(values >= kth).squeeze(1)
+        order = torch.sort(values[candidates], descending=True, stable=True).indices[:k]
+        return candidates[order]
+
+    @staticmethod
+    def symbolic(g, values, k):
+        one = g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64))
+        if isinstance(k, int):
+            k = g.op("Constant", value_t=torch.tensor([k], dtype=torch.int64))
+        else:
+            k = g.op("Reshape", g.op("Cast", k, to_i=7), one)  # 7: INT64
+        # min(k, n) in the graph: the row length n is a graph value (the anchors of any image size).
+        n = g.op("Slice", g.op("Shape", values), g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64)),
+                 g.op("Constant", value_t=torch.tensor([sys.maxsize], dtype=torch.int64)))
+        return g.op("TopK", values, g.op("Min", k, n), axis_i=-1, largest_i=1, sorted_i=1, outputs=2)[1]
+
+
+def top_k(values: Tensor, k: int | Tensor) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the ``min(k, n)`` largest entries along the last axis, by decreasing value,
+    ties in increasing index order in PyTorch and in ONNX Runtime alike (docs/conventions.md#ties).
+    ``k`` may be a traced count (a graph value)."""
+    indices = _TopKLowerIndexFirst.apply(values, k)
+    return values.gather(-1, indices), indices
+
+
 def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     """NMS with +1 areas that suppresses when IoU > threshold (the authors' CUDA kernel,
-    docs/conventions.md#legacy-plus-one-boxes).
+    docs/conventions.md#legacy-plus-one-boxes), ties in score taken in increasing index order
+    (docs/conventions.md#ties).
 
     torchvision's kernel also suppresses on ``IoU > threshold`` but measures width as ``x2 - x1``;
-    shifting x2, y2 by one pixel makes its intersections and areas exactly the +1 ones. Returns kept
+    shifting x2, y2 by one pixel makes its intersections and areas exactly the +1 ones. The boxes go to
+    the kernel in :func:`top_k`'s order with a strictly decreasing priority for scores: ONNX's
+    ``NonMaxSuppression`` (what the kernel exports to) takes equal scores in no stated order. Returns kept
     indices sorted by decreasing score.
     """
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    shifted = boxes.clone()
-    shifted[:, 2:] += 1
-    return _tv_nms(shifted, scores, iou_threshold)
+    order = top_k(scores, scores.shape[0])[1]
+    return order[_tv_nms(plus_one(boxes[order]), processing_priority(order), iou_threshold)]
+
+
+def processing_priority(order: Tensor) -> Tensor:
+    """n, n-1, ..., 1 (float32, exact below 2**24) for ``n`` entries already in processing order: the
+    scores that make an NMS kernel take them in that order whatever its tie rule."""
+    return torch.arange(order.shape[0], 0, -1, dtype=torch.float32, device=order.device)
+
+
+def plus_one(boxes: Tensor) -> Tensor:
+    """x2, y2 shifted by one pixel: torchvision's / ONNX's NMS then measure the +1 areas of the authors'
+    boxes (docs/conventions.md#legacy-plus-one-boxes)."""
+    return torch.cat([boxes[..., :2], boxes[..., 2:] + 1], dim=-1)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:

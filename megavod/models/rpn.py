@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 
-from megavod.models.box_coder import BoxCoder, box_iou, clip_boxes, nms
+from megavod.models.box_coder import BoxCoder, box_iou, clip_boxes, nms, top_k
 
 ProposalMode = Literal["key", "ref"]
 
@@ -213,7 +213,8 @@ class RPN(nn.Module):
             raise ValueError(f"mode must be 'key' or 'ref', got {mode!r}")
         pre_n, post_n = self.top_n[(mode, self.training)]
         obj, d = _flatten(objectness.detach().float(), deltas.detach().float())
-        scores, idx = obj.sigmoid().topk(min(pre_n, obj.shape[1]), dim=1, sorted=True)
+        # Equal objectness (flat image areas) in index order, both runtimes alike (docs/conventions.md#ties).
+        scores, idx = top_k(obj.sigmoid(), pre_n)
         out = []
         for i, image_size in enumerate(image_sizes):
             boxes = self.box_coder.decode(d[i, idx[i]], anchors[idx[i]])

@@ -58,9 +58,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
 
 from megavod.data.predictions import FramePrediction
+from megavod.models.box_coder import batched_nms, plus_one, top_k
 from megavod.structures import Detections
 
 SCORE_THRESH = 1e-3  # boxes at or below this never enter the linking
@@ -74,11 +74,6 @@ _CHUNK_PAIRS = 1 << 19  # box pairs per step of the first pass (bounds its memor
 # box ``row[m]`` of frame t and ``col[m]`` of frame t+1 (frame-local indices into VideoBoxes' order)
 # with IoU ``iou[m]``. BLR's link score lives here.
 EdgeFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
-
-
-def plus_one(boxes: Tensor) -> Tensor:
-    """Boxes with (x2, y2) moved by +1, so torchvision's IoU equals the legacy +1 IoU."""
-    return boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
 
 
 def pair_iou(boxes1: Tensor, area: Tensor, row: Tensor, col: Tensor) -> Tensor:
@@ -431,7 +426,10 @@ class PathSearch:
             scores = torch.from_numpy(self.out_scores[t])
             idx = torch.from_numpy(np.flatnonzero(self.alive[t]))
             rows = v.base[t] + idx
-            keep = idx[batched_nms(v.boxes1[rows], scores[idx], v.labels[rows], nms_iou)]
+            # +1 NMS per class (box_coder.batched_nms), then by decreasing score with equal scores in
+            # index order: the same boxes in the same order in every runtime (docs/conventions.md#ties).
+            kept = torch.sort(batched_nms(v.boxes[rows], scores[idx], v.labels[rows], nms_iou)).values
+            keep = idx[kept[top_k(scores[idx][kept], len(kept))[1]]]
             rows = v.base[t] + keep
             det = Detections(v.boxes[rows], scores[keep], v.labels[rows])
             dev = rec.detections.boxes.device
