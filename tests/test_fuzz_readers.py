@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -728,6 +729,192 @@ def fuzz_random_access(src: Sources, tmp: Path, capsys) -> Tally:
     return t
 
 
+# MP4s damaged in the middle. A small MP4 puts its index (moov) in the middle third either way (megavod's
+# writer moves it to the front with +faststart, PyAV's default muxing leaves it at the end), so flipped
+# bytes there hit the sample tables as often as the frame data. Found by flipping every byte of such files:
+# an index entry made huge makes FFmpeg refuse to allocate the table, which PyAV raises as
+# av.error.MemoryError ("Cannot allocate memory") from av.open -- a subclass of Python's MemoryError, and
+# before megavod/data/video.py caught av.error.FFmpegError it escaped as a traceback. Kept below: the high
+# byte of stts's entry count (box + 12) and of stsd's first sample entry size (box + 16), XOR 0x80.
+MIDDLE_SIZE = (48, 64)  # (height, width) of the clips below: every decoded frame must keep it
+
+
+def _moving_frames(count: int = 6) -> list[np.ndarray]:
+    yy, xx = np.mgrid[0: MIDDLE_SIZE[0], 0: MIDDLE_SIZE[1]]
+    return [np.stack([(4 * xx + 8 * t) % 256, (5 * yy) % 256, (3 * (xx + yy) + 5 * t) % 256], -1).astype(np.uint8)
+            for t in range(count)]  # moving gradients: the encoders make P/B frames, not only key frames
+
+
+def _pyav_mp4(path: Path, frames: list[np.ndarray]) -> None:
+    """PyAV's default MP4 muxing (no +faststart: the index after the frame data), MPEG-4 Part 2."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = MIDDLE_SIZE[1], MIDDLE_SIZE[0], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _mp4_boxes(data: bytes) -> dict[str, int]:
+    """Offset of the first box of each type, descending into the boxes that hold the sample tables."""
+    found: dict[str, int] = {}
+    todo = [(0, len(data))]
+    while todo:
+        off, end = todo.pop()
+        while off + 8 <= end:
+            size, kind = struct.unpack(">I4s", data[off: off + 8])
+            name = kind.decode("latin-1")
+            found.setdefault(name, off)
+            if name in ("moov", "trak", "mdia", "minf", "stbl"):
+                todo.append((off + 8, off + size))
+            if size < 8:
+                break
+            off += size
+    return found
+
+
+def _middle_blobs(root: Path) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """(label, bytes) of both MP4 layouts damaged in their middle half, and the labels of the cases kept
+    for av.error.MemoryError."""
+    root.mkdir(parents=True, exist_ok=True)
+    frames = _moving_frames()
+    write_video(root / "writer.mp4", frames, fps=10)
+    _pyav_mp4(root / "pyav.mp4", frames)
+    rng = np.random.default_rng(21)
+    out: list[tuple[str, bytes]] = []
+    memory: list[str] = []
+    for layout in ("writer", "pyav"):
+        data = (root / f"{layout}.mp4").read_bytes()
+        n = len(data)
+        offsets = sorted({int(f * n) for f in (0.3, 0.4, 0.5, 0.6, 0.7)} | set(rng.integers(n // 4, 3 * n // 4, 3).tolist()))
+        for pos in offsets:
+            out.append((f"{layout}: byte {pos} of {n} flipped", _flip_byte(data, pos, 0xFF)))
+        for pos in (n // 4, n // 2, 3 * n // 5):
+            for length in (1, 8, 64, n // 10):
+                out.append((f"{layout}: {length} zero bytes at {pos} of {n}", data[:pos] + bytes(length) + data[pos + length:]))
+        boxes = _mp4_boxes(data)
+        for box, field_offset in (("stts", 12), ("stsd", 16)):
+            label = f"{layout}: {box} + {field_offset} XOR 0x80 (av.error.MemoryError)"
+            out.append((label, _flip_byte(data, boxes[box] + field_offset, 0x80)))
+            memory.append(label)
+    return out, memory
+
+
+def _flip_byte(data: bytes, pos: int, mask: int) -> bytes:
+    return data[:pos] + bytes([data[pos] ^ mask]) + data[pos + 1:]
+
+
+def _pyav_open_error(path: Path) -> type | None:
+    """The PyAV exception plain ``av.open`` raises on ``path`` (None: it opens)."""
+    try:
+        av.open(str(path)).close()
+    except av.error.FFmpegError as err:
+        return type(err)
+    return None
+
+
+def _check_memory_cases(t: Tally, paths: dict[str, Path], memory: list[str]) -> None:
+    """The kept cases must still make PyAV raise av.error.MemoryError, or they no longer test it."""
+    raised = {label: _pyav_open_error(paths[label]) for label in memory}
+    if not any(e is av.error.MemoryError for e in raised.values()):
+        t.problems.append(f"no kept case makes av.open raise av.error.MemoryError any more: {raised}")
+
+
+def fuzz_video_middle(src: Sources, tmp: Path, capsys) -> Tally:
+    """open_source + decoding of MP4s damaged in the middle: every frame decoded keeps the clip's size."""
+    t = Tally("open_source / VideoSource, MP4 damaged in the middle")
+    cases = Cases(tmp / "cases", ".mp4")
+    blobs, memory = _middle_blobs(tmp / "clips")
+
+    def read(path: Path) -> None:
+        with open_source(path) as source:
+            shapes = [frame.shape for frame in source]
+        assert shapes and set(shapes) == {(*MIDDLE_SIZE, 3)}, f"{path.name}: frames {sorted(set(shapes))}"
+
+    paths = {}
+    for label, blob in blobs:
+        paths[label] = path = cases.write(blob)
+        t.case(label, [path.name], lambda p=path: read(p))
+    _check_memory_cases(t, paths, memory)
+    return t
+
+
+def fuzz_cli_video_middle(src: Sources, tmp: Path, capsys) -> Tally:
+    """``megavod detect`` on the same MP4s: the inputs the library refuses fail alone (one error line
+    naming the file, no traceback, no output files, non-zero exit), the others get all three outputs.
+    Every refused input runs, and one that decodes per layout (detecting on all of them would only
+    time the detector: their frames are checked by fuzz_video_middle)."""
+    t = Tally("megavod detect, MP4 damaged in the middle")
+    blobs, memory = _middle_blobs(tmp / "clips")
+    videos = tmp / "videos"
+    videos.mkdir()
+    inputs, refused_by_library, layouts_read = [], set(), set()
+    for i, (label, blob) in enumerate(blobs):
+        path = videos / f"clip{i:03d}.mp4"
+        path.write_bytes(blob)
+        try:
+            with open_source(path) as source:
+                for _ in source:
+                    pass
+        except MegavodError:
+            refused_by_library.add(path)
+        layout = label.split(":")[0]
+        if path in refused_by_library or layout not in layouts_read:
+            inputs.append((label, path))
+            layouts_read |= set() if path in refused_by_library else {layout}
+    _check_memory_cases(t, {label: path for label, path in inputs}, memory)
+    argv = [*DETECT, *TINY_MODEL]
+    # An input alone: the kept av.error.MemoryError case, the original traceback.
+    label, path = next((label, path) for label, path in inputs if label == memory[0])
+    out = tmp / "out_alone"
+    t.case(f"{label} alone", [path.name], _one_line_detect(["detect", str(path), "--out", str(out), *argv], capsys),
+           lambda failed: sorted(p.name for p in out.rglob("*")) if out.exists() else [])
+    # All of them, 12 inputs per run: each fails alone or gets its three outputs.
+    out = tmp / "out_all"
+    for start in range(0, len(inputs), 12):
+        chunk = inputs[start: start + 12]
+        code = cli_main(["detect", *(str(p) for _, p in chunk), "--out", str(out), *argv])
+        err = capsys.readouterr().err
+        if "Traceback" in err:
+            t.problems.append(f"a traceback on stderr: {err[-500:]}")
+        errors = [ln for ln in err.splitlines() if ln.startswith("megavod detect: error:")]
+        for label, path in chunk:
+            t.cases += 1
+            mine = [ln for ln in errors if path.name in ln]
+            outputs = sorted(p.name for p in out.glob(f"{path.stem}.*"))
+            if len(mine) > 1:
+                t.problems.append(f"{label} ({path.name}): {len(mine)} error lines")
+            if mine:
+                t.refused += 1
+                if outputs:
+                    t.problems.append(f"{label} ({path.name}): failed but left {outputs}")
+            else:
+                t.read += 1
+                if outputs != [f"{path.stem}.{e}" for e in ("csv", "json", "mp4")]:
+                    t.problems.append(f"{label} ({path.name}): no error line, outputs {outputs}")
+            if bool(mine) != (path in refused_by_library):
+                t.problems.append(f"{label} ({path.name}): the library {'refused' if path in refused_by_library else 'read'} "
+                                  f"it, the CLI {'refused' if mine else 'read'} it")
+        refused = sum(1 for _, p in chunk if p in refused_by_library)
+        if len(errors) != refused or (code != 0) != (refused > 0):
+            t.problems.append(f"exit code {code} and {len(errors)} error lines for {refused} refused inputs: {errors}")
+    return t
+
+
+def _one_line_detect(argv: list[str], capsys) -> Callable[[], None]:
+    """Run the CLI: exit 0, or a non-zero exit with one error line and no traceback (raised as the
+    MegavodError the user sees, for Tally to check that it names the file)."""
+    def run() -> None:
+        code = cli_main(argv)
+        err = capsys.readouterr().err
+        if code == 0:
+            return
+        errors = [ln for ln in err.splitlines() if ln.startswith("megavod detect: error:")]
+        assert len(errors) == 1 and "Traceback" not in err, err[-500:]
+        raise MegavodError(errors[0])
+    return run
+
+
 def _png_bytes(seed: int, fmt: str = "PNG", size=(32, 24)) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
@@ -1060,9 +1247,10 @@ READERS = {
     "pth": (fuzz_pth, 150), "safetensors": (fuzz_safetensors, 150), "recorded_config": (fuzz_recorded_config, 100),
     "recognise": (fuzz_recognise, 45), "detectron_pickle": (fuzz_detectron_pickle, 80),
     "backbone_weights": (fuzz_backbone_weights, 50), "convert": (fuzz_convert, 40),
-    "video": (fuzz_video, 60), "random_access": (fuzz_random_access, 40), "frame_folder": (fuzz_frame_folder, 150),
+    "video": (fuzz_video, 60), "video_middle": (fuzz_video_middle, 40), "random_access": (fuzz_random_access, 40), "frame_folder": (fuzz_frame_folder, 150),
     "vid_xml": (fuzz_vid_xml, 150), "coco_vid": (fuzz_coco_vid, 150), "predictions": (fuzz_predictions, 150),
     "image_sets": (fuzz_image_sets, 150), "config": (fuzz_config, 150), "cli": (fuzz_cli, 60),
+    "cli_video_middle": (fuzz_cli_video_middle, 10),
 }
 
 

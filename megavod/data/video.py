@@ -65,6 +65,18 @@ def _reason(err: BaseException) -> str:
     return " ".join(str(text).split())
 
 
+# What PyAV raises for bad data, caught while opening, probing and decoding (and nothing broader, so a
+# programming error still shows its traceback). Every failure inside FFmpeg is an av.error.FFmpegError
+# whose subclasses also subclass the builtins (https://pyav.basswood-io.com/docs/stable/api/error.html):
+# av.error.InvalidDataError is a ValueError, av.error.EOFError an EOFError, and av.error.MemoryError
+# ("Cannot allocate memory") a MemoryError -- which a damaged MP4 index gives when a flipped byte makes
+# the stts entry count or the stsd sample entry size huge (tests/test_fuzz_readers.py): the file's fault.
+_AV_ERRORS = (av.error.FFmpegError,)
+# VideoFrame.to_ndarray adds PyAV's own ValueError for a pixel format or colour setting it cannot
+# convert (av/video/frame.py, to_ndarray; av/video/reformatter.py).
+_CONVERT_ERRORS = (av.error.FFmpegError, ValueError)
+
+
 def _is_stream(spec: str) -> bool:
     # A capture device or pipe under /dev is a stream; a regular file there (/dev/shm/clip.mp4) is not.
     return "://" in spec or (spec.startswith("/dev/") and not Path(spec).is_file())
@@ -201,9 +213,7 @@ class _Decoder:
         frame = self.pending.pop(0)
         try:
             rgb = _to_rgb(frame)
-        except MemoryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - a decoded frame in a layout that cannot become RGB
+        except _CONVERT_ERRORS as err:  # a decoded frame in a layout that cannot become RGB
             raise MegavodError(f"{self.owner.spec}: frame {self.decoded} cannot be converted to RGB ({_reason(err)})") from None
         self.decoded += 1
         return rgb
@@ -217,28 +227,24 @@ class _Decoder:
         except StopIteration:
             self._finish()
             return
-        except MemoryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - av.FFmpegError, or whatever damaged data makes PyAV raise
+        except _AV_ERRORS as err:  # the demuxer cannot go on (damaged index or data, a dropped stream)
             self.error = self.error or err
             self._finish(flush=True)
             return
         try:
             self.pending.extend(packet.decode())
-        except MemoryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - as above: a packet the decoder rejects is skipped
+        except _AV_ERRORS as err:  # a packet the decoder rejects is skipped
             self.bad_packets += 1
             self.error = self.error or err
 
     def _finish(self, flush: bool = False) -> None:
         self.finished = True
-        if flush:  # the demuxer died before its own flush packet: drain the decoder's delayed frames
+        # codec_context is None when no decoder knows the stream's codec (a damaged codec id).
+        if flush and self.stream.codec_context is not None:
+            # The demuxer died before its own flush packet: drain the decoder's delayed frames.
             try:
                 self.pending.extend(self.stream.codec_context.decode(None))
-            except MemoryError:
-                raise
-            except Exception:  # noqa: BLE001 - the pass already ends with an error to report
+            except _AV_ERRORS:  # the pass already ends with an error to report
                 pass
 
 
@@ -246,7 +252,11 @@ def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
     rgb = frame.to_ndarray(format="rgb24")
     # Phones store portrait video as landscape plus a display matrix; FFmpeg's player rotates it, so do we.
     # (getattr: older PyAV within the supported range has no VideoFrame.rotation.)
-    quarter_turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4
+    rotation = getattr(frame, "rotation", 0) or 0
+    # PyAV documents an angle in [-180, 180]. A degenerate display matrix (e.g. zeroed by damage) has
+    # none: FFmpeg's av_display_rotation_get returns NaN, which reaches us as INT_MIN. ffplay does not
+    # rotate then (fftools get_rotation: a NaN angle matches none of its cases); neither do we.
+    quarter_turns = round(rotation / 90) % 4 if -180 <= rotation <= 180 else 0
     if quarter_turns:
         rgb = np.ascontiguousarray(np.rot90(rgb, k=quarter_turns))
     return rgb
@@ -310,9 +320,7 @@ class VideoSource(FrameSource):
         try:
             # metadata_errors: a title or encoder tag that is not UTF-8 must not stop the frames from decoding.
             container = av.open(self.spec, "r", metadata_errors="replace", **kwargs)
-        except MemoryError:
-            raise
-        except Exception as err:  # noqa: BLE001 - av.FFmpegError, or whatever a damaged header makes PyAV raise
+        except _AV_ERRORS as err:  # opening also probes: reads the header/index and the first packets
             raise MegavodError(self._open_failure(err)) from None
         if not container.streams.video:
             others = sorted({s.type for s in container.streams})
