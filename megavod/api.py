@@ -367,8 +367,10 @@ def load_onnxruntime(weights: str | os.PathLike | None, config: str | None = Non
                      trust_pickle: bool = False, threads: int | None = None) -> Detector:
     """A :class:`Detector` whose per-frame pass and key-frame step run on ONNX Runtime (the same streaming
     engine; README "Export and deploy"). ``weights``: an export folder (``megavod export``; its manifest
-    gives the config, ``overrides`` may change the schedule) or a weight file, exported first into a
-    temporary folder that lives as long as the detector."""
+    gives the config, ``overrides`` follow :func:`megavod.export.runtime.export_config`: the graphs' inputs
+    and the schedule are honoured, a constant of the graphs is refused in one line) or a weight file,
+    exported first, with the overrides (so every one is honoured), into a temporary folder that lives as
+    long as the detector."""
     if weights is None:
         raise MegavodError("backend 'onnxruntime' needs weights: an export folder (megavod export) or a weight file")
     path, device = Path(weights), str(device).split(":")[0]

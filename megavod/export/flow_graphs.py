@@ -22,6 +22,7 @@ from megavod.export.graphs import (
     MAP_AXES,
     MethodGraphs,
     NamedGraph,
+    SETTINGS,
     c4_detections,
     detection_axes,
     image_axes,
@@ -55,7 +56,7 @@ class _FGFAKeyGraph(NamedGraph):
     """``FGFADetector.detect_key``: flow from the key to every window frame, warp [C4, embedding],
     per-pixel softmax weights, the weighted sum, then the single-frame head."""
 
-    io = GraphIO(["image_size", "key_index", "images", "c4", "embed"], list(DETECTION_OUTPUTS),
+    io = GraphIO(["image_size", "key_index", "images", "c4", "embed", *SETTINGS], list(DETECTION_OUTPUTS),
                  {"images": {0: "window", 2: "height", 3: "width"}, "c4": {0: "window", **MAP_AXES},
                   "embed": {0: "window", **MAP_AXES}, **detection_axes()})
 
@@ -71,7 +72,7 @@ class _FGFAKeyGraph(NamedGraph):
         warped = warp(torch.cat([c4, embed], dim=1), flow, m.warp_align_corners)
         warped_c4, warped_embed = warped[:, : c4.shape[1]], warped[:, c4.shape[1] :]
         weights = aggregation_weights(warped_embed, warped_embed.index_select(0, key_index))
-        return c4_detections(m, (weights * warped_c4).sum(dim=0, keepdim=True), t["image_size"])
+        return c4_detections(m, (weights * warped_c4).sum(dim=0, keepdim=True), t["image_size"], t)
 
 
 class FGFAGraphs(MethodGraphs):
@@ -80,6 +81,8 @@ class FGFAGraphs(MethodGraphs):
 
     frame_io = _FGFAFrameGraph.io
     key_io = _FGFAKeyGraph.io
+    # The flow network is part of the graphs (the window's offsets are not: the window is a dynamic axis).
+    baked = (*MethodGraphs.baked, "fgfa.flow_network")
 
     def __init__(self, cfg: Any) -> None:
         _refuse_raft(cfg.fgfa, "fgfa")
@@ -109,7 +112,7 @@ class _DFFKeyGraph(NamedGraph):
     """``DFFDetector.detect_key``: flow(frame, key frame), warp the key frame's C4, times the scale map,
     then the single-frame head."""
 
-    io = GraphIO(["image_size", "image", "key_image", "key_c4"], list(DETECTION_OUTPUTS),
+    io = GraphIO(["image_size", "image", "key_image", "key_c4", *SETTINGS], list(DETECTION_OUTPUTS),
                  {**image_axes("image", "key_image"), "key_c4": MAP_AXES, **detection_axes()})
 
     def __init__(self, model: nn.Module) -> None:
@@ -121,7 +124,7 @@ class _DFFKeyGraph(NamedGraph):
         out = m.flownet(t["image"], t["key_image"])
         feats = warp(t["key_c4"], out.flow, m.warp_align_corners)
         feats = feats if out.scale is None else feats * out.scale
-        return c4_detections(m, feats, t["image_size"])
+        return c4_detections(m, feats, t["image_size"], t)
 
 
 class DFFGraphs(MethodGraphs):
@@ -130,6 +133,8 @@ class DFFGraphs(MethodGraphs):
 
     frame_io = BackboneGraph.io
     key_io = _DFFKeyGraph.io
+    # The flow network is part of the key graph (key_interval is not: the runtime applies it, frame_feeds).
+    baked = (*MethodGraphs.baked, "dff.flow_network")
 
     def __init__(self, cfg: Any) -> None:
         _refuse_raft(cfg.dff, "dff")

@@ -13,6 +13,7 @@ image; the runtime scales them to the frame as :meth:`RelationDetector.predict` 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,40 @@ Feeds = dict[str, Tensor]
 GraphRunner = Callable[[Feeds], Feeds]
 
 DETECTION_OUTPUTS = ("boxes", "scores", "labels")
+
+#: Post-processing values the graphs take as 0-d inputs instead of constants (input name -> (config key,
+#: dtype)): cheap and commonly changed, so an export honours an override of them; the runtime feeds them
+#: from its config (:func:`setting_feeds`), in ONNX Runtime and in PyTorch alike. The RPN's count goes to
+#: the graph that runs the RPN (the relation methods' per-frame pass; the key step of single frame, FGFA
+#: and DFF), the box postprocess's values to the key step. Every other value a method's graphs use is a
+#: constant (:attr:`MethodGraphs.baked`).
+RPN_SETTINGS = {"post_nms_top_n": ("model.rpn.post_nms_top_n_test", torch.int64)}
+BOX_SETTINGS = {"score_thresh": ("model.roi_head.score_thresh", torch.float32),
+                "nms_thresh": ("model.roi_head.nms_thresh", torch.float32),
+                "detections_per_img": ("model.roi_head.detections_per_img", torch.int64)}
+SETTINGS = {**RPN_SETTINGS, **BOX_SETTINGS}
+
+
+def config_value(cfg: Any, key: str) -> Any:
+    """The value of dotted ``key`` in ``cfg``."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def setting_feeds(cfg: Any) -> Feeds:
+    """The :data:`SETTINGS` inputs of ``cfg``, 0-d tensors."""
+    return {name: torch.tensor(config_value(cfg, key), dtype=dtype) for name, (key, dtype) in SETTINGS.items()}
+
+
+def graph_postprocessor(post: Any, t: Feeds) -> Any:
+    """The box postprocess ``post`` (:class:`~megavod.models.roi_heads.BoxPostProcessor`) with the graph's
+    :data:`BOX_SETTINGS` inputs in place of the values it was built with (:func:`ops.detections` takes them
+    as tensors)."""
+    post = copy.copy(post)
+    post.score_thresh, post.nms_thresh = t["score_thresh"], t["nms_thresh"]
+    post.detections_per_img = t["detections_per_img"]
+    return post
 
 
 @dataclass
@@ -94,6 +129,16 @@ class MethodGraphs:
     extra_io: dict[str, GraphIO] = {}
     #: What :meth:`use_stream_caches` keeps (the manifest records it): keys/values, geometry blocks.
     kept_projections = kept_geometry = False
+    #: Config keys (dotted, or a whole section) the graphs hold as constants: an export refuses an
+    #: override of them, except :data:`SETTINGS` (graph inputs), :func:`megavod.export.runtime.export_config`.
+    #: Every method: which graphs exist is the method's; the model section builds the layers and weights
+    #: (backbone, anchors, RoI pooler, box coder, class count), and the graph ops take its other test-time
+    #: values as constants (the RPN's pre-NMS top-n and NMS threshold, the reference proposal count behind
+    #: the distilled/advanced rows). Each method adds the keys its own graphs are built from.
+    baked: tuple[str, ...] = ("method", "model")
+    #: The :data:`SETTINGS` inputs the runtime feeds to the frame and key graphs (from the config the
+    #: graphs were made for, :func:`megavod.export.runtime.method_graphs`).
+    settings: Feeds = {}
 
     def frame_graph(self, model: nn.Module) -> NamedGraph:
         raise NotImplementedError
@@ -132,15 +177,17 @@ class MethodGraphs:
 # -- the single-frame head: RPN + box head on a C4 map (single frame, FGFA, DFF) --------------------------
 
 
-def c4_detections(model: nn.Module, c4: Tensor, image_size: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``SingleFrameDetector.detect_key`` / ``FlowDetectorBase.detect_on_features`` on ``c4`` [1, C, h, w]."""
+def c4_detections(model: nn.Module, c4: Tensor, image_size: Tensor, t: Feeds) -> tuple[Tensor, Tensor, Tensor]:
+    """``SingleFrameDetector.detect_key`` / ``FlowDetectorBase.detect_on_features`` on ``c4`` [1, C, h, w];
+    ``t``: the graph's inputs, with its :data:`SETTINGS`."""
     rpn, head = model.rpn, model.box_head
-    pre_n, post_n = rpn.top_n[("key", False)]
-    boxes = ops.proposals(rpn, c4, image_size, pre_n, post_n)
+    pre_n, _ = rpn.top_n[("key", False)]
+    boxes = ops.proposals(rpn, c4, image_size, pre_n, t["post_nms_top_n"])
     extractor = head.feature_extractor
     features = extractor.mlp(ops.pool(extractor, extractor.res5(c4), boxes))
     class_logits, box_regression = head.predictor(features)
-    return ops.detections(head.postprocessor, class_logits, box_regression, boxes, image_size)[:3]
+    return ops.detections(graph_postprocessor(head.postprocessor, t), class_logits, box_regression, boxes,
+                          image_size)[:3]
 
 
 class BackboneGraph(NamedGraph):
@@ -155,14 +202,14 @@ class BackboneGraph(NamedGraph):
 
 
 class C4HeadGraph(NamedGraph):
-    io = GraphIO(["image_size", "c4"], list(DETECTION_OUTPUTS), {"c4": MAP_AXES, **detection_axes()})
+    io = GraphIO(["image_size", "c4", *SETTINGS], list(DETECTION_OUTPUTS), {"c4": MAP_AXES, **detection_axes()})
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def compute(self, t: Feeds) -> tuple[Tensor, ...]:
-        return c4_detections(self.model, t["c4"], t["image_size"])
+        return c4_detections(self.model, t["c4"], t["image_size"], t)
 
 
 class SingleFrameGraphs(MethodGraphs):

@@ -25,11 +25,13 @@ from megavod.models.relation import first_rows_index
 from megavod.export import ops
 from megavod.export.relation_graphs import BLR_IO, RelationGraphs, cat_rows
 from megavod.export.graphs import (
+    BOX_SETTINGS,
     Feeds,
     GraphIO,
     GraphRunner,
     NamedGraph,
     detection_axes,
+    graph_postprocessor,
     rows_axes,
     size_feed,
 )
@@ -74,7 +76,8 @@ class _MEGAKeyGraph(NamedGraph):
             key_feats = key_feats + ops.relation(module, key_feats, refs, key_boxes, global_boxes, kv)
         head = self.model.box_head
         class_logits, box_regression = head.predictor(key_feats)
-        *dets, rows = ops.detections(head.postprocessor, class_logits, box_regression, key_boxes, t["image_size"])
+        *dets, rows = ops.detections(graph_postprocessor(head.postprocessor, t), class_logits, box_regression,
+                                     key_boxes, t["image_size"])
         relation = [blr_queries[rows], key_boxes[rows]] if blr_queries is not None else []
         return (*dets, *relation, *(pushes if self.memory else []))
 
@@ -224,6 +227,12 @@ class MEGAGraphs(RelationGraphs):
     geometry term as ``local_{i}_geometry``, assembled from the stream's kept blocks with the new pairs
     from the ``geometry_{i}`` graph (without: computed in the key graph)."""
 
+    # The stage and module counts, memory and the global stage's geometry term are the graphs' structure
+    # (inputs, modules); distill_ratio sets the distilled rows per frame that the key graph takes (the
+    # windows, the pool and the memory length are not: they are dynamic axes, the schedule's).
+    baked = (*RelationGraphs.baked, "mega.N_g", "mega.N_l", "mega.global_res_stages", "mega.memory",
+             "mega.location_based_global", "mega.distill_ratio")
+
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         m = cfg.mega
@@ -274,6 +283,7 @@ class MEGAGraphs(RelationGraphs):
             for i in range(self.local_stages - 1):
                 inputs.append(f"local_{i}_geometry")
                 axes[f"local_{i}_geometry"] = {1: f"stage_{i}_queries", 2: f"stage_{i}_references"}
+        inputs += list(BOX_SETTINGS)
         axes.update(kv_axes)
         self.key_io = GraphIO(inputs, outputs, {k: v for k, v in axes.items() if k in inputs + outputs})
         self.extra_io = {}

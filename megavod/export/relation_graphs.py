@@ -21,13 +21,16 @@ from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
 from megavod.export import ops
 from megavod.structures import Detections, FrameFeatures, RelationInputs
 from megavod.export.graphs import (
+    BOX_SETTINGS,
     DETECTION_OUTPUTS,
+    RPN_SETTINGS,
     Feeds,
     GraphIO,
     GraphRunner,
     MethodGraphs,
     NamedGraph,
     detection_axes,
+    graph_postprocessor,
     image_axes,
     rows_axes,
     scaled,
@@ -42,7 +45,7 @@ class _RoIRowsGraph(NamedGraph):
     """The relation methods' per-frame pass (``RelationDetector.frame_features``): C4, the test
     proposals, their raw RoI features."""
 
-    io = GraphIO(["image"], ["boxes", "feats"], {**image_axes("image"), "boxes": rows_axes("proposals"),
+    io = GraphIO(["image", *RPN_SETTINGS], ["boxes", "feats"], {**image_axes("image"), "boxes": rows_axes("proposals"),
                                                   "feats": rows_axes("proposals")})
 
     def __init__(self, model: nn.Module) -> None:
@@ -53,8 +56,8 @@ class _RoIRowsGraph(NamedGraph):
         m = self.model
         image = t["image"]
         c4 = m.backbone(image)
-        pre_n, post_n = m.rpn.top_n[("key", False)]
-        boxes = ops.proposals(m.rpn, c4, ops.image_size_of(image), pre_n, post_n)
+        pre_n, _ = m.rpn.top_n[("key", False)]
+        boxes = ops.proposals(m.rpn, c4, ops.image_size_of(image), pre_n, t["post_nms_top_n"])
         extractor = m.box_head.feature_extractor
         return boxes, extractor.aggregator.embed(ops.pool(extractor, extractor.res5(c4), boxes))
 
@@ -101,6 +104,8 @@ def cat_rows(frames: Sequence[FrameFeatures], n: int, width: int) -> tuple[Tenso
 
 class RelationGraphs(MethodGraphs):
     frame_io = _RoIRowsGraph.io
+    # Every relation module's heads, embedding and wave length are constants of the key graph.
+    baked = (*MethodGraphs.baked, "relation")
 
     def __init__(self, cfg: Any) -> None:
         _refuse_temporal_embedding(cfg)
@@ -162,7 +167,8 @@ class _RDNKeyGraph(NamedGraph):
             x = x + ops.relation(agg.relations[-1], x, adv, key_boxes, adv_boxes)
         head = self.model.box_head
         class_logits, box_regression = head.predictor(x)
-        *dets, rows = ops.detections(head.postprocessor, class_logits, box_regression, key_boxes, t["image_size"])
+        *dets, rows = ops.detections(graph_postprocessor(head.postprocessor, t), class_logits, box_regression,
+                                     key_boxes, t["image_size"])
         return (*dets, blr_queries[rows], key_boxes[rows])
 
 
@@ -170,11 +176,16 @@ class RDNGraphs(RelationGraphs):
     """RDN-base and RDN: the key graph takes the key's rows and the window's supportive rows
     (``support_counts`` per frame)."""
 
+    # The stage counts are the key graph's structure; the ratio sets its advanced rows per frame (the
+    # window's offsets are not: the support rows are a dynamic axis).
+    baked = (*RelationGraphs.baked, "rdn.basic_stages", "rdn.advanced_stages", "rdn.ratio")
+
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
         names = ["image_size", "key_feats", "key_boxes", "support_feats", "support_boxes"]
         if cfg.rdn.advanced_stages:
             names.append("support_counts")
+        names += list(BOX_SETTINGS)
         axes = {"key_feats": rows_axes("key_rows"), "key_boxes": rows_axes("key_rows"), "support_feats": rows_axes("support_rows"),
                 "support_boxes": rows_axes("support_rows"), "support_counts": rows_axes("support_frames"),
                 **self.key_output_axes()}

@@ -13,8 +13,9 @@ for the graphs (MEGA's projected keys/values and geometry blocks,
 
 from __future__ import annotations
 
+import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from megavod.checkpoints.loading import config_from_record
-from megavod.config import Config
-from megavod.errors import MegavodError
-from megavod.export.graphs import Feeds, GraphRunner, MethodGraphs, NamedGraph
+from megavod.checkpoints.loading import config_from_record, without_initial_weights
+from megavod.config import Config, to_dict
+from megavod.errors import ConfigError, MegavodError
+from megavod.export.graphs import SETTINGS, Feeds, GraphRunner, MethodGraphs, NamedGraph, setting_feeds
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
 from megavod.registry import get_method
 from megavod.structures import RelationInputs
@@ -43,6 +44,7 @@ def method_graphs(cfg: Config, reference_cache: bool = True, geometry_cache: boo
         raise MegavodError(f"method {cfg.method!r} ({spec.title}) cannot be exported to ONNX")
     graphs = spec.export(cfg)
     graphs.use_stream_caches(reference_cache, geometry_cache)
+    graphs.settings = setting_feeds(cfg)
     return graphs
 
 
@@ -63,14 +65,17 @@ class GraphDetector:
     def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> Any:
         image = image.detach().cpu()
         feeds = self.graphs.frame_feeds(image, index)
-        return self.graphs.frame_value(None if feeds is None else self.run_frame(feeds), image, index, original_size)
+        # The settings go with every call; each runner takes the inputs its graph has.
+        outputs = None if feeds is None else self.run_frame({**feeds, **self.graphs.settings})
+        return self.graphs.frame_value(outputs, image, index, original_size)
 
     def new_stream_cache(self) -> Any:
         """What the stream keeps between key frames for the graphs (the method's; None: nothing)."""
         return self.graphs.new_stream_cache()
 
     def detect_key(self, inputs: KeyFrameInputs, cache: Any = None) -> KeyFrameOutput:
-        return self.graphs.key_output(self.run_key(self.graphs.key_feeds(inputs, cache, self.run_extra)), inputs)
+        feeds = {**self.graphs.key_feeds(inputs, cache, self.run_extra), **self.graphs.settings}
+        return self.graphs.key_output(self.run_key(feeds), inputs)
 
     def blr_relation_module(self) -> GraphRunner | None:
         """What gives BLR's relation weights: the export's ``blr`` graph (None: the method has no
@@ -122,7 +127,8 @@ def ort_runner(session: Any, inputs: Sequence[str]) -> GraphRunner:
     outputs = [o.name for o in session.get_outputs()]
 
     def run(feeds: Feeds) -> Feeds:
-        arrays = {n: np.ascontiguousarray(feeds[n].detach().cpu().numpy()) for n in inputs}
+        # contiguous() in torch, not np.ascontiguousarray: that makes a 0-d input (graphs.SETTINGS) 1-d.
+        arrays = {n: feeds[n].detach().cpu().contiguous().numpy() for n in inputs}
         return {n: torch.from_numpy(v) for n, v in zip(outputs, session.run(outputs, arrays))}
 
     return run
@@ -156,10 +162,57 @@ def providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _override_text(value: Any) -> str:
+    """A config value as a KEY=VALUE override writes it."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_text(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, (bool, type(None))) else str(value)
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+    return out
+
+
+def export_config(manifest: Mapping[str, Any], overrides: Sequence[str] = (), where: str = MANIFEST) -> Config:
+    """The config an export runs with, its manifest's config plus ``overrides``, under the one rule for
+    overrides (README "Export and deploy"): an override is honoured when the graphs take the value as an
+    input (:data:`megavod.export.graphs.SETTINGS`: the proposal count, the box postprocess's score and
+    NMS thresholds and detections per image) or do not use it at all (the stream schedule's windows, pool,
+    memory length, key frame spacing and seed, the input resize); one of a value the graphs hold as a
+    constant (the method's :attr:`MethodGraphs.baked`) is refused in one line naming the key and both
+    values, since the graphs would silently run the export's value. An export written before a setting
+    became an input holds it as a constant too. A weight file on ONNX Runtime is exported with its
+    overrides (:func:`megavod.api.load_onnxruntime`), so there every override is honoured."""
+    exported = config_from_record(manifest["config"], [], where)
+    cfg = config_from_record(manifest["config"], list(overrides), where)
+    if not overrides:
+        return cfg
+    baked = method_graphs(exported).baked
+    inputs = {i.get("name") for g in manifest.get("graphs", {}).values() for i in g.get("inputs", ())}
+    setting_of = {key: name for name, (key, _) in SETTINGS.items()}
+    # Initial-weight files are never used here: the export holds every weight.
+    before = _flat(to_dict(without_initial_weights(copy.deepcopy(exported))))
+    after = _flat(to_dict(without_initial_weights(copy.deepcopy(cfg))))
+    for key, value in after.items():
+        old = before.get(key)
+        if value == old or not any(key == b or key.startswith(b + ".") for b in baked):
+            continue
+        if setting_of.get(key) in inputs:
+            continue
+        why = " (this export predates it as a graph input)" if key in setting_of else ""
+        raise ConfigError(f"{where}: config key '{key}' is {_override_text(old)} in the exported graphs, which "
+                          f"hold it as a constant{why}, and cannot become {_override_text(value)} here: export "
+                          f"again with it (megavod export OUT --weights ... {key}={_override_text(value)})")
+    return cfg
+
+
 def load_onnx_detector(folder: str | Path, device: str = "cpu", threads: int | None = None,
                        overrides: Sequence[str] = ()) -> tuple[GraphDetector, Config]:
-    """(the detector running ``folder``'s graphs on ONNX Runtime, the export's config). ``overrides``
-    may change the stream schedule (``mega.T_g=...``), not what the graphs hold."""
+    """(the detector running ``folder``'s graphs on ONNX Runtime, the export's config plus ``overrides``,
+    under :func:`export_config`'s rule)."""
     try:
         # onnxruntime is an optional extra (pip install megavod[onnx]): imported only where it is used.
         import onnxruntime
@@ -168,7 +221,7 @@ def load_onnx_detector(folder: str | Path, device: str = "cpu", threads: int | N
     manifest = read_manifest(folder)
     folder = Path(folder)
     folder = folder.parent if folder.name == MANIFEST else folder
-    cfg = config_from_record(manifest["config"], list(overrides), str(folder / MANIFEST))
+    cfg = export_config(manifest, overrides, str(folder / MANIFEST))
     # Exports written before a stream cache existed have no field for it and no graph for it.
     graphs = method_graphs(cfg, bool(manifest.get("reference_cache", False)), bool(manifest.get("geometry_cache", False)))
     options = onnxruntime.SessionOptions()
