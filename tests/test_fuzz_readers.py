@@ -793,6 +793,11 @@ def _middle_blobs(root: Path) -> tuple[list[tuple[str, bytes]], list[str]]:
             for length in (1, 8, 64, n // 10):
                 out.append((f"{layout}: {length} zero bytes at {pos} of {n}", data[:pos] + bytes(length) + data[pos + length:]))
         boxes = _mp4_boxes(data)
+        # A zeroed display matrix (tkhd version 0: at box + 48, 9 x 4 bytes) has no angle: PyAV reported
+        # INT_MIN degrees and the frames came out rotated, 64x48.
+        matrix = boxes["tkhd"] + 48
+        assert data[boxes["tkhd"] + 8] == 0, "tkhd version 1: the matrix is elsewhere"
+        out.append((f"{layout}: tkhd display matrix zeroed", data[:matrix] + bytes(36) + data[matrix + 36:]))
         for box, field_offset in (("stts", 12), ("stsd", 16)):
             label = f"{layout}: {box} + {field_offset} XOR 0x80 (av.error.MemoryError)"
             out.append((label, _flip_byte(data, boxes[box] + field_offset, 0x80)))
