@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,12 @@ Frame = Union[np.ndarray, Tensor, Image.Image]
 #: What :meth:`Detector.stream` reads: a video file, frame folder or stream URL, or frames.
 Source = Union[str, os.PathLike, Iterable[Frame]]
 
-__all__ = ["Detector", "FrameResult", "Frame", "Source", "load", "load_onnxruntime", "evaluate", "train",
-           "resolve_device"]
+__all__ = ["Detector", "FrameResult", "Frame", "Source", "load", "load_with_overrides", "load_onnxruntime",
+           "evaluate", "train", "resolve_device", "RandomWeightsWarning"]
+
+
+class RandomWeightsWarning(UserWarning):
+    """:func:`load` without weights: the detector is randomly initialised, its detections are noise."""
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -117,6 +122,11 @@ class FrameResult:
                 "labels": self.labels.cpu().numpy()}
 
 
+def _is_one_frame(source: object) -> bool:
+    # Frames are 3-D (HxWx3 or CxHxW); a 4-D array or tensor is a stack of frames, i.e. a video.
+    return isinstance(source, Image.Image) or (isinstance(source, (np.ndarray, Tensor)) and source.ndim == 3)
+
+
 class _Frames:
     """A source opened for one run: sequential frames, or random access for offline mode."""
 
@@ -139,8 +149,11 @@ class _Frames:
             else:
                 self.frames = opened
         else:
-            if isinstance(source, (np.ndarray, Tensor)) and source.ndim == 3:
-                raise MegavodError("got one frame: pass a sequence of frames (e.g. [frame])")
+            if _is_one_frame(source):
+                source = [source]  # one frame is a one-frame video
+            elif not (isinstance(source, Iterable) or (hasattr(source, "__len__") and hasattr(source, "__getitem__"))):
+                raise MegavodError(f"cannot read frames from a {type(source).__name__}: pass a video file, frame "
+                                   "folder or stream URL, a frame (numpy, torch or PIL) or a sequence of frames")
             opened = getattr(source, "source", source)  # a FrameSource, or RandomAccessFrames over one
             files = getattr(opened, "files", None)
             self.files = [Path(p).name for p in files] if files is not None else None
@@ -211,17 +224,30 @@ class Detector:
         """Detections per frame, in frame order.
 
         ``source``: a video file, frame folder or stream URL, or frames (a list, array stack or any
-        iterable of numpy / torch / PIL images). ``mode``: ``"offline"`` looks at the whole video (the
-        authors' setting; an iterator is read into a list first), ``"online"`` is causal: frame k is
-        yielded before frame k+1 is read, so it runs on live streams with bounded memory (default: the
-        config's ``mega.online``). Methods whose schedule is causal (single frame, DFF) always run
-        online. ``relation_inputs`` (MEGA, RDN): attach BLR's relation-module inputs to each result.
+        iterable of numpy / torch / PIL images; one frame is a one-frame video). ``mode``: ``"offline"``
+        looks at the whole video (the authors' setting; an iterator is read into a list first),
+        ``"online"`` is causal: frame k is yielded before frame k+1 is read, so it runs on live streams
+        with bounded memory (default: the config's ``mega.online``). Methods whose schedule is causal
+        (single frame, DFF) always run online. ``relation_inputs`` (MEGA, RDN): attach BLR's
+        relation-module inputs to each result.
         """
         frames = self._open(source, mode)
         try:
             yield from self._run(frames, mode, relation_inputs)
         finally:
             frames.close()
+
+    def detect_image(self, frame: Frame, *, relation_inputs: bool = False) -> FrameResult:
+        """One image's detections: the :class:`FrameResult` of ``frame`` run as a one-frame video offline
+        (``stream([frame], mode="offline")``; the relation methods then relate its boxes to themselves,
+        as the authors' test does for a video's first frame). ``frame``: numpy [H, W, 3] uint8, a torch
+        tensor as :meth:`stream` takes, or a PIL image."""
+        if not _is_one_frame(frame):
+            shape = getattr(frame, "shape", None)
+            raise MegavodError(f"detect_image takes one frame (numpy, torch or PIL image), got {type(frame).__name__}"
+                               f"{'' if shape is None else f' of shape {tuple(shape)}'}; for a video use stream()")
+        (result,) = self.stream([frame], mode="offline", relation_inputs=relation_inputs)
+        return result
 
     def stream_many(self, sources: Sequence[Source], mode: Mode | None = None, *, relation_inputs: bool = False,
                     batch_frames: bool = True) -> Iterator[tuple[int, FrameResult]]:
@@ -401,7 +427,17 @@ def load(config: str | os.PathLike | None = None, weights: str | os.PathLike | N
     ``"cpu"``, ``"cuda"``, ``"cuda:1"``... ``backend``: ``"torch"`` or ``"onnxruntime"`` (the graphs of
     ``megavod export``; ``weights`` is then an export folder or a weight file, see :func:`load_onnxruntime`).
     """
-    override_list = _override_list(overrides)
+    return load_with_overrides(config, weights, device, _override_list(overrides), trust_pickle=trust_pickle,
+                               backend=backend)
+
+
+def load_with_overrides(config: str | os.PathLike | None = None, weights: str | os.PathLike | None = None,
+                        device: str | torch.device = "auto", overrides: Sequence[str] = (), *,
+                        trust_pickle: bool = False, backend: Backend = "torch") -> Detector:
+    """:func:`load` with the overrides as ``KEY=VALUE`` strings, as ``megavod detect`` takes them.
+
+    Without ``weights`` (torch backend) it warns with :class:`RandomWeightsWarning`."""
+    override_list = list(overrides)
     config = None if config is None else str(config)
     if backend == "onnxruntime":
         return load_onnxruntime(weights, config, override_list, device, trust_pickle=trust_pickle)
@@ -412,6 +448,9 @@ def load(config: str | os.PathLike | None = None, weights: str | os.PathLike | N
     else:
         cfg = load_config(config or "mega_R_101", override_list)
         model = build_detector(cfg)
+        # stacklevel 3: the warning points at the caller of load() (load -> here -> warn).
+        warnings.warn("no weights given: the model is randomly initialised (pass weights=...)",
+                      RandomWeightsWarning, stacklevel=3)
     return Detector(model, cfg, device)
 
 

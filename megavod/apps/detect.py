@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,14 +24,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from megavod.api import Detector, FrameResult, load_onnxruntime, resolve_device
+from megavod.api import Detector, FrameResult, RandomWeightsWarning, load_with_overrides, resolve_device
 from megavod.data.classes import VID_CLASSES
 from megavod.data.predictions import FramePrediction, VideoPredictions
 from megavod.data.video import (
     RandomAccessFrames, VideoWriter, draw_detections, list_frame_files, open_source, write_video,
 )
 from megavod.errors import MegavodError, StreamError
-from megavod.methods import build_detector, load_detector
 from megavod.structures import Detections, RelationInputs
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".m4v", ".flv", ".wmv"}
@@ -272,21 +272,20 @@ def main(args) -> int:
     device = resolve_device(args.device)
     if device.type == "cuda" and world > 1:
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    if getattr(args, "backend", "torch") == "onnxruntime":
-        detector = load_onnxruntime(args.weights, args.config, args.overrides, args.device,
-                                    trust_pickle=args.trust_pickle)
-        device = torch.device("cpu")
-    elif args.weights is not None:
-        model, cfg = load_detector(args.weights, args.config, args.overrides, trust_pickle=args.trust_pickle)
-    else:
-        cfg = args.cfg
-        model = build_detector(cfg)
-        print("megavod detect: warning: no --weights given: the model is randomly initialised", file=sys.stderr)
-    if getattr(args, "backend", "torch") != "onnxruntime":
-        detector = Detector(model, cfg, device)
+    backend = getattr(args, "backend", "torch")
+    # load() decides between weights and none, torch and ONNX Runtime (which picks its own device).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RandomWeightsWarning)
+        detector = load_with_overrides(args.config, args.weights, args.device if backend == "onnxruntime" else device,
+                                       args.overrides, trust_pickle=args.trust_pickle, backend=backend)
+    for warning in caught:
+        if issubclass(warning.category, RandomWeightsWarning):  # said in the CLI's words: the flag
+            print("megavod detect: warning: no --weights given: the model is randomly initialised", file=sys.stderr)
+        else:  # any other warning goes on as if not caught
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     inputs = expand_inputs(args.inputs)
     options = DetectOptions(mode=args.mode or detector.default_mode, postprocess=args.postprocess,
-                            score_thresh=args.score_thresh, device=str(device),
+                            score_thresh=args.score_thresh, device=str(detector.device),
                             batch_streams=args.batch_streams)
     failed = run_detect(detector, inputs, args.out, options, rank, world)
     if failed:
