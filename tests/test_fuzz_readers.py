@@ -48,10 +48,11 @@ from megavod.methods.convert import convert
 from megavod.models.backbone import build_backbone, load_pretrained_resnet
 from megavod.structures import Detections, FrameAnnotation
 
+from reference_data import authors_listing
+
 # Damaged files make torch and PIL warn on their way to the error (odd pickle protocols, corrupt EXIF).
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-KEYS_DIR = Path(__file__).parent / "data" / "checkpoint_keys"
 # A model of a few thousand weights: synthetic_single with narrow channels (convert builds it per case).
 TINY_MODEL = ["model.backbone.small_stem_channels=8", "model.roi_head.reduced_channels=8",
               "model.roi_head.representation_size=16"]
@@ -333,11 +334,6 @@ def _expanded(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     return {k: one.reshape((1,) * len(s)).expand(s) if s else torch.zeros(()) for k, s in shapes.items()}
 
 
-def _listing(name: str) -> dict[str, tuple[int, ...]]:
-    lines = (KEYS_DIR / f"{name}.txt").read_text().splitlines()[1:]
-    return {k: tuple(int(x) for x in re.findall(r"\d+", s)) for k, s in (ln.split(" ", 1) for ln in lines)}
-
-
 def _video_predictions() -> list[VideoPredictions]:
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(3, 2, generator=g) * 50
@@ -522,11 +518,9 @@ def fuzz_recorded_config(src: Sources, tmp: Path, capsys) -> Tally:
 def fuzz_recognise(src: Sources, tmp: Path, capsys) -> Tally:
     """Files without a recorded config: the method and preset are read from key names and shapes
     (recognise, config_for). Real listings with junk shapes, names and values."""
-    if not KEYS_DIR.is_dir():
-        pytest.skip("checkpoint key listings not available")
     t = Tally("state dict keys (recognise)")
     rng = np.random.default_rng(7)
-    listings = [_listing(n) for n in ("vid_R_50_C4_1x", "vid_R_50_C4_MEGA_1x", "vid_R_101_C4_RDN_1x",
+    listings = [authors_listing(n)[2] for n in ("vid_R_50_C4_1x", "vid_R_50_C4_MEGA_1x", "vid_R_101_C4_RDN_1x",
                                        "vid_R_50_C4_FGFA_1x", "vid_R_101_C4_DFF_1x")]
     shape_junk = [(), (0,), (1,), (3, 0), (0, 0, 3, 3), (64, 0, 3, 3), (7,), (2, 2, 2, 2, 2), (10**6,)]
     important = ["backbone.body.stem.conv1.weight", "roi_heads.box.predictor.cls_score.weight",
