@@ -194,7 +194,6 @@ def _one_to_one(a, b) -> int:
 
 @pytest.fixture(scope="module")
 def flat_detectors(tmp_path_factory):
-    torch.set_num_threads(1)
     detector = megavod.load(weights=WEIGHTS, device="cpu")
     out = tmp_path_factory.mktemp("ties") / "export"
     export_onnx(detector.model, detector.cfg, out)
