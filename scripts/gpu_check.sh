@@ -2,7 +2,10 @@
 # The checks that need a GPU, with every figure in one file:
 #   bash scripts/gpu_check.sh [OUT]        (OUT default: ./gpu-check; results in OUT/gpu_check_results.txt)
 # 1. bash scripts/setup.sh
-# 2. the tests marked cuda (pytest -m cuda: tests/test_cuda.py)
+# 2. the tests marked cuda (pytest -m cuda: tests/test_cuda.py): detections equal to the CPU's, bf16
+#    training, resume with solver.deterministic bit for bit (a toy model; single frame, RDN, MEGA, base),
+#    roi_align's backward under deterministic algorithms, torchrun/NCCL; run with -s so that the figures
+#    they print (differences, triton present or not) land in the results file
 # 3. megavod bench on CUDA at 600 px: single_R_101, base_R_101, mega_R_101
 # 4. the same for the compared methods: single_R_50, dff_R_50, fgfa_R_50, rdn_base_R_50, mega_R_50
 # 5. many streams (N = 1, 2, 4, 8) and batched training (B = 1, 2, 4) of mega_R_101 and synthetic_mega
@@ -50,7 +53,7 @@ has_cuda || refuse
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 } 2>&1 | tee -a "$RESULTS"
 
-step "cuda tests" "$PY" -m pytest -q -p no:cacheprovider -m cuda -rs tests
+step "cuda tests" "$PY" -m pytest -q -s -p no:cacheprovider -m cuda -rs tests
 step "bench R-101: single, base, MEGA" "$PY" -m megavod bench --device cuda --size 600 \
   --config single_R_101 --config base_R_101 --config mega_R_101
 step "bench R-50: the compared methods" "$PY" -m megavod bench --device cuda --size 600 \

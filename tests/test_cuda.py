@@ -1,9 +1,11 @@
 """CUDA: every method detects on the GPU as on the CPU, bench, bf16 training, resume with the CUDA random
-state, torchrun (one process; NCCL with two GPUs).
+state (a toy model, and single frame, RDN, MEGA and base with ``solver.deterministic``), torchvision's
+RoIAlign backward under deterministic algorithms, torchrun (one process; NCCL with two GPUs).
 
-Every test here is marked ``cuda`` and skipped without a CUDA device (tests/conftest.py); ``bash
-scripts/test.sh`` runs them where one is present, ``pytest -m cuda`` (scripts/gpu_check.sh) runs only
-them. Small synthetic presets, tiny frames, random weights.
+The tests marked ``cuda`` are skipped without a CUDA device (tests/conftest.py); ``bash scripts/test.sh``
+runs them where one is present, ``pytest -m cuda`` (scripts/gpu_check.sh) runs only them. Two tests run
+on the CPU: the weight perturbation that justifies the CUDA-vs-CPU tolerances, and the real methods'
+resume on the CPU. Small synthetic presets, tiny frames, random weights.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from megavod.structures import Detections
 from megavod.train import checkpoint as ckpt
 from megavod.train.engine import FINAL_NAME
 
-pytestmark = pytest.mark.cuda
+cuda = pytest.mark.cuda
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "cuda"
@@ -50,7 +52,8 @@ METHODS = {
 }
 # CUDA vs CPU, float32 with TF32 off: boxes (pixels) within BOX_ATOL, scores (~0.02-0.06 here) within
 # SCORE_ATOL. On the CPU, every method's detections with its weights perturbed by a relative 1e-5 (more than
-# float32 differences between devices) stay within these of the unperturbed ones.
+# float32 differences between devices, ~1e-7 relative per operation) stay within these of the unperturbed
+# ones: test_weight_perturbation_stays_within_the_cuda_tolerances measures it.
 BOX_ATOL = 1e-2
 SCORE_ATOL = 1e-4
 
@@ -76,6 +79,7 @@ def fp32_convs():
         yield
 
 
+@cuda
 @pytest.mark.parametrize("method", list(METHODS))
 def test_detect_on_cuda_equals_cpu(method, fp32_convs):
     config, extra = METHODS[method]
@@ -95,6 +99,58 @@ def test_detect_on_cuda_equals_cpu(method, fp32_convs):
         assert_same_detections(g.detections.to("cpu"), e.detections)
 
 
+def _perturbed_copy(model: torch.nn.Module, relative: float, seed: int) -> dict[str, torch.Tensor]:
+    """The model's state with every floating tensor (weights and FrozenBN statistics) times 1 + relative * r,
+    r uniform in [-1, 1], drawn per element."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v * (1 + relative * (2 * torch.rand(v.shape, generator=g, dtype=v.dtype) - 1))
+            if v.is_floating_point() else v for k, v in model.state_dict().items()}
+
+
+def _largest_differences(a: Detections, b: Detections) -> tuple[float, float]:
+    """Per detection of ``a``, its closest same-label detection of ``b`` (box and score differences in units
+    of the tolerances); the largest box and score differences over these pairs."""
+    worst_box = worst_score = 0.0
+    for label in a.labels.unique():
+        ma, mb = a.labels == label, b.labels == label
+        box_d = torch.cdist(a.boxes[ma].double(), b.boxes[mb].double(), p=float("inf"))
+        score_d = (a.scores[ma, None].double() - b.scores[None, mb].double()).abs()
+        best = torch.maximum(box_d / BOX_ATOL, score_d / SCORE_ATOL).argmin(1, keepdim=True)
+        worst_box = max(worst_box, float(box_d.gather(1, best).max()))
+        worst_score = max(worst_score, float(score_d.gather(1, best).max()))
+    return worst_box, worst_score
+
+
+PERTURBATION = 1e-5
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_weight_perturbation_stays_within_the_cuda_tolerances(method):
+    """On the CPU (no device needed): the CUDA-vs-CPU tolerances are wide enough for any difference of the
+    order of float32 rounding between devices (~1e-7 relative per operation) yet far tighter than a model
+    difference. Every method's detections (test_detect_on_cuda_equals_cpu's settings) with every weight
+    perturbed by a relative 1e-5, about 100x float32 rounding, stay within BOX_ATOL / SCORE_ATOL of the
+    unperturbed ones; printed: the largest differences measured."""
+    config, extra = METHODS[method]
+    frames = synthetic_frames(4, 48)
+    torch.manual_seed(0)
+    detector = megavod.load(config, device="cpu", **KEEP_ALL, **extra)
+    calibrate(detector.model, detector.prepare(frames[0])[0])
+    expected = [r.detections for r in detector.stream(frames)]
+    detector.model.load_state_dict(_perturbed_copy(detector.model, PERTURBATION, seed=1))
+    got = [r.detections for r in detector.stream(frames)]
+    worst = [0.0, 0.0]
+    for e, g in zip(expected, got, strict=True):
+        assert len(e) > 0
+        assert_same_detections(g, e)
+        for x, y in ((e, g), (g, e)):
+            box, score = _largest_differences(x, y)
+            worst = [max(worst[0], box), max(worst[1], score)]
+    print(f"{method}: weights x (1 +- {PERTURBATION:g}): {sum(len(e) for e in expected)} detections, largest "
+          f"difference {worst[0]:.1e} px (limit {BOX_ATOL:g}), score {worst[1]:.1e} (limit {SCORE_ATOL:g})")
+
+
+@cuda
 def test_bench_on_cuda():
     results = run_bench(["synthetic_single", "synthetic_base", "synthetic_mega"], num_frames=3, size=48,
                         device=DEVICE)
@@ -119,6 +175,7 @@ TRAIN = {"mega.T_l": 5, "mega.T_g": 3, "mega.T_m": 4, "model.rpn.post_nms_top_n_
          "solver.max_iter": 3, "solver.warmup_iters": 1, "solver.steps": [2], "solver.checkpoint_period": 2}
 
 
+@cuda
 def test_mega_trains_under_bf16_autocast_on_cuda(data, tmp_path, monkeypatch):
     from megavod.train import engine
 
@@ -178,6 +235,7 @@ _RESUME_SCRIPT = textwrap.dedent(
 )
 
 
+@cuda
 def test_resume_on_cuda_restores_the_cuda_random_state_bit_for_bit(tmp_path):
     script = tmp_path / "resume.py"
     script.write_text(_RESUME_SCRIPT.format(tests=str(REPO / "tests"), out=str(tmp_path), device=DEVICE))
@@ -193,6 +251,113 @@ def test_resume_on_cuda_restores_the_cuda_random_state_bit_for_bit(tmp_path):
     assert "CUBLAS_WORKSPACE_CONFIG" not in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+# README "Training": with solver.deterministic a resumed run gives the uninterrupted run's weights bit for
+# bit, for single frame, RDN, MEGA and its base model (FGFA's and DFF's grid_sample backward has no
+# deterministic CUDA kernel). In a fresh process for each method (CUBLAS_WORKSPACE_CONFIG is set by the
+# engine before the process's first cuBLAS call): 5 iterations with checkpoints at 2 and 4, then the same
+# run as if killed during iteration 3 (its folder up to the checkpoint at 2) resumed to the end.
+RESUME_METHODS = {
+    "single": ("synthetic_single", {}),
+    "rdn": ("synthetic_single", {"method": "rdn", "relation.num_heads": 8, "rdn.min_offset": -2,
+                                 "rdn.max_offset": 2}),
+    "mega": ("synthetic_mega", {}),
+    "base": ("synthetic_base", {}),
+}
+RESUME_TRAIN = {**TRAIN, "solver.max_iter": 5, "solver.steps": [3], "solver.checkpoint_period": 2,
+                "data.num_workers": 0}
+
+_REAL_RESUME_SCRIPT = textwrap.dedent(
+    """
+    import json, shutil, sys
+    from pathlib import Path
+    import torch
+    import megavod
+    from megavod.train import checkpoint as ckpt
+
+    config, overrides, data, out = {config!r}, {overrides!r}, Path({data!r}), Path({out!r})
+    ref = megavod.train(config, data, out / "ref", **overrides)
+    killed = out / "resumed"
+    shutil.copytree(out / "ref", killed)
+    for name in ("model_final.pth", "model_0000004.pth"):  # killed during iteration 3: the checkpoint at 2 survives
+        (killed / name).unlink()
+    (killed / ckpt.LAST_CHECKPOINT).write_text("model_0000002.pth\\n")
+    resumed = megavod.train(config, data, killed, resume=True, **overrides)
+    a, b = (ckpt.load_checkpoint(p)["model"] for p in (ref, resumed))
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    largest = max((float((a[k].double() - b[k].double()).abs().max()) for k in differ), default=0.0)
+    print("RESULT " + json.dumps({{"tensors": len(a), "differ": len(differ), "largest": largest,
+                                  "iteration": ckpt.load_checkpoint(resumed)["iteration"],
+                                  "device": "cuda" if torch.cuda.is_available() else "cpu"}}))
+    """
+)
+
+
+def _real_resume(method: str, device: str, data: Path, out: Path) -> dict:
+    config, extra = RESUME_METHODS[method]
+    overrides = {**RESUME_TRAIN, **extra, "solver.deterministic": True}
+    script = out / "resume.py"
+    script.write_text(_REAL_RESUME_SCRIPT.format(config=config, overrides=overrides, data=str(data), out=str(out)))
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    if device == "cpu":  # training takes CUDA when it is present
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, str(script)], cwd=out, env={**env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    print(f"{method} on {device}, solver.deterministic: resumed vs uninterrupted: {result['differ']} of "
+          f"{result['tensors']} tensors differ, largest difference {result['largest']:.1e}")
+    assert result["iteration"] == 5 and result["device"] == device
+    return result
+
+
+@cuda
+@pytest.mark.parametrize("method", list(RESUME_METHODS))
+def test_deterministic_resume_on_cuda_is_bit_for_bit(method, data, tmp_path):
+    result = _real_resume(method, DEVICE, data, tmp_path)
+    assert result["differ"] == 0, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["rdn", "base"])
+def test_deterministic_resume_on_cpu_is_bit_for_bit(method, data, tmp_path):
+    """The same script on the CPU (bit for bit there with or without solver.deterministic), for the two
+    methods tests/test_train_real.py does not kill and resume (single frame, MEGA)."""
+    result = _real_resume(method, "cpu", data, tmp_path)
+    assert result["differ"] == 0, result
+
+
+@cuda
+def test_roi_align_backward_under_deterministic_algorithms(fp32_convs):
+    """README "Training": under solver.deterministic (torch.use_deterministic_algorithms) torchvision's
+    roi_align runs a torch.compile'd RoIAlign where triton is present, whose backward is deterministic;
+    without triton its CUDA kernel's backward uses atomic adds. Many overlapping RoIs on one map, the
+    backward repeated: with triton every gradient must be bit-identical; without, printed only."""
+    from torch._dynamo.utils import has_triton
+    from torchvision.ops import roi_align
+
+    from megavod.train.engine import deterministic_algorithms
+
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    feats = torch.randn(2, 64, 38, 50, device=DEVICE, generator=g)
+    xy = torch.rand(4000, 2, device=DEVICE, generator=g) * torch.tensor([700.0, 500.0], device=DEVICE)
+    wh = 16 + torch.rand(4000, 2, device=DEVICE, generator=g) * 200
+    rois = torch.cat([torch.randint(0, 2, (4000, 1), device=DEVICE, generator=g).float(), xy, xy + wh], 1)
+    upstream = torch.randn(4000, 64, 14, 14, device=DEVICE, generator=g)
+    grads = []
+    with deterministic_algorithms(True, torch.device(DEVICE)):
+        for _ in range(5):
+            x = feats.clone().requires_grad_(True)
+            roi_align(x, rois, (14, 14), 1 / 16, 0, True).backward(upstream)
+            grads.append(x.grad)
+    equal = all(torch.equal(grads[0], other) for other in grads[1:])
+    largest = max(float((grads[0] - other).abs().max()) for other in grads[1:])
+    print(f"roi_align backward under deterministic algorithms, triton {'present' if has_triton() else 'missing'}: "
+          f"5 runs {'bit-identical' if equal else f'differ by up to {largest:.1e}'}")
+    if has_triton():
+        assert equal, largest
+
+
+@cuda
 def test_torchrun_one_process_trains_on_cuda(data, tmp_path):
     # One process under torchrun joins an NCCL process group of one (megavod/train/distributed.py) and
     # trains on cuda:LOCAL_RANK; NCCL across processes needs two GPUs (test below).
@@ -231,6 +396,7 @@ _NCCL_SCRIPT = textwrap.dedent(
 )
 
 
+@cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two CUDA devices (one per process)")
 def test_two_process_nccl_ddp_keeps_ranks_identical(tmp_path):
     script = tmp_path / "nccl_run.py"
