@@ -49,7 +49,12 @@ def test_cached_blocks_equal_the_whole_term_and_only_new_pairs_are_computed():
     module, cache = make_module(), GeometryBiasCache()
     refs_full = (WINDOW + MEMORY) * FRAME_ROWS
     for k, (bias, whole, computed) in enumerate(sliding_calls(module, cache)):
-        torch.testing.assert_close(bias, whole, rtol=1e-5, atol=1e-5)
+        # Float32 budget in log space: bias = log(relu(z) + 1e-6), so d bias = dz / (z + 1e-6). z = Wg . E + b
+        # sums 17 terms of operands sum|w_i e_i| + |b| <= ~4 (Wg ~ N(0, 0.3^2), |e| <= 1), in blocks of other
+        # shapes here than in the whole term (other blocking, vectorised vs scalar sin/cos tails): both sides
+        # <= 2 x 17 u x 4 = 8e-6 in z; the smallest positive z these boxes give is 4.7e-4: 1.7e-2. Realised
+        # 7.6e-6 (AVX2) / 2.3e-5 (ATen default). Serving a wrong or stale block moves bias by ~1 (log units).
+        torch.testing.assert_close(bias, whole, rtol=0, atol=2e-2)
         if k == 0:
             assert computed == (KEY_ROWS + WINDOW * DISTILLED) * WINDOW * FRAME_ROWS  # nothing to reuse
         elif k >= MEMORY:  # steady state: the key and the newest window frame against every reference,
