@@ -87,3 +87,19 @@ def test_readme_synopsis_lists_every_cli_option():
                 missing.append(f"megavod {name} {longs[0]}")
     assert not missing, "README's command-line synopsis lacks: " + ", ".join(missing)
     assert set(synopsis) <= set(sub.choices), set(synopsis) - set(sub.choices)
+
+
+def test_nothing_is_downloaded():
+    """README: "Nothing is ever downloaded". No module of the package reaches the network: no network
+    library, no torch.hub or torchvision download helper, and torchvision's model builders get
+    ``weights=None``."""
+    network = re.compile(r"^\s*(?:import|from)\s+(?:urllib|requests|http|socket|ftplib)\b|torch\.hub|"
+                         r"load_state_dict_from_url|download_url|download_and_extract", re.M)
+    builder = re.compile(r"\b(?:raft_small|raft_large|resnet\d+|resnext\w+)\(([^)]*)\)")
+    found = []
+    for path in sorted((ROOT / "megavod").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        found += [f"{path.relative_to(ROOT)}: {m.group(0).strip()}" for m in network.finditer(text)]
+        found += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in builder.finditer(text)
+                  if "weights=None" not in m.group(1) and "import" not in m.group(0)]
+    assert not found, "\n".join(found)
