@@ -1,7 +1,8 @@
-"""ONNX export and the streaming engine on ONNX Runtime (README "Export and deploy"): for every method the
-exported graphs, run by ONNX Runtime behind the detector contract, give PyTorch's detections (boxes within
-1e-2 px, scores within 1e-4, same labels), offline and online; the shipped weights round-trip through
-``megavod export`` and ``megavod detect --backend onnxruntime``; bad input gives one line."""
+"""ONNX export and the streaming engine on ONNX Runtime (README "Export and deploy"): for every method and
+the MEGA ablations the exported graphs, run by ONNX Runtime behind the detector contract, give PyTorch's
+detections (boxes within 1e-2 px, scores within 1e-3, same labels: BOX_TOL, SCORE_TOL), offline and online;
+the shipped weights round-trip through ``megavod export``, ``megavod detect --backend onnxruntime`` and
+``megavod.load(..., backend="onnxruntime")``; unsupported configs and bad input give one line."""
 
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def _at_a_cut(scores, score: float) -> bool:
 
 def assert_same_detections(expected, got, matches: list | None = None) -> tuple[float, float]:
     """Same frames, and per frame a one-to-one match of detections (same label, box within 1e-2 px, score
-    within 1e-4). Detections whose scores tie within float noise may come out in swapped order, so each
+    within SCORE_TOL). Detections whose scores tie within float noise may come out in swapped order, so each
     is matched to an equal one, not compared by position; one left without a match must sit at a hard cut
     of the postprocess (:func:`_at_a_cut`). Returns the largest box and score differences; ``matches``
     receives (frame, expected detection, matched detection) triples."""
