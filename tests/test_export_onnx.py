@@ -222,7 +222,11 @@ def test_blr_on_onnxruntime_equals_pytorch(exported, clip, case):
     rel_a, rel_b = by_frame[0][0].relation, by_frame[0][1].relation
     weights = onnx_detector.blr_relation_weights(rel_a, rel_b, 0, 1)
     assert weights.shape == (len(rel_a.boxes), len(rel_b.boxes))
-    assert torch.allclose(weights, model.blr_relation_weights(rel_a, rel_b, 0, 1), rtol=0, atol=1e-5)
+    # Same rows both sides, so one module's error: softmax weights move by |dw| <= 2 w max|d logit|; the
+    # appearance logit (Wq/Wk 256, q.k 32) loses <= 2 x 288 u of its operands (q, k operands <= 4.3 here):
+    # 1.5e-4, w <= 0.46 per head: 1.4e-4; the geometry term (angles <= 690 rad, sum|Wg| 0.6) adds ~u |t| x 0.6
+    # on z ~ 0.2, less. 2e-4 (weights <= 0.04 after the mean over heads). Realised 3.2e-7.
+    assert torch.allclose(weights, model.blr_relation_weights(rel_a, rel_b, 0, 1), rtol=0, atol=2e-4)
     assert onnx_detector.blr_relation_weights(rel_a[:0], rel_b, 0, 1).shape == (0, len(rel_b.boxes))
     frames = [((f.permute(1, 2, 0).numpy() / 80 + 0.5).clip(0, 1) * 255).astype(np.uint8) for f in clip]
     records = [[(r.frame, r.detections) for r in Detector(m, cfg, "cpu").detect(frames, postprocess="blr").frames]
