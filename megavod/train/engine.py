@@ -15,8 +15,10 @@ What one iteration does, as the authors' ``do_train``: skip it when a sample has
 same (flip, reference frames), and a checkpoint stores the model, optimizer, scheduler, iteration and
 every rank's global random states. A run killed at any moment and restarted with ``--resume`` ends
 with the same weights, bit for bit, as one that was never interrupted (same hardware and world size):
-always on the CPU; on CUDA only with ``solver.deterministic`` (:func:`deterministic_algorithms`), since
-cuBLAS/cuDNN algorithm choices and atomic-add kernels otherwise differ from run to run in the last bits.
+on the CPU (tests/test_train_real.py); on CUDA that is the aim of ``solver.deterministic``
+(:func:`deterministic_algorithms`), since cuBLAS/cuDNN algorithm choices and atomic-add kernels otherwise
+differ from run to run in the last bits, but it has not yet run on a GPU (``bash scripts/gpu_check.sh``
+measures it: tests/test_cuda.py).
 
 Checkpoints go to ``OUT/model_XXXXXXX.pth`` every ``solver.checkpoint_period`` iterations and
 ``OUT/model_final.pth`` at the end, each written atomically, then ``OUT/last_checkpoint`` is pointed
@@ -117,7 +119,8 @@ def deterministic_algorithms(enabled: bool, device: torch.device, announce: bool
     ``warn_only``: a few kernels megavod may use have no deterministic CUDA version, and strict mode would
     make those methods untrainable: ``grid_sample``'s backward (FGFA's and DFF's warp, RAFT) and
     torchvision's ``roi_align`` backward where torch.compile has no triton (with triton, torchvision runs
-    a compiled RoIAlign whose backward is deterministic). They run as before, with a PyTorch warning.
+    a compiled RoIAlign, whose backward is expected to be deterministic: not yet measured on a GPU,
+    tests/test_cuda.py checks it). They run as before, with a PyTorch warning.
     ``announce`` prints a one-line note of this (CUDA only)."""
     if not enabled:
         yield
