@@ -55,7 +55,7 @@ def test_cached_blocks_equal_the_whole_term_and_only_new_pairs_are_computed():
         # divide it by the smallest positive z). z = Wg . E + b sums 17 terms of operands sum|w_i e_i| + |b|
         # <= ~4 (Wg ~ N(0, 0.3^2), |e| <= 1), in blocks of other shapes here than in the whole term (other
         # blocking, vectorised vs scalar sin/cos tails): both sides err, 2 x 17 u x 4 = 8.1e-6. Realised
-        # 2.4e-7 (AVX2 and ATen default). A wrong or stale block moves relu(z) by ~1e-1.
+        # 2.4e-7 (AVX2 and ATen default). A stale block (the previous key frame's) moves it by 2.5.
         torch.testing.assert_close(bias.exp(), whole.exp(), rtol=0, atol=chain_budget([17], magnitude=4, sides=2))
         if k == 0:
             assert computed == (KEY_ROWS + WINDOW * DISTILLED) * WINDOW * FRAME_ROWS  # nothing to reuse
