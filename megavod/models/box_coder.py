@@ -126,11 +126,10 @@ class _TopKLowerIndexFirst(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, values, k):
-        one = g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64))
         if isinstance(k, int):
             k = g.op("Constant", value_t=torch.tensor([k], dtype=torch.int64))
-        else:
-            k = g.op("Reshape", g.op("Cast", k, to_i=7), one)  # 7: INT64
+        else:  # a traced count: int64 (ONNX type 7), shape [1]
+            k = g.op("Reshape", g.op("Cast", k, to_i=7), g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64)))
         # min(k, n) in the graph: the row length n is a graph value (the anchors of any image size).
         n = g.op("Slice", g.op("Shape", values), g.op("Constant", value_t=torch.tensor([-1], dtype=torch.int64)),
                  g.op("Constant", value_t=torch.tensor([sys.maxsize], dtype=torch.int64)))
