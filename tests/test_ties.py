@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import megavod
+from megavod.data.synthetic_render import flat_clip
 from megavod.export import ops
 from megavod.export.exporter import export_onnx
 from megavod.models.box_coder import BoxCoder, batched_nms, box_iou, nms, top_k
@@ -162,19 +163,6 @@ def test_box_postprocess_graph_equals_the_module_on_tied_scores():
 
 
 # -- flat frames end to end ------------------------------------------------------------------------------
-
-
-def flat_clip(n: int, width: int = 160, height: int = 120) -> list[np.ndarray]:
-    """A grey background between black letterbox bars, two flat shapes moving."""
-    frames = []
-    for t in range(n):
-        frame = np.full((height, width, 3), 90, np.uint8)
-        frame[:, :16] = 0
-        frame[:, -16:] = 0
-        frame[30:60, 40 + t:80 + t] = (200, 40, 40)
-        frame[70:100, 90:130 - t // 3] = (40, 200, 60)
-        frames.append(frame)
-    return frames
 
 
 def _arrays(results) -> list[tuple[np.ndarray, ...]]:

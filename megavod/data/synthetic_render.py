@@ -452,3 +452,18 @@ def render_frame(scene: Scene, t: int) -> np.ndarray:
             draw_track(frame, track, t)
     frame += scene.noise[t % len(scene.noise)]
     return (np.clip(frame, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def flat_clip(frames: int, width: int = 160, height: int = 120) -> list[np.ndarray]:
+    """Frames with large uniform areas, where many anchors and proposals score exactly alike
+    (docs/conventions.md#ties): a grey background between 16-pixel black letterbox bars, a red and a green
+    flat rectangle moving. HxWx3 uint8."""
+    clip = []
+    for t in range(frames):
+        frame = np.full((height, width, 3), 90, np.uint8)
+        frame[:, :16] = 0
+        frame[:, -16:] = 0
+        frame[30:60, 40 + t:80 + t] = (200, 40, 40)
+        frame[70:100, 90:130 - t // 3] = (40, 200, 60)
+        clip.append(frame)
+    return clip

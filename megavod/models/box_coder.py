@@ -158,13 +158,9 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
     order = top_k(scores, scores.shape[0])[1]
-    return order[_tv_nms(plus_one(boxes[order]), processing_priority(order), iou_threshold)]
-
-
-def processing_priority(order: Tensor) -> Tensor:
-    """n, n-1, ..., 1 (float32, exact below 2**24) for ``n`` entries already in processing order: the
-    scores that make an NMS kernel take them in that order whatever its tie rule."""
-    return torch.arange(order.shape[0], 0, -1, dtype=torch.float32, device=order.device)
+    # n, n-1, ..., 1 (float32: exact below 2**24) as the scores: any kernel takes the boxes in this order.
+    priority = torch.arange(order.shape[0], 0, -1, dtype=torch.float32, device=order.device)
+    return order[_tv_nms(plus_one(boxes[order]), priority, iou_threshold)]
 
 
 def plus_one(boxes: Tensor) -> Tensor:
