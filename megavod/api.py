@@ -40,6 +40,7 @@ from megavod.inference.schedules import build_schedule
 from megavod.methods import build_detector, load_detector
 from megavod import postprocess as video_postprocess
 from megavod.postprocess.blr import RelationWeights
+from megavod.registry import get_method
 from megavod.structures import Detections, RelationInputs
 from megavod.train.engine import run_training
 
@@ -203,7 +204,9 @@ class Detector:
 
     @property
     def default_mode(self) -> Mode:
-        return "online" if self.cfg.mega.online else "offline"
+        """The mode :meth:`stream` runs in when none is asked for: the method table's ``default_mode``
+        (offline; MEGA's follows ``mega.online``)."""
+        return get_method(self.cfg.method).default_mode(self.cfg)
 
     def prepare(self, frame: Frame) -> tuple[Tensor, tuple[int, int]]:
         """An RGB frame -> (the model's input tensor on the device, the frame's (height, width))."""
@@ -227,7 +230,7 @@ class Detector:
         iterable of numpy / torch / PIL images; one frame is a one-frame video). ``mode``: ``"offline"``
         looks at the whole video (the authors' setting; an iterator is read into a list first),
         ``"online"`` is causal: frame k is yielded before frame k+1 is read, so it runs on live streams
-        with bounded memory (default: the config's ``mega.online``). Methods whose schedule is causal
+        with bounded memory (default: :attr:`default_mode`, MEGA's ``mega.online``). Methods whose schedule is causal
         (single frame, DFF) always run online. ``relation_inputs`` (MEGA, RDN): attach BLR's
         relation-module inputs to each result.
         """

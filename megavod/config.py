@@ -6,14 +6,11 @@ optionally on top of another preset (``_base_: mega_R_101``). ``load_config("meg
 ["mega.T_g=20"])`` gives a validated :class:`Config`. Every bad key, type or value raises
 :class:`~megavod.errors.ConfigError` with one line naming the key and what is allowed.
 
-MEGA's hyper-parameters carry the paper's names (§4.3, Table 5):
-
-* ``T_l``: frames in the local window (key frame included); offline ``tau = (T_l - 1) / 2`` frames on
-  each side, online the ``T_l - 1`` previous frames.
-* ``T_g``: frames in the global pool.
-* ``T_m``: frames each Long Range Memory level holds.
-* ``N_g``: location-free relation modules of the global stage; ``N_l``: location-based modules of the
-  local stage.
+This module holds the sections every method shares (model, relation module, input, solver, data). A
+method's own hyper-parameters are its config section, a dataclass its row of the method table brings
+(:class:`megavod.registry.MethodSpec`: ``config_key``, ``config_type``; the built-in ones are in
+:mod:`megavod.methods.sections`). A :class:`Config` holds the section of its method only, found
+through the table, and shows it under its key: ``cfg.mega.T_g``, ``mega: {T_g: 10}`` in YAML.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from megavod.errors import ConfigError, first_line
-from megavod.registry import get_method
+from megavod.registry import MethodSpec, get_method, section_owners
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -119,71 +116,6 @@ class RelationConfig:
 
 
 @dataclass
-class MEGAConfig:
-    """MEGA (docs/conventions.md#mega-aggregation-head, docs/conventions.md#mega-inference-schedule,
-    docs/departures.md#summary); names follow the paper."""
-
-    T_l: int = 25
-    T_g: int = 10
-    T_m: int = 25
-    N_g: int = 1
-    N_l: int = 3
-    global_res_stages: int = 1  # code's GLOBAL.RES_STAGE: global modules after the local stack (R-50: 0)
-    memory: bool = True  # False gives the paper's "base model"
-    # code's GLOBAL.SHUFFLE, seeded by `seed` (docs/departures.md#seeded-global-permutation)
-    global_shuffle: bool = True
-    location_based_global: bool = False  # §4.5 ablation (82.5 mAP)
-    # Proposals per local/global/memory frame are model.rpn.ref_post_nms_top_n (code 75, paper 80);
-    # this share of them (the highest-objectness ones) feeds the later local stages (75 -> 15).
-    distill_ratio: float = 0.2
-    # causal mode: no look-ahead, global frames from the past only (docs/departures.md#online-mode)
-    online: bool = False
-    train_local_refs: int = 2
-    train_global_refs: int = 2
-    train_memory_refs: int = 3  # code 3, paper 2 (docs/departures.md#where-the-paper-and-the-code-disagree)
-
-    @property
-    def tau(self) -> int:
-        """Frames on each side of the key in the offline local window."""
-        return (self.T_l - 1) // 2
-
-
-
-@dataclass
-class RDNConfig:
-    """RDN (docs/conventions.md#rdn)."""
-
-    min_offset: int = -18
-    max_offset: int = 18
-    train_refs: int = 2
-    ratio: float = 0.2
-    basic_stages: int = 2
-    advanced_stages: int = 0  # RDN full: 1
-
-
-@dataclass
-class FGFAConfig:
-    """FGFA (docs/conventions.md#fgfa-and-dff)."""
-
-    min_offset: int = -9
-    max_offset: int = 9
-    train_refs: int = 2
-    flow_network: Literal["flownet_s", "raft_small"] = "flownet_s"  # raft_small: torchvision's
-    flownet_weights: str | None = None  # local file: the authors' FLOWNET_WEIGHT, or RAFT-small weights
-
-
-@dataclass
-class DFFConfig:
-    """DFF (docs/conventions.md#fgfa-and-dff)."""
-
-    key_interval: int = 10
-    min_offset: int = -9
-    max_offset: int = 0
-    flow_network: Literal["flownet_s", "raft_small"] = "flownet_s"  # raft_small has no scale map (scale 1)
-    flownet_weights: str | None = None  # local file: the authors' FLOWNET_WEIGHT, or RAFT-small weights
-
-
-@dataclass
 class InputConfig:
     """Input pipeline (docs/conventions.md#input-pipeline): resize, flip, the authors' BGR x 255 pixel convention."""
 
@@ -228,24 +160,70 @@ class DataConfig:
 
 
 @dataclass
-class Config:
+class SharedConfig:
+    """The sections every method shares (a :class:`Config` adds its method's own)."""
+
     method: str = "single"  # a registered method (megavod.registry)
     model: ModelConfig = field(default_factory=ModelConfig)
-    relation: RelationConfig = field(default_factory=RelationConfig)
-    mega: MEGAConfig = field(default_factory=MEGAConfig)
-    rdn: RDNConfig = field(default_factory=RDNConfig)
-    fgfa: FGFAConfig = field(default_factory=FGFAConfig)
-    dff: DFFConfig = field(default_factory=DFFConfig)
+    relation: RelationConfig = field(default_factory=RelationConfig)  # MEGA's and RDN's relation modules
     input: InputConfig = field(default_factory=InputConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
     name: str = "custom"
 
+
+@dataclass
+class Config(SharedConfig):
+    """A whole config: the shared sections, and ``section``, the config section of ``method`` (its row of
+    the method table says its type and its key; None for a method without hyper-parameters of its own).
+
+    The section reads and writes under its key, ``cfg.mega.T_g`` for a MEGA config, and is written
+    there by :func:`to_dict` / :func:`dump_config`; a config of another method has no ``cfg.mega``.
+    """
+
+    section: Any = None  # None: the method's default section (its config_type's defaults)
+
+    def __post_init__(self) -> None:
+        if self.section is None:
+            config_type = _section_type(self.method)
+            if config_type is not None:
+                self.section = config_type()
+
     @property
-    def distilled_proposals(self) -> int:
-        """Rows per frame in MEGA's later local stages and memory levels >= 1 (code: int(75 * 0.2) = 15)."""
-        return int(self.model.rpn.ref_post_nms_top_n * self.mega.distill_ratio)
+    def section_key(self) -> str | None:
+        """The key of the method's section (``"mega"``); None for a method without one."""
+        spec = _spec_or_none(self.method)
+        return spec.config_key if spec is not None else None
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only when ordinary lookup fails: the active method's section under its key. Dunder
+        # names (copy and pickle probe __setstate__ etc.) and a half-built instance get no section.
+        if name.startswith("__") or "section" not in self.__dict__:
+            raise AttributeError(name)
+        if name == self.section_key:
+            return self.section
+        raise AttributeError(f"a config of method {self.method!r} has no section {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in _CONFIG_FIELDS and "section" in self.__dict__ and name == self.section_key:
+            name = "section"  # cfg.mega = MEGAConfig(...) replaces the section
+        object.__setattr__(self, name, value)
+
+
+_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(Config))
+
+
+def _spec_or_none(method: Any) -> MethodSpec | None:
+    try:
+        return get_method(method)
+    except (ConfigError, TypeError):  # not a registered method (validate says so); TypeError: unhashable
+        return None
+
+
+def _section_type(method: Any) -> type | None:
+    spec = _spec_or_none(method)
+    return spec.config_type if spec is not None else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,6 +294,8 @@ def _resolve(name_or_path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     except ConfigError as e:  # say which file the broken link is in
         raise ConfigError(f"{path}: _base_: {e}") from None
     merged["name"] = path.stem
+    if "method" in data and data["method"] != merged.get("method", Config.method):
+        drop_other_sections(merged, data["method"])  # the base's method settings stay behind with its method
     return _deep_merge(merged, data)
 
 
@@ -358,12 +338,48 @@ def _set_dotted(data: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def drop_other_sections(data: dict[str, Any], method: Any) -> None:
+    """Remove from config mapping ``data`` the sections of methods other than ``method`` (in place)."""
+    spec = _spec_or_none(method)
+    keep = spec.config_key if spec is not None else None
+    for key in section_owners():
+        if key != keep:
+            data.pop(key, None)
+
+
+def _drop_sections_at_defaults(data: dict[str, Any]) -> None:
+    """Remove other methods' sections that hold nothing but their defaults: config files written before
+    a config held its own method's section only (``dump_config``, a training run's ``config.yaml``)
+    carry every method's section."""
+    spec = _spec_or_none(data.get("method", Config.method))
+    owners = section_owners()
+    for key in [k for k in data if k in owners and (spec is None or k != spec.config_key)]:
+        for name in owners[key]:
+            config_type = get_method(name).config_type
+            try:
+                at_defaults = from_dict(config_type, data[key], f"{key}.") == config_type()
+            except ConfigError:
+                at_defaults = False
+            if at_defaults:
+                del data[key]
+                break
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+    """Apply ``KEY=VALUE`` overrides to config mapping ``data`` in place. One that switches ``method``
+    leaves the sections of other methods behind: they configure a method no longer run."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys == ["method"] and value != data.get("method", Config.method):
+            drop_other_sections(data, value)
+        _set_dotted(data, keys, value)
+
+
 def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a validated :class:`Config` from a preset name or YAML path plus ``KEY=VALUE`` overrides."""
     data = _resolve(name_or_path) if name_or_path else {}
-    for text in overrides:
-        keys, value = parse_override(text)
-        _set_dotted(data, keys, value)
+    _drop_sections_at_defaults(data)
+    apply_overrides(data, overrides)
     try:
         cfg = from_dict(Config, data)
         validate(cfg)
@@ -376,9 +392,12 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested mapping, checking every key and type."""
+    """Build dataclass ``cls`` from a nested mapping, checking every key and type (a :class:`Config`
+    takes its method's section under the section's key, :func:`_config_from_dict`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    if cls is Config:
+        return _config_from_dict(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -390,6 +409,40 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             )
         kwargs[key] = _coerce(hints[key], value, full)
     return cls(**kwargs)
+
+
+def _config_from_dict(data: dict[str, Any]) -> Config:
+    """A :class:`Config` from a mapping: the shared keys, and the section of the final ``method`` (merging
+    presets happens on mappings first, so a preset may change the method of its ``_base_``)."""
+    method = _coerce(str, data.get("method", Config.method), "method")
+    spec = get_method(method)
+    shared = {k: v for k, v in data.items() if k != spec.config_key}
+    allowed = (_CONFIG_FIELDS - {"section"}) | ({spec.config_key} if spec.config_key else set())
+    for key, value in shared.items():
+        if key in allowed:
+            continue
+        owners = section_owners().get(key)
+        if owners is None:
+            raise ConfigError(f"unknown config key '{key}' (allowed here: {', '.join(sorted(allowed))})")
+        first = _first_set_key(value, get_method(owners[0]).config_type)
+        full = f"{key}.{first}" if first is not None else key
+        theirs = " and ".join(repr(o) for o in owners)
+        mine = f"its own is '{spec.config_key}'" if spec.config_key else "it has none of its own"
+        raise ConfigError(f"config key '{full}': method {method!r} has no section '{key}' (the section of "
+                          f"method {theirs}; {mine})")
+    shared_cfg = from_dict(SharedConfig, shared)
+    section = None
+    if spec.config_type is not None:
+        section = from_dict(spec.config_type, data.get(spec.config_key, {}), f"{spec.config_key}.")
+    return Config(**{f.name: getattr(shared_cfg, f.name) for f in dataclasses.fields(SharedConfig)}, section=section)
+
+
+def _first_set_key(section: Any, config_type: type) -> str | None:
+    """The first key of a section mapping that differs from ``config_type``'s default (else its first)."""
+    if not isinstance(section, dict) or not section:
+        return None
+    defaults = _plain(dataclasses.asdict(config_type()))
+    return next((k for k, v in section.items() if k not in defaults or _plain(v) != defaults[k]), next(iter(section)))
 
 
 def _describe(tp: Any) -> str:
@@ -443,16 +496,29 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain nested dict (tuples as lists), e.g. to record a config beside a checkpoint."""
+    """Plain nested dict (tuples as lists), e.g. to record a config beside a checkpoint. A
+    :class:`Config`'s method section is written under its key, after ``relation``: ``mega: {T_g: 10}``."""
 
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
+    if not isinstance(cfg, Config):
+        return _plain(dataclasses.asdict(cfg))
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        if f.name == "section":
+            continue
+        value = getattr(cfg, f.name)
+        out[f.name] = _plain(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+        if f.name == "relation" and cfg.section is not None:
+            out[cfg.section_key] = _plain(dataclasses.asdict(cfg.section))
+    return out
 
-    return plain(dataclasses.asdict(cfg))
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, throughout: what YAML writes and reads back."""
+    if isinstance(value, tuple):
+        return [_plain(x) for x in value]
+    if isinstance(value, dict):
+        return {k: _plain(x) for k, x in value.items()}
+    return value
 
 
 def dump_config(cfg: Config) -> str:
@@ -463,121 +529,98 @@ def dump_config(cfg: Config) -> str:
 # Validation: ranges and combinations that types cannot express
 
 
-def _is_file(path: str) -> bool:
+def is_file(path: str) -> bool:
+    """Whether ``path`` names an existing file (a name the file system refuses names none)."""
     try:
         return Path(path).is_file()
     except (OSError, ValueError):  # a name the file system refuses (too long, a NUL byte): no such file
         return False
 
 
-def _require(ok: bool, key: str, allowed: str, value: Any) -> None:
+def require(ok: bool, key: str, allowed: str, value: Any) -> None:
+    """``ConfigError("config key 'KEY': must be ALLOWED (got VALUE)")`` unless ``ok``; config sections of
+    methods validate with it too."""
     if not ok:
         raise ConfigError(f"config key '{key}': must be {allowed} (got {value!r})")
 
 
 def validate(cfg: Config) -> None:
-    get_method(cfg.method)  # a method of the table (megavod.registry)
-    b, r, h, m = cfg.model.backbone, cfg.model.rpn, cfg.model.roi_head, cfg.mega
-    _require(1 <= b.freeze_at <= 5 or b.freeze_at == 0, "model.backbone.freeze_at", "between 0 and 5", b.freeze_at)
-    _require(b.res5_dilation in (1, 2), "model.backbone.res5_dilation", "1 or 2", b.res5_dilation)
-    _require(b.num_groups >= 1, "model.backbone.num_groups", ">= 1", b.num_groups)
-    _require(b.width_per_group >= 1, "model.backbone.width_per_group", ">= 1", b.width_per_group)
-    _require(len(b.small_blocks) == 4 and min(b.small_blocks) >= 1, "model.backbone.small_blocks",
+    spec = get_method(cfg.method)  # a method of the table (megavod.registry)
+    b, r, h = cfg.model.backbone, cfg.model.rpn, cfg.model.roi_head
+    require(1 <= b.freeze_at <= 5 or b.freeze_at == 0, "model.backbone.freeze_at", "between 0 and 5", b.freeze_at)
+    require(b.res5_dilation in (1, 2), "model.backbone.res5_dilation", "1 or 2", b.res5_dilation)
+    require(b.num_groups >= 1, "model.backbone.num_groups", ">= 1", b.num_groups)
+    require(b.width_per_group >= 1, "model.backbone.width_per_group", ">= 1", b.width_per_group)
+    require(len(b.small_blocks) == 4 and min(b.small_blocks) >= 1, "model.backbone.small_blocks",
              "4 block counts >= 1 (res2..res5)", list(b.small_blocks))
-    _require(b.small_stem_channels >= 1, "model.backbone.small_stem_channels", ">= 1", b.small_stem_channels)
-    if b.weights is not None and not _is_file(b.weights):
+    require(b.small_stem_channels >= 1, "model.backbone.small_stem_channels", ">= 1", b.small_stem_channels)
+    if b.weights is not None and not is_file(b.weights):
         raise ConfigError(f"config key 'model.backbone.weights': file not found: {b.weights}")
-    if cfg.model.init_weights is not None and not _is_file(cfg.model.init_weights):
+    if cfg.model.init_weights is not None and not is_file(cfg.model.init_weights):
         raise ConfigError(f"config key 'model.init_weights': file not found: {cfg.model.init_weights}")
-    for name in ("fgfa", "dff"):
-        path = getattr(cfg, name).flownet_weights
-        if path is not None and not _is_file(path):
-            raise ConfigError(f"config key '{name}.flownet_weights': file not found: {path}")
 
-    _require(len(r.anchor_sizes) >= 1 and min(r.anchor_sizes) > 0, "model.rpn.anchor_sizes", "positive sizes", list(r.anchor_sizes))
-    _require(len(r.aspect_ratios) >= 1 and min(r.aspect_ratios) > 0, "model.rpn.aspect_ratios", "positive ratios", list(r.aspect_ratios))
-    _require(r.anchor_stride == 16, "model.rpn.anchor_stride", "16 (the C4 stride)", r.anchor_stride)
+    require(len(r.anchor_sizes) >= 1 and min(r.anchor_sizes) > 0, "model.rpn.anchor_sizes", "positive sizes", list(r.anchor_sizes))
+    require(len(r.aspect_ratios) >= 1 and min(r.aspect_ratios) > 0, "model.rpn.aspect_ratios", "positive ratios", list(r.aspect_ratios))
+    require(r.anchor_stride == 16, "model.rpn.anchor_stride", "16 (the C4 stride)", r.anchor_stride)
     for name in ("pre_nms_top_n_train", "post_nms_top_n_train", "pre_nms_top_n_test",
                  "post_nms_top_n_test", "ref_pre_nms_top_n", "ref_post_nms_top_n", "batch_size_per_image"):
-        _require(getattr(r, name) >= 1, f"model.rpn.{name}", ">= 1", getattr(r, name))
+        require(getattr(r, name) >= 1, f"model.rpn.{name}", ">= 1", getattr(r, name))
     for name in ("nms_thresh", "fg_iou_thresh", "bg_iou_thresh", "positive_fraction"):
-        _require(0.0 < getattr(r, name) <= 1.0, f"model.rpn.{name}", "in (0, 1]", getattr(r, name))
-    _require(r.bg_iou_thresh <= r.fg_iou_thresh, "model.rpn.bg_iou_thresh", "<= model.rpn.fg_iou_thresh", r.bg_iou_thresh)
+        require(0.0 < getattr(r, name) <= 1.0, f"model.rpn.{name}", "in (0, 1]", getattr(r, name))
+    require(r.bg_iou_thresh <= r.fg_iou_thresh, "model.rpn.bg_iou_thresh", "<= model.rpn.fg_iou_thresh", r.bg_iou_thresh)
 
-    _require(h.pooler_resolution >= 1, "model.roi_head.pooler_resolution", ">= 1", h.pooler_resolution)
-    _require(h.sampling_ratio >= 0, "model.roi_head.sampling_ratio", ">= 0 (0 = adaptive)", h.sampling_ratio)
-    _require(h.num_classes >= 2, "model.roi_head.num_classes", ">= 2 (background included)", h.num_classes)
-    _require(h.representation_size >= 1, "model.roi_head.representation_size", ">= 1", h.representation_size)
-    _require(len(h.bbox_reg_weights) == 4, "model.roi_head.bbox_reg_weights", "4 numbers", list(h.bbox_reg_weights))
+    require(h.pooler_resolution >= 1, "model.roi_head.pooler_resolution", ">= 1", h.pooler_resolution)
+    require(h.sampling_ratio >= 0, "model.roi_head.sampling_ratio", ">= 0 (0 = adaptive)", h.sampling_ratio)
+    require(h.num_classes >= 2, "model.roi_head.num_classes", ">= 2 (background included)", h.num_classes)
+    require(h.representation_size >= 1, "model.roi_head.representation_size", ">= 1", h.representation_size)
+    require(len(h.bbox_reg_weights) == 4, "model.roi_head.bbox_reg_weights", "4 numbers", list(h.bbox_reg_weights))
     for name in ("fg_iou_thresh", "bg_iou_thresh", "positive_fraction", "nms_thresh"):
-        _require(0.0 < getattr(h, name) <= 1.0, f"model.roi_head.{name}", "in (0, 1]", getattr(h, name))
-    _require(0.0 <= h.score_thresh < 1.0, "model.roi_head.score_thresh", "in [0, 1)", h.score_thresh)
-    _require(h.detections_per_img >= 1, "model.roi_head.detections_per_img", ">= 1", h.detections_per_img)
-    _require(h.batch_size_per_image >= 1, "model.roi_head.batch_size_per_image", ">= 1", h.batch_size_per_image)
+        require(0.0 < getattr(h, name) <= 1.0, f"model.roi_head.{name}", "in (0, 1]", getattr(h, name))
+    require(0.0 <= h.score_thresh < 1.0, "model.roi_head.score_thresh", "in [0, 1)", h.score_thresh)
+    require(h.detections_per_img >= 1, "model.roi_head.detections_per_img", ">= 1", h.detections_per_img)
+    require(h.batch_size_per_image >= 1, "model.roi_head.batch_size_per_image", ">= 1", h.batch_size_per_image)
 
     rel = cfg.relation
-    _require(rel.num_heads >= 1, "relation.num_heads", ">= 1", rel.num_heads)
-    _require(h.representation_size % rel.num_heads == 0, "relation.num_heads",
+    require(rel.num_heads >= 1, "relation.num_heads", ">= 1", rel.num_heads)
+    require(h.representation_size % rel.num_heads == 0, "relation.num_heads",
              f"a divisor of model.roi_head.representation_size ({h.representation_size})", rel.num_heads)
-    _require(rel.embed_dim >= 8 and rel.embed_dim % 8 == 0, "relation.embed_dim", "a positive multiple of 8", rel.embed_dim)
-    _require(rel.wave_length > 1.0, "relation.wave_length", "> 1", rel.wave_length)
+    require(rel.embed_dim >= 8 and rel.embed_dim % 8 == 0, "relation.embed_dim", "a positive multiple of 8", rel.embed_dim)
+    require(rel.wave_length > 1.0, "relation.wave_length", "> 1", rel.wave_length)
 
-    _require(m.T_l >= 1 and m.T_l % 2 == 1, "mega.T_l", "an odd number >= 1 (tau = (T_l - 1) / 2 frames each side)", m.T_l)
-    _require(m.T_g >= 0, "mega.T_g", ">= 0", m.T_g)
-    _require(m.T_m >= 0, "mega.T_m", ">= 0", m.T_m)
-    _require(m.N_g >= 0, "mega.N_g", ">= 0", m.N_g)
-    _require(m.N_l >= 0, "mega.N_l", ">= 0", m.N_l)
-    _require(m.global_res_stages >= 0, "mega.global_res_stages", ">= 0", m.global_res_stages)
-    if m.memory:
-        _require(m.N_l >= 1, "mega.N_l", ">= 1 when mega.memory is on (memory feeds the local stage)", m.N_l)
-        _require(m.T_m >= 1, "mega.T_m", ">= 1 when mega.memory is on", m.T_m)
-    if m.N_g + m.global_res_stages > 0:
-        _require(m.T_g >= 1, "mega.T_g", ">= 1 when a global stage is on (mega.N_g or mega.global_res_stages > 0)", m.T_g)
-    if m.N_l == 0:
-        _require(m.N_g >= 1, "mega.N_g", ">= 1 when mega.N_l = 0 (the key needs a stage to aggregate)", m.N_g)
-    _require(0.0 < m.distill_ratio <= 1.0 and cfg.distilled_proposals >= 1, "mega.distill_ratio",
-             "in (0, 1] with at least one distilled proposal (model.rpn.ref_post_nms_top_n * ratio >= 1)",
-             m.distill_ratio)
-    for name in ("train_local_refs", "train_global_refs", "train_memory_refs"):
-        _require(getattr(m, name) >= 0, f"mega.{name}", ">= 0", getattr(m, name))
-
-    d = cfg.rdn
-    _require(d.min_offset <= 0 <= d.max_offset, "rdn.min_offset", "<= 0 <= rdn.max_offset", d.min_offset)
-    _require(d.basic_stages >= 1, "rdn.basic_stages", ">= 1", d.basic_stages)
-    _require(d.advanced_stages >= 0, "rdn.advanced_stages", ">= 0", d.advanced_stages)
-    _require(0.0 < d.ratio <= 1.0, "rdn.ratio", "in (0, 1]", d.ratio)
-    _require(cfg.fgfa.min_offset <= 0 <= cfg.fgfa.max_offset, "fgfa.min_offset", "<= 0 <= fgfa.max_offset", cfg.fgfa.min_offset)
-    _require(cfg.dff.key_interval >= 1, "dff.key_interval", ">= 1", cfg.dff.key_interval)
-    _require(cfg.dff.min_offset <= cfg.dff.max_offset <= 0, "dff.min_offset", "<= dff.max_offset <= 0", cfg.dff.min_offset)
+    if spec.config_type is not None:  # the method's own section checks itself
+        if not isinstance(cfg.section, spec.config_type):
+            raise ConfigError(f"config key '{spec.config_key}': method {cfg.method!r} takes a "
+                              f"{spec.config_type.__name__} section, got {type(cfg.section).__name__}")
+        cfg.section.validate(cfg, spec.config_key)
 
     i = cfg.input
-    _require(len(i.min_size_train) >= 1 and min(i.min_size_train) >= 16, "input.min_size_train", "sizes >= 16", list(i.min_size_train))
-    _require(i.max_size_train >= max(i.min_size_train), "input.max_size_train", ">= input.min_size_train", i.max_size_train)
-    _require(i.min_size_test >= 16, "input.min_size_test", ">= 16", i.min_size_test)
-    _require(i.max_size_test >= i.min_size_test, "input.max_size_test", ">= input.min_size_test", i.max_size_test)
-    _require(len(i.pixel_mean) == 3, "input.pixel_mean", "3 numbers (B, G, R)", list(i.pixel_mean))
-    _require(len(i.pixel_std) == 3 and min(i.pixel_std) > 0, "input.pixel_std", "3 positive numbers", list(i.pixel_std))
-    _require(0.0 <= i.flip_prob <= 1.0, "input.flip_prob", "in [0, 1]", i.flip_prob)
+    require(len(i.min_size_train) >= 1 and min(i.min_size_train) >= 16, "input.min_size_train", "sizes >= 16", list(i.min_size_train))
+    require(i.max_size_train >= max(i.min_size_train), "input.max_size_train", ">= input.min_size_train", i.max_size_train)
+    require(i.min_size_test >= 16, "input.min_size_test", ">= 16", i.min_size_test)
+    require(i.max_size_test >= i.min_size_test, "input.max_size_test", ">= input.min_size_test", i.max_size_test)
+    require(len(i.pixel_mean) == 3, "input.pixel_mean", "3 numbers (B, G, R)", list(i.pixel_mean))
+    require(len(i.pixel_std) == 3 and min(i.pixel_std) > 0, "input.pixel_std", "3 positive numbers", list(i.pixel_std))
+    require(0.0 <= i.flip_prob <= 1.0, "input.flip_prob", "in [0, 1]", i.flip_prob)
 
     s = cfg.solver
-    _require(s.base_lr > 0, "solver.base_lr", "> 0", s.base_lr)
-    _require(s.reference_batch >= 1, "solver.reference_batch", ">= 1", s.reference_batch)
-    _require(0.0 <= s.momentum < 1.0, "solver.momentum", "in [0, 1)", s.momentum)
-    _require(s.weight_decay >= 0, "solver.weight_decay", ">= 0", s.weight_decay)
-    _require(s.weight_decay_bias >= 0, "solver.weight_decay_bias", ">= 0", s.weight_decay_bias)
-    _require(s.attention_lr_factor > 0, "solver.attention_lr_factor", "> 0", s.attention_lr_factor)
-    _require(s.max_iter >= 1, "solver.max_iter", ">= 1", s.max_iter)
-    _require(list(s.steps) == sorted(s.steps) and all(0 < x for x in s.steps), "solver.steps",
+    require(s.base_lr > 0, "solver.base_lr", "> 0", s.base_lr)
+    require(s.reference_batch >= 1, "solver.reference_batch", ">= 1", s.reference_batch)
+    require(0.0 <= s.momentum < 1.0, "solver.momentum", "in [0, 1)", s.momentum)
+    require(s.weight_decay >= 0, "solver.weight_decay", ">= 0", s.weight_decay)
+    require(s.weight_decay_bias >= 0, "solver.weight_decay_bias", ">= 0", s.weight_decay_bias)
+    require(s.attention_lr_factor > 0, "solver.attention_lr_factor", "> 0", s.attention_lr_factor)
+    require(s.max_iter >= 1, "solver.max_iter", ">= 1", s.max_iter)
+    require(list(s.steps) == sorted(s.steps) and all(0 < x for x in s.steps), "solver.steps",
              "increasing positive iterations", list(s.steps))
-    _require(0.0 < s.gamma <= 1.0, "solver.gamma", "in (0, 1]", s.gamma)
-    _require(s.warmup_iters >= 0, "solver.warmup_iters", ">= 0", s.warmup_iters)
-    _require(0.0 < s.warmup_factor <= 1.0, "solver.warmup_factor", "in (0, 1]", s.warmup_factor)
-    _require(s.images_per_process >= 1, "solver.images_per_process", ">= 1", s.images_per_process)
-    limit = get_method(cfg.method).max_images_per_process
+    require(0.0 < s.gamma <= 1.0, "solver.gamma", "in (0, 1]", s.gamma)
+    require(s.warmup_iters >= 0, "solver.warmup_iters", ">= 0", s.warmup_iters)
+    require(0.0 < s.warmup_factor <= 1.0, "solver.warmup_factor", "in (0, 1]", s.warmup_factor)
+    require(s.images_per_process >= 1, "solver.images_per_process", ">= 1", s.images_per_process)
+    limit = spec.max_images_per_process
     if limit is not None:
-        _require(s.images_per_process <= limit, "solver.images_per_process",
+        require(s.images_per_process <= limit, "solver.images_per_process",
                  f"<= {limit} for {cfg.method} (its method table entry's max_images_per_process)",
                  s.images_per_process)
-    _require(s.checkpoint_period >= 1, "solver.checkpoint_period", ">= 1", s.checkpoint_period)
-    _require(cfg.data.num_workers >= 0, "data.num_workers", ">= 0", cfg.data.num_workers)
-    _require(len(cfg.data.train_sets) >= 1, "data.train_sets", "at least one image set", list(cfg.data.train_sets))
+    require(s.checkpoint_period >= 1, "solver.checkpoint_period", ">= 1", s.checkpoint_period)
+    require(cfg.data.num_workers >= 0, "data.num_workers", ">= 0", cfg.data.num_workers)
+    require(len(cfg.data.train_sets) >= 1, "data.train_sets", "at least one image set", list(cfg.data.train_sets))

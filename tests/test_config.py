@@ -1,10 +1,16 @@
+import copy
+import dataclasses
+import pickle
 import subprocess
 import sys
 
 import pytest
+import yaml
 
-from megavod.config import Config, available_presets, dump_config, load_config
+from megavod.checkpoints.loading import config_from_record
+from megavod.config import Config, available_presets, dump_config, load_config, to_dict
 from megavod.errors import ConfigError
+from megavod.methods.sections import MEGAConfig
 
 REQUIRED_PRESETS = [
     "single_R_50", "single_R_101", "single_X_101", "mega_R_50", "mega_R_101", "mega_X_101",
@@ -25,7 +31,7 @@ def test_every_required_preset_exists_and_loads():
 
 
 def test_defaults_equal_the_spec():
-    cfg = Config()
+    cfg = Config(method="mega")  # the shared sections, and MEGA's own with its defaults
     rpn, head, m, s, i = cfg.model.rpn, cfg.model.roi_head, cfg.mega, cfg.solver, cfg.input
     assert rpn.anchor_sizes == (64, 128, 256, 512) and rpn.aspect_ratios == (0.5, 1.0, 2.0)
     assert (rpn.pre_nms_top_n_train, rpn.post_nms_top_n_train) == (6000, 300)
@@ -36,7 +42,7 @@ def test_defaults_equal_the_spec():
     assert (head.score_thresh, head.nms_thresh, head.detections_per_img) == (0.001, 0.5, 300)
     assert head.bbox_reg_weights == (10.0, 10.0, 5.0, 5.0)
     assert (m.T_l, m.T_g, m.T_m, m.N_g, m.N_l, m.global_res_stages) == (25, 10, 25, 1, 3, 1)
-    assert m.tau == 12 and cfg.distilled_proposals == 15
+    assert m.tau == 12 and m.distilled_rows(rpn) == 15 and m.global_modules == 2
     assert (m.train_local_refs, m.train_global_refs, m.train_memory_refs) == (2, 2, 3)
     assert (cfg.relation.num_heads, cfg.relation.embed_dim, cfg.relation.wave_length) == (16, 64, 1000.0)
     assert (s.base_lr, s.momentum, s.weight_decay, s.bias_lr_factor) == (0.001, 0.9, 0.0001, 2.0)
@@ -46,7 +52,9 @@ def test_defaults_equal_the_spec():
     assert s.bf16 is True and s.deterministic is False
     assert load_config("synthetic_single", ["solver.deterministic=true"]).solver.deterministic is True
     assert i.pixel_mean == (102.9801, 115.9465, 122.7717) and (i.min_size_test, i.max_size_test) == (600, 1000)
-    assert (cfg.rdn.min_offset, cfg.rdn.max_offset, cfg.fgfa.max_offset, cfg.dff.key_interval) == (-18, 18, 9, 10)
+    rdn, fgfa, dff = (Config(method=name).section for name in ("rdn", "fgfa", "dff"))
+    assert (rdn.min_offset, rdn.max_offset, fgfa.max_offset, dff.key_interval) == (-18, 18, 9, 10)
+    assert Config().section is None  # the single-frame detector has no hyper-parameters of its own
 
 
 def test_presets_carry_the_papers_settings():
@@ -60,7 +68,8 @@ def test_presets_carry_the_papers_settings():
     assert load_config("mega_R_101_online").mega.online
     x = load_config("mega_X_101").model.backbone
     assert (x.num_groups, x.width_per_group, x.stride_in_1x1) == (32, 8, False)
-    assert load_config("mega_R_101_paper_budget").distilled_proposals == 20
+    paper = load_config("mega_R_101_paper_budget")
+    assert paper.mega.distilled_rows(paper.model.rpn) == 20
     assert load_config("rdn_R_101").rdn.advanced_stages == 1
 
 
@@ -77,6 +86,57 @@ def test_config_file_round_trip(tmp_path):
     again = load_config(str(path))
     again.name = cfg.name
     assert again == cfg
+    # the section is written under its key, after the shared sections it follows today
+    written = yaml.safe_load(dump_config(cfg))
+    assert list(written)[:4] == ["method", "model", "relation", "mega"] and written["mega"]["T_m"] == 5
+    assert not {"rdn", "fgfa", "dff", "section"} & set(written)
+
+
+def test_a_config_holds_its_methods_section_only():
+    mega = load_config("synthetic_mega")
+    assert isinstance(mega.section, MEGAConfig) and mega.mega is mega.section
+    with pytest.raises(AttributeError, match="a config of method 'mega' has no section 'rdn'"):
+        mega.rdn
+    mega.mega = dataclasses.replace(mega.mega, T_g=7)  # assigning under the key replaces the section
+    assert mega.section.T_g == 7
+    # copies, pickles and dataclasses.replace keep the section
+    for twin in (copy.deepcopy(mega), pickle.loads(pickle.dumps(mega)), dataclasses.replace(mega, seed=3)):
+        assert twin.mega.T_g == 7 and twin.mega == mega.mega
+    single = load_config("synthetic_single")
+    assert single.section is None and "mega" not in dump_config(single)
+    # the final method picks the section (synthetic_mega sets method: mega on top of synthetic_single)
+    assert load_config("synthetic_single", ["method=rdn", "rdn.ratio=0.5"]).rdn.ratio == 0.5
+    with pytest.raises(ConfigError, match="config key 'mega.T_g': method 'single' has no section 'mega'"):
+        load_config("synthetic_single", ["mega.T_g=3"])
+
+
+def test_files_written_with_every_methods_section_still_load(tmp_path):
+    # dump_config wrote every method's section before a config held its own only; those at their
+    # defaults are left out, one that says something fails
+    old = to_dict(load_config("synthetic_mega", ["mega.T_m=5"]))
+    old.update(rdn=dataclasses.asdict(Config(method="rdn").rdn), fgfa={"max_offset": 9}, dff={})
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(old))
+    assert load_config(str(path)).mega.T_m == 5
+    old["rdn"]["ratio"] = 0.3
+    path.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="config key 'rdn.ratio': method 'mega' has no section 'rdn'"):
+        load_config(str(path))
+
+
+def test_switching_the_method_leaves_the_previous_methods_section_behind(tmp_path):
+    cfg = load_config("synthetic_mega", ["method=dff", "dff.key_interval=3"])
+    assert cfg.method == "dff" and cfg.dff.key_interval == 3
+    path = tmp_path / "rdn_on_mega.yaml"
+    path.write_text("_base_: mega_R_101\nmethod: rdn\nrdn: {ratio: 0.5}\n")
+    assert load_config(str(path)).rdn.ratio == 0.5
+
+
+def test_recorded_configs_with_every_methods_section_still_load():
+    # checkpoints written before each method had its own section record all four
+    record = to_dict(load_config("synthetic_mega"))
+    record.update(rdn={"ratio": 0.2}, fgfa={"max_offset": 9}, dff={"key_interval": 10})
+    assert config_from_record(record) == load_config("synthetic_mega")
 
 
 @pytest.mark.parametrize(
@@ -93,6 +153,8 @@ def test_config_file_round_trip(tmp_path):
         ("solver.steps=[5, 3]", "config key 'solver.steps': must be increasing positive iterations"),
         ("model.backbone.weights=/nonexistent.pkl", "model.backbone.weights': file not found"),
         ("T_l=3", "unknown config key 'T_l'"),
+        ("rdn.ratio=0.3", "config key 'rdn.ratio': method 'mega' has no section 'rdn'"),
+        ("fgfa=3", "config key 'fgfa': method 'mega' has no section 'fgfa'"),
         ("nodots", "expected KEY=VALUE"),
     ],
 )

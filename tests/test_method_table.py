@@ -1,14 +1,16 @@
 """The method table: every method is one row, and a new method is one module plus one registration.
 
 The toy method below ("average the window's C4 maps, then the single-frame RPN and box head") lives in
-this file only; it runs through ``detect`` (API and CLI), ``train`` and ``bench`` without any other
-file knowing it (docs/architecture.md#adding-a-method).
+this file only, its hyper-parameter (the window) in its own config section; it runs through ``detect``
+(API and CLI), ``train``, ``bench`` and the config's YAML and overrides without any other file knowing
+it (docs/architecture.md#adding-a-method).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,8 @@ from torch import Tensor, nn
 import megavod
 from megavod.apps.bench import run_bench
 from megavod.apps.cli import main as cli_main
+from megavod.checkpoints.loading import config_from_record
+from megavod.config import dump_config, require, to_dict
 from megavod.data.sampling import OffsetSampler
 from megavod.data.synthetic import generate_synthetic_dataset
 from megavod.inference.schedules import FlowWindowSchedule, build_schedule
@@ -63,11 +67,27 @@ class WindowAverageDetector(nn.Module):
         return {**rpn_losses, **self.roi_heads["box"](c4, proposals, size, target)}
 
 
+@dataclass
+class WindowAverageConfig:
+    """The toy's config section: ``window_average.window`` in YAML and overrides."""
+
+    window: int = 3  # frames averaged at a key frame, the key in the middle
+
+    @property
+    def half(self) -> int:
+        """Frames on each side of the key."""
+        return self.window // 2
+
+    def validate(self, cfg: Any, key: str) -> None:
+        require(self.window >= 3 and self.window % 2 == 1, f"{key}.window", "an odd number >= 3", self.window)
+
+
 TOY = MethodSpec(
     name="window_average", title="window average",
     build=lambda cfg: WindowAverageDetector(build_single_frame_detector(cfg)),
-    schedule=lambda cfg: FlowWindowSchedule(-1, 1),
-    reference_sampler=lambda cfg: OffsetSampler(-1, 1, 2),
+    schedule=lambda cfg: FlowWindowSchedule(-cfg.window_average.half, cfg.window_average.half),
+    reference_sampler=lambda cfg: OffsetSampler(-cfg.window_average.half, cfg.window_average.half, 2),
+    config_key="window_average", config_type=WindowAverageConfig,
 )
 
 
@@ -120,6 +140,14 @@ def test_toy_method_detects_through_the_api_and_the_cli(toy, tmp_path):
     results = list(detector.stream(clip, "offline"))
     assert [r.frame for r in results] == [0, 1, 2, 3]
     assert seen == [[0, 0, 1], [0, 1, 2], [1, 2, 3], [2, 3, 3]]  # the schedule's windows, clipped
+    # The window comes from the toy's own section: an override widens it.
+    wide = megavod.load(toy, **dict(o.split("=") for o in SMALL[2:]), **{"window_average.window": 5})
+    assert wide.cfg.window_average.window == 5
+    seen.clear()
+    original_wide = wide.model.detect_key
+    wide.model.detect_key = lambda inputs, cache=None: seen.append([f.index for f in inputs.local]) or original_wide(inputs, cache)
+    assert len(list(wide.stream(clip, "offline"))) == 4
+    assert seen[1] == [0, 0, 1, 2, 3] and all(len(window) == 5 for window in seen)
     # The same frames through the command line.
     folder = tmp_path / "clip"
     folder.mkdir()
@@ -137,12 +165,57 @@ def test_toy_method_trains_a_few_steps(toy, tmp_path):
     generate_synthetic_dataset(tmp_path / "data", 1, 0, frames=12, size=64, num_det_images=2)
     final = megavod.train(toy, tmp_path / "data", tmp_path / "run", **{
         "solver.max_iter": 2, "solver.warmup_iters": 1, "solver.steps": [1], "solver.checkpoint_period": 2,
-        **dict(o.split("=") for o in SMALL[1:]), "input.min_size_train": [48]})
+        **dict(o.split("=") for o in SMALL[1:]), "input.min_size_train": [48], "window_average.window": 5})
     assert final.is_file()
     detector = megavod.load(weights=final, config=toy)
     assert isinstance(detector.model, WindowAverageDetector)
+    # Without --config the checkpoint's recorded config comes back, the toy's section with it.
+    recorded = megavod.load(weights=final)
+    assert recorded.cfg.window_average.window == 5 and recorded.schedule == FlowWindowSchedule(-2, 2)
 
 
 def test_toy_method_benches(toy):
     (result,) = run_bench([toy], num_frames=3, size=48, warmup=0)
     assert result.method == "window_average" and result.video_ms > 0 and len(result.videos[0].pass_s) == 0
+
+
+# -- the toy's own config section --------------------------------------------------------------------------
+
+
+def test_toy_section_reads_yaml_and_overrides(toy, tmp_path):
+    assert megavod.load_config(toy).window_average.window == 3  # the section's default
+    assert megavod.load_config(toy, ["window_average.window=7"]).window_average.window == 7
+    path = tmp_path / "wide.yaml"
+    path.write_text(f"_base_: {toy}\nwindow_average: {{window: 5}}\n")
+    cfg = megavod.load_config(str(path))
+    assert cfg.window_average.window == 5 and build_schedule(cfg) == FlowWindowSchedule(-2, 2)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("window_average.window=4", "config key 'window_average.window': must be an odd number >= 3 (got 4)"),
+    ("window_average.size=3", "unknown config key 'window_average.size' (allowed here: window)"),
+    ("mega.T_g=3", "config key 'mega.T_g': method 'window_average' has no section 'mega' (the section of method "
+                   "'mega'; its own is 'window_average')"),
+    ("toy.window=3", "unknown config key 'toy'"),
+])
+def test_toy_section_errors_are_one_line_naming_the_key(toy, override, message):
+    with pytest.raises(megavod.ConfigError) as err:
+        megavod.load_config(toy, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_toy_section_through_the_cli_is_one_line(toy, tmp_path, capsys):
+    assert cli_main(["detect", str(tmp_path), "--config", toy, "--device", "cpu", "window_average.window=2"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "config key 'window_average.window': must be an odd number >= 3 (got 2)" in line
+
+
+@pytest.mark.parametrize("preset, overrides", [("synthetic_mega", ["mega.T_m=5"]), ("toy", ["window_average.window=5"])])
+def test_config_round_trip_through_yaml_and_records(toy, tmp_path, preset, overrides):
+    cfg = megavod.load_config(toy if preset == "toy" else preset, overrides)
+    path = tmp_path / "dumped.yaml"
+    path.write_text(dump_config(cfg))
+    again = megavod.load_config(str(path))
+    again.name = cfg.name
+    assert again == cfg and again.section == cfg.section
+    assert config_from_record(to_dict(cfg)) == cfg  # what a checkpoint records

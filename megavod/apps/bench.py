@@ -43,7 +43,7 @@ from megavod.apps.bench_frames import bench_config, calibrate, frame_shape, synt
 from megavod.apps.bench_scaling import format_scaling, run_batch_bench, run_streams_bench
 from megavod.config import Config
 from megavod.errors import MegavodError
-from megavod.inference.schedules import RelationSchedule, SingleFrameSchedule
+from megavod.inference.schedules import Schedule
 from megavod.methods import build_detector
 
 DEFAULT_CONFIGS = ("single_R_101", "base_R_101", "mega_R_101")
@@ -63,16 +63,16 @@ class VideoTiming:
 class BenchResult:
     name: str
     method: str
-    settings: RelationSchedule | None  # MEGA's, the base model's, RDN's; None: whole-video figures only
+    # The schedule of a method with a steady state (MEGA's, the base model's, RDN's: window T_l, pool T_g,
+    # memory T_m); None: whole-video figures only
+    settings: Schedule | None
     videos: list[VideoTiming]
     single_frame: bool = False  # the reference of the ratios
 
     @property
     def steady_from(self) -> int | None:
         """First key frame at steady state (None: single frame, no key pass)."""
-        if self.settings is None:
-            return None
-        return self.settings.T_m if self.settings.memory_levels else 0
+        return self.settings.steady_from if self.settings is not None else None
 
     def _median(self, per_video: Callable[[VideoTiming], float | None]) -> float | None:
         values = [v for v in map(per_video, self.videos) if v is not None]
@@ -150,11 +150,11 @@ class BenchModel:
         if share_from is not None:
             share_weights(share_from, model)
         calibrate(model, self.detector.prepare(calibration_frame)[0])
-        # Per-frame pass / key-frame timings for the methods with a relation schedule (window, pool,
-        # memory); the others get the whole-video figure only.
+        # Per-frame pass / key-frame timings for the methods whose schedule has a steady state (window,
+        # pool, memory); the others get the whole-video figure only.
         schedule = self.detector.schedule
-        self.settings = schedule if isinstance(schedule, RelationSchedule) else None
-        self.single_frame = isinstance(schedule, SingleFrameSchedule)
+        self.settings = schedule if schedule.steady_from is not None else None
+        self.single_frame = schedule.single_frame
         self._current: VideoTiming | None = None
         if self.settings is not None:
             sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)

@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a checkpoint that needs arbitrary unpickling (only for files you trust)")
     p.add_argument("--mode", choices=("offline", "online"), default=None,
                    help="offline: look ahead over the whole video; online: causal, frame k is emitted "
-                        "before frame k+1 is read (default: the config's mega.online)")
+                        "before frame k+1 is read (default: the method's, offline; MEGA: the config's mega.online)")
     p.add_argument("--postprocess", choices=("none", "seqnms", "blr"), default="none",
                    help="video-level post-processing of the detections (default: none)")
     p.add_argument("--out", type=Path, default=Path("megavod-out"), help="output folder (default: ./megavod-out)")

@@ -10,6 +10,7 @@ files themselves: :mod:`megavod.checkpoint_files`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ from torch import Tensor, nn
 
 from megavod.checkpoint_files import Checkpoint, read_weights
 from megavod.checkpoints.recognise import ModelSignature, config_for, recognise
-from megavod.config import Config, from_dict, load_config, parse_override, validate
+from megavod.config import Config, apply_overrides, drop_other_sections, from_dict, load_config, validate
 from megavod.errors import ConfigError, MegavodError
+from megavod.registry import MethodSpec, get_method
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,28 +124,24 @@ def load_model_weights(model: nn.Module, path: str | Path, cfg: object | None = 
 def config_from_record(record: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), where: str = "checkpoint") -> Any:
     """A validated :class:`~megavod.config.Config` from a recorded ``to_dict(cfg)`` plus overrides.
 
-    Paths of initial weights (ImageNet backbone, ``model.init_weights``, FlowNet) are dropped: the
-    checkpoint holds every weight, and the files they named may not exist where it is used.
+    Paths of initial weights (ImageNet backbone, ``model.init_weights``, a section's ``weight_files``
+    such as FGFA's FlowNet) are dropped: the checkpoint holds every weight, and the files they named may
+    not exist where it is used.
     """
-    data = dict(record)
-    for keys in _INIT_FILES:  # recorded paths of initial weights: the checkpoint supersedes them
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: recorded config: expected a mapping, got {type(record).__name__}")
+    data = copy.deepcopy(record)
+    spec = _recorded_method(data)
+    if spec is not None:
+        # Records written before a config held its own method's section only hold every method's.
+        drop_other_sections(data, spec.name)
+    for keys in _initial_weight_keys(spec):  # recorded paths of initial weights: the checkpoint supersedes them
         node = data
         for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                break
-            node[k] = dict(node[k])
-            node = node[k]
-        else:
-            if keys[-1] in node:
-                node[keys[-1]] = None
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for k in keys[:-1]:
-            child = node.get(k)
-            node[k] = dict(child) if isinstance(child, dict) else {}
-            node = node[k]
-        node[keys[-1]] = value
+            node = node.get(k) if isinstance(node, dict) else None
+        if isinstance(node, dict) and keys[-1] in node:
+            node[keys[-1]] = None
+    apply_overrides(data, overrides)
     try:
         cfg = from_dict(Config, data)
         validate(cfg)
@@ -152,14 +150,30 @@ def config_from_record(record: dict[str, Any], overrides: list[str] | tuple[str,
     return cfg
 
 
-# Config keys naming files of initial weights (ImageNet backbone, a detector to start from, FlowNet).
-_INIT_FILES = (("model", "backbone", "weights"), ("model", "init_weights"), ("fgfa", "flownet_weights"),
-               ("dff", "flownet_weights"))
+def _recorded_method(data: dict[str, Any]) -> MethodSpec | None:
+    """The row of a record's method; None when it names none (``from_dict`` then says what is wrong)."""
+    method = data.get("method", Config.method)
+    try:
+        return get_method(method) if isinstance(method, str) else None
+    except ConfigError:
+        return None
+
+
+# Config keys naming files of initial weights shared by every method (ImageNet backbone, a detector to
+# start from); a method's section adds its own (``weight_files``, e.g. FGFA's and DFF's FlowNet).
+_SHARED_INIT_FILES = (("model", "backbone", "weights"), ("model", "init_weights"))
+
+
+def _initial_weight_keys(spec: MethodSpec | None) -> list[tuple[str, ...]]:
+    keys = list(_SHARED_INIT_FILES)
+    if spec is not None and spec.config_type is not None:
+        keys += [(spec.config_key, name) for name in getattr(spec.config_type, "weight_files", ())]
+    return keys
 
 
 def without_initial_weights(cfg: Any) -> Any:
     """``cfg`` with every initial-weights file unset (in place): a checkpoint holds every weight."""
-    for keys in _INIT_FILES:
+    for keys in _initial_weight_keys(get_method(cfg.method)):
         node = cfg
         for k in keys[:-1]:
             node = getattr(node, k, None)

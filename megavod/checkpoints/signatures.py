@@ -138,7 +138,7 @@ def _match_mega(keys: list[str], shapes: Shapes) -> HeadMatch | None:
 
 def _mega_of_config(cfg: Any) -> HeadMatch:
     m = cfg.mega
-    n_global = m.N_g + m.global_res_stages
+    n_global = m.global_modules
     head = (m.N_l, n_global, int(m.location_based_global and n_global > 0))
     relation = (0, 0)
     if m.N_l or n_global:
@@ -155,7 +155,7 @@ def _mega_details(head: tuple[int, ...]) -> list[str]:
 
 def _mega_overrides(head: tuple[int, ...], cfg: Any) -> list[str]:
     n_l, n_global, location = head
-    if cfg.mega.N_g + cfg.mega.global_res_stages == n_global:
+    if cfg.mega.global_modules == n_global:
         n_g, res = cfg.mega.N_g, cfg.mega.global_res_stages
     else:  # the code's layout: one global stage, the rest after the local stack (Table 4: all before)
         n_g, res = (n_global, 0) if n_l == 0 else (min(n_global, 1), max(n_global - 1, 0))

@@ -4,7 +4,8 @@ A schedule turns "frame k is the key frame" into a :class:`KeyPlan`: the frame i
 window (with the key's place in it) and of its global pool, and says how much Long Range Memory the
 stream keeps. The streaming engine (:mod:`megavod.inference.engine`) fetches those frames' per-frame
 passes and hands them to the detector's key-frame step (:mod:`megavod.models.contract`). A method's
-schedule comes from the method table (:func:`build_schedule`, :mod:`megavod.registry`).
+schedule comes from the method table (:func:`build_schedule`, :mod:`megavod.registry`), whose row
+builds it from the method's config section.
 
 * :class:`RelationSchedule` (MEGA, the base model, RDN): the paper's Algorithm 1. Offline (the authors'
   code): local window k-tau..k+tau clipped to the video, so the first and last frames repeat at the
@@ -59,6 +60,12 @@ class Schedule(Protocol):
     #: memory also says the width of its rows, ``feat_dim``.
     memory_levels: int
     T_m: int
+    #: The first key frame from which every key-frame step costs the same (its inputs stop growing:
+    #: MEGA's from T_m on, when the memory is full), for steady-state timings (``megavod bench``);
+    #: None where the schedule does not say, and such a method is timed as whole videos only.
+    steady_from: int | None
+    #: Frame k's step receives frame k alone: the single-frame baseline others are compared with.
+    single_frame: bool
 
     def plan_offline(self, num_frames: int) -> list[KeyPlan]:
         """The plan of every frame of a video of ``num_frames`` frames."""
@@ -101,6 +108,8 @@ class _CausalSchedule:
     causal = True
     memory_levels = 0
     T_m = 0
+    steady_from = None
+    single_frame = False
 
     def plan(self, k: int) -> KeyPlan:
         raise NotImplementedError
@@ -115,6 +124,8 @@ class _CausalSchedule:
 @dataclass(frozen=True)
 class SingleFrameSchedule(_CausalSchedule):
     """Frame k alone."""
+
+    single_frame = True
 
     def plan(self, k: int) -> KeyPlan:
         return KeyPlan(k)
@@ -147,6 +158,8 @@ class FlowWindowSchedule:
     causal = False
     memory_levels = 0
     T_m = 0
+    steady_from = None
+    single_frame = False
 
     def __post_init__(self) -> None:
         if not self.min_offset <= 0 <= self.max_offset:
@@ -262,24 +275,16 @@ class RelationSchedule:
     global_shuffle: bool = True
     seed: int = 0
     causal = False
+    single_frame = False
 
     @property
     def tau(self) -> int:
         return (self.T_l - 1) // 2
 
-    @classmethod
-    def for_mega(cls, cfg) -> "RelationSchedule":
-        m = cfg.mega
-        uses_global = m.N_g + m.global_res_stages > 0
-        return cls(T_l=m.T_l, T_g=m.T_g if uses_global else 0, T_m=m.T_m,
-                   memory_levels=m.N_l if m.memory else 0, feat_dim=cfg.model.roi_head.representation_size,
-                   global_shuffle=m.global_shuffle, seed=cfg.seed)
-
-    @classmethod
-    def for_rdn(cls, cfg) -> "RelationSchedule":
-        """RDN: the same window without global pool or memory: 37 frames, key at 18."""
-        return cls(T_l=cfg.rdn.max_offset - cfg.rdn.min_offset + 1, seed=cfg.seed,
-                   feat_dim=cfg.model.roi_head.representation_size)
+    @property
+    def steady_from(self) -> int:
+        """Key frames from k = T_m on read full memory levels (without memory, every key frame)."""
+        return self.T_m if self.memory_levels else 0
 
     def plan_offline(self, num_frames: int) -> list[KeyPlan]:
         order = global_order(num_frames, self.global_shuffle, self.seed)  # shuffle 1..T into S
