@@ -6,7 +6,7 @@ Usage::
 
 The question: a cache of the PyTorch path is kept or recomputed inside the graph, whichever is faster. The
 PyTorch path keeps the geometry blocks of local stages per (query frame, reference frame)
-(``megavod/models/geometry_cache.py``); key.onnx recomputed them (:func:`megavod.export.ops.geometry_bias`)
+(``megavod/models/geometry_cache.py``); key.onnx recomputed them (:meth:`RelationModule.geometry_bias`, traced)
 when this was written. It measured the choice; the export now keeps them (``benchmarks/onnx_key_profile.py``
 times the built version).
 This times one MEGA R-101 local stage 0 on a sliding window, the shapes of mega_R_101's key graph:
@@ -15,7 +15,7 @@ queries = the key frame's 300 rows + 15 distilled rows of each of the 25 window 
 (docs/architecture.md#where-megas-ideas-live; the authors' MEGA config: ref_post_nms_top_n 75, advanced 0.2, 16 heads).
 
 * (A) recompute: one graph ``softmax(q k^T / 8 + geometry_bias(boxes)) v``, the geometry term in
-  ``ops.GEOMETRY_CHUNKS`` chunks as key.onnx computes it.
+  ``megavod.models.relation.GEOMETRY_CHUNKS`` chunks as the traced module computes it.
 * (B) keep: the same attention graph with the bias [16, 675, 3750] as an input, assembled in numpy
   from kept [16, 15, 75] blocks; a geometry-only graph computes the new pairs (the key frame's and the
   newest window frame's rows x all references, the other queries x the newest window frame), and the
@@ -46,7 +46,6 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megavod.export import ops  # noqa: E402
 from megavod.models.relation import RelationModule  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 64
@@ -58,7 +57,7 @@ class Recompute(nn.Module):
         self.module = module
 
     def forward(self, q, k, v, x_boxes, ref_boxes):
-        logits = q @ k.transpose(1, 2) / 8.0 + ops.geometry_bias(self.module, x_boxes, ref_boxes)
+        logits = q @ k.transpose(1, 2) / 8.0 + self.module.geometry_bias(x_boxes, ref_boxes)
         return logits.softmax(dim=-1) @ v
 
 
@@ -76,8 +75,8 @@ class Scattered(nn.Module):
         self.module = module
 
     def forward(self, q, k, v, bias, x_boxes, ref_boxes, new_rows, other_rows, new_cols):
-        rows_block = ops.geometry_bias(self.module, x_boxes[new_rows], ref_boxes)  # [H, r, M]
-        cols_block = ops.geometry_bias(self.module, x_boxes[other_rows], ref_boxes[new_cols])  # [H, o, c]
+        rows_block = self.module.geometry_bias(x_boxes[new_rows], ref_boxes)  # [H, r, M]
+        cols_block = self.module.geometry_bias(x_boxes[other_rows], ref_boxes[new_cols])  # [H, o, c]
         b = bias.permute(1, 2, 0)  # [N, M, H]
         b = b.index_put((other_rows[:, None], new_cols[None, :]), cols_block.permute(1, 2, 0))
         b = b.index_put((new_rows,), rows_block.permute(1, 2, 0)).permute(2, 0, 1)
@@ -90,7 +89,7 @@ class Geometry(nn.Module):
         self.module = module
 
     def forward(self, x_boxes, ref_boxes):
-        return ops.geometry_bias(self.module, x_boxes, ref_boxes)
+        return self.module.geometry_bias(x_boxes, ref_boxes)
 
 
 def session(graph: nn.Module, feeds: tuple, names: list[str], threads: int):

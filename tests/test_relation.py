@@ -373,3 +373,65 @@ def test_location_based_module_under_bf16_autocast():
     out.float().square().sum().backward()  # the autograd path works under autocast too
     assert module.Wg.weight.grad is not None and torch.isfinite(module.Wg.weight.grad).all()
     assert (out.float() - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_given_geometry_and_projected_references_equal_the_plain_call():
+    """forward's two short cuts (references projected earlier, ``ref_kv``; the geometry term of the last
+    query rows computed earlier, ``geometry``: MEGA's memory and window rows) give the plain call's numbers:
+    the split attends the other query rows apart (rows are independent)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(11)
+    module = RelationModule(64, 4, 16, location_based=True, content_bias=True)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(std=0.3)
+        x, refs = torch.randn(9, 64, generator=g), torch.randn(12, 64, generator=g)
+        x_boxes, ref_boxes = random_boxes(9, g), random_boxes(12, g)
+        plain = module(x, refs, x_boxes, ref_boxes)
+        kv = module.project_refs(refs[5:])
+        window = module.geometry_bias(x_boxes[4:], ref_boxes)
+        given = module(x, refs[:5], x_boxes, ref_boxes, ref_kv=kv, geometry=window)
+        only_kv = module(x, None, x_boxes, ref_boxes, ref_kv=module.project_refs(refs))
+        exact = plain_relation(copy.deepcopy(module).double(), x.double(), refs.double(), x_boxes.double(),
+                               ref_boxes.double())
+    # Within test_fast_path_equals_plain_formula's float32 budget of the exact value, as the plain call is
+    # (realised: the same numbers up to the attention kernel's blocking).
+    scale = exact.abs().max()
+    for out in (plain, given, only_kv):
+        assert (out.double() - exact).abs().max() <= 4e-4 * scale
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace_method` is deprecated")  # the ONNX exporter's tracer
+def test_traced_geometry_bias_follows_the_row_counts():
+    """Traced (as the ONNX export does), geometry_bias takes its row counts from the inputs (16 chunks
+    whose rows follow the count, no in-place writes) and gives the eager numbers at other sizes."""
+    g = torch.Generator().manual_seed(12)
+    module = RelationModule(16, 2, 8, location_based=True, content_bias=False)
+    with torch.no_grad():
+        traced = torch.jit.trace_module(module, {"geometry_bias": (random_boxes(20, g), random_boxes(6, g))},
+                                        check_trace=False).geometry_bias
+        for n, m in ((9, 7), (40, 13), (3, 30)):
+            qb, rb = random_boxes(n, g), random_boxes(m, g)
+            got, eager = traced(qb, rb), module.geometry_bias(qb, rb)
+            assert got.shape == (2, n, m)
+            # The same float32 operations per pair as the eager chunks (test_geometry_bias_chunking_is_exact).
+            assert torch.allclose(got, eager, atol=1e-6)
+
+
+def test_reference_projection_cache_keeps_a_graphs_outputs():
+    """The ONNX Runtime backend keeps its ``project`` graph's outputs in the same cache, under its own source:
+    ``missing`` names each owner once, ``put``/``kept`` store and find them, sources never mix."""
+    from megavod.models.relation import ReferenceProjectionCache
+
+    class Owner:
+        pass
+
+    cache, a, b = ReferenceProjectionCache(), Owner(), Owner()
+    assert cache.missing([a, b, a], "project") == [a, b]
+    tensors = (torch.ones(2, 3, 4), torch.zeros(2, 3, 4))
+    cache.put(a, "project", tensors)
+    assert cache.kept(a, "project") is tensors and cache.kept(a, "other") is None
+    assert cache.missing([a, b], "project") == [b] and cache.missing([a], "project", version=1) == [a]
+    del a
+    cache.prune()
+    assert len(cache) == 0

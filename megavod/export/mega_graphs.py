@@ -1,29 +1,28 @@
 """MEGA's ONNX graphs, also the base model's and the ablations' (docs/architecture.md#export-and-onnx-runtime).
 
-The key graph runs ``MEGADetector.detect_key`` on the rows the engine holds (:mod:`megavod.export.relation_graphs`).
-MEGA's projected keys/values of global frames and memory entries are kept per stream
-(:class:`ProjectionStore`, graph ``project``), and so are the local stages' geometry blocks
-(:class:`~megavod.models.geometry_cache.GeometryBiasCache`, graphs ``geometry_{i}`` for the new pairs): both
-measured faster than recomputing them inside the key graph (benchmarks/README.md#onnx-runtime).
+The key graph is ``MEGADetector.detect_key``'s own computation
+(:meth:`~megavod.models.mega_head.MEGAAggregator.aggregate`, the box predictor and postprocess) on the rows
+the engine holds (:mod:`megavod.export.relation_graphs`); this module only chooses what crosses the graph
+boundary. As in PyTorch, the keys/values of global frames and memory entries and the local stages'
+geometry blocks are kept per stream in the detector's own :class:`~megavod.models.mega.MEGAStreamCache`,
+their new entries computed by graphs ``project`` and ``geometry_{i}``: both measured faster than
+recomputing them inside the key graph (benchmarks/README.md#onnx-runtime).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-import weakref
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
 from megavod.models.geometry_cache import GeometryBiasCache
-from megavod.models.mega_head import RoiRows, distilled_rows
-from megavod.models.relation import first_rows_index
-from megavod.export import ops
-from megavod.export.relation_graphs import BLR_IO, RelationGraphs, cat_rows
+from megavod.models.mega import MEGAStreamCache
+from megavod.models.mega_head import RoiRows, WindowGeometry, distilled_rows
+from megavod.models.relation import ReferenceProjectionCache, first_rows_index
+from megavod.export.relation_graphs import BLR_IO, RelationGraphs, cat_rows, key_detections
 from megavod.export.graphs import (
     BOX_SETTINGS,
     Feeds,
@@ -31,102 +30,59 @@ from megavod.export.graphs import (
     GraphRunner,
     NamedGraph,
     detection_axes,
-    graph_postprocessor,
     rows_axes,
     size_feed,
 )
 
 
 class _MEGAKeyGraph(NamedGraph):
-    """``MEGADetector.detect_key`` (global stage, local stages with memory, residual global stage,
-    predictor, postprocess) on concatenated rows; outputs the detections and each memory level's push.
-    ``projected``: the global pool and memory are given as keys/values (``global_{j}_keys|values`` per
-    global module j, ``memory_{i}_keys|values`` per level), not as rows. ``kept_geometry``: the geometry
-    term of local stage i's window queries (all stages but the last) is given (``local_{i}_geometry``);
-    the key's own rows, new at every key frame, get theirs computed here."""
+    """``MEGADetector.detect_key`` on concatenated rows: the aggregator's own
+    :meth:`~megavod.models.mega_head.MEGAAggregator.aggregate`, the box predictor and postprocess
+    (:func:`key_detections`). Outputs the detections and each memory level's push. ``projected``: the
+    global pool and memory are given as keys/values (``global_{j}_keys|values`` per global module j,
+    ``memory_{i}_keys|values`` per level), not as rows. ``kept_geometry``: the geometry term of local
+    stage i's window queries (all stages but the last) is given (``local_{i}_geometry``); the key's own
+    rows, new at every key frame, get theirs computed in the module."""
 
-    def __init__(self, model: nn.Module, io: GraphIO, memory: bool, projected: bool, kept_geometry: bool) -> None:
+    def __init__(self, model: nn.Module, io: GraphIO, graphs: MEGAGraphs) -> None:
         super().__init__()
-        self.model, self.io, self.memory, self.projected = model, io, memory, projected
-        self.kept_geometry = kept_geometry
-
-    def _global_refs(self, t: Feeds, j: int) -> tuple[Tensor | None, tuple[Tensor, Tensor] | None]:
-        if self.projected:
-            return None, (t[f"global_{j}_keys"], t[f"global_{j}_values"])
-        return t.get("global_feats"), None
+        self.model, self.io = model, io
+        self.global_modules, self.memory_levels = graphs.global_modules, graphs.memory_levels
+        self.projected, self.kept_geometry, self.blr = graphs.kept_projections, graphs.kept_geometry, graphs.blr
 
     def compute(self, t: Feeds) -> tuple[Tensor, ...]:
-        agg = self.model.aggregator
-        key_feats, key_boxes = t["key_feats"], t["key_boxes"]
-        n_key = key_feats.shape[0]
-        global_boxes = t.get("global_boxes")
-        if agg.N_l > 0:
-            feats, boxes = torch.cat([key_feats, t["local_feats"]]), torch.cat([key_boxes, t["local_boxes"]])
-        else:
-            feats, boxes = key_feats, key_boxes
-        for j, module in enumerate(agg.global_stages[: agg.N_g]):  # MEGAAggregator.global_stage
-            refs, kv = self._global_refs(t, j)
-            feats = feats + ops.relation(module, feats, refs, boxes, global_boxes, kv)
-        key_feats = feats[:n_key]
-        blr_queries, pushes = None, []
-        if agg.N_l > 0:
-            key_feats, blr_queries, pushes = self._local_stages(t, feats[:n_key], key_boxes, feats[n_key:], boxes[n_key:])
-        for j, module in enumerate(agg.global_stages[agg.N_g :], start=agg.N_g):  # global_residual_stage
-            refs, kv = self._global_refs(t, j)
-            key_feats = key_feats + ops.relation(module, key_feats, refs, key_boxes, global_boxes, kv)
-        head = self.model.box_head
-        class_logits, box_regression = head.predictor(key_feats)
-        *dets, rows = ops.detections(graph_postprocessor(head.postprocessor, t), class_logits, box_regression,
-                                     key_boxes, t["image_size"])
-        relation = [blr_queries[rows], key_boxes[rows]] if blr_queries is not None else []
-        return (*dets, *relation, *(pushes if self.memory else []))
+        key = RoiRows(t["key_feats"], t["key_boxes"])
+        local = RoiRows(t["local_feats"], t["local_boxes"]) if "local_feats" in t else None
+        pool = RoiRows(t.get("global_feats"), t.get("global_boxes"))
+        memory = memory_kv = global_kv = None
+        if self.memory_levels:
+            memory = [RoiRows(t.get(f"memory_{i}_feats"), t[f"memory_{i}_boxes"]) for i in range(self.memory_levels)]
+        if self.projected:
+            global_kv = [(t[f"global_{j}_keys"], t[f"global_{j}_values"]) for j in range(self.global_modules)]
+            memory_kv = [(t[f"memory_{i}_keys"], t[f"memory_{i}_values"]) for i in range(self.memory_levels)]
+        window_geometry = _given_window_geometry(t) if self.kept_geometry else None
+        with self.model.capture_relation_query(self.blr) as tap:
+            out = self.model.aggregator.aggregate(
+                key, local, t.get("local_counts", []), pool, memory,
+                global_kv=global_kv or None, memory_kv=memory_kv or None, window_geometry=window_geometry)
+        pushes = [tensor for rows in out.memory_push[: self.memory_levels] for tensor in (rows.feats, rows.boxes)]
+        return (*key_detections(self.model, out.features, t["key_boxes"], t, tap), *pushes)
 
-    def _local_stages(self, t: Feeds, key_feats: Tensor, key_boxes: Tensor, local_feats: Tensor,
-                      local_boxes: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
-        """``MEGAAggregator.local_stage`` with memory level i joining stage i's references: (the key rows
-        after the last stage, their rows as the last stage's queries (BLR's), the memory pushes
-        [feats, boxes] per level)."""
-        agg = self.model.aggregator
-        n_key = key_feats.shape[0]
-        counts = t["local_counts"]
-        distilled = ops.first_rows(counts, agg.advanced_num)
-        queries = torch.cat([key_feats, local_feats[distilled]])
-        query_boxes = torch.cat([key_boxes, local_boxes[distilled]])
-        refs, ref_boxes = local_feats, local_boxes
-        oldest = counts[0]  # rows of the oldest window frame: what memory receives (_oldest_frame_rows)
-        pushes: list[Tensor] = []
-        for i, module in enumerate(agg.local_stages):
-            size = oldest if i == 0 else torch.clamp(oldest, max=agg.advanced_num)
-            pushes += [refs[:size], ref_boxes[:size]]
-            last = i == agg.N_l - 1
-            if last:
-                queries, query_boxes = queries[:n_key], query_boxes[:n_key]
-            blr_queries = queries  # the last stage's are the last location-based module's queries
-            all_refs, all_boxes, memory_kv = refs, ref_boxes, None
-            if self.memory:  # memory level i joins the references of stage i, after the local rows
-                all_boxes = torch.cat([ref_boxes, t[f"memory_{i}_boxes"]])
-                if self.projected:
-                    memory_kv = t[f"memory_{i}_keys"], t[f"memory_{i}_values"]
-                else:
-                    all_refs = torch.cat([refs, t[f"memory_{i}_feats"]])
-            k, v = ops.references(module, all_refs, memory_kv)
-            if self.kept_geometry and not last:  # the key's rows here, the window's from the stream's blocks
-                relation = torch.cat([
-                    ops.attend(module, queries[:n_key], k, v, key_boxes, all_boxes),
-                    ops.attend(module, queries[n_key:], k, v, geometry=t[f"local_{i}_geometry"]),
-                ])
-            else:
-                relation = ops.attend(module, queries, k, v, query_boxes, all_boxes)
-            queries = queries + relation
-            if not last:
-                queries = F.relu(agg.fcs[i + 1](queries))
-            refs, ref_boxes = queries[n_key:], query_boxes[n_key:]
-        return queries[:n_key], blr_queries, pushes
+
+def _given_window_geometry(t: Feeds) -> WindowGeometry:
+    """The aggregator's :data:`~megavod.models.mega_head.WindowGeometry` read from the key graph's
+    ``local_{i}_geometry`` inputs."""
+
+    def given(stage: int, *_: Any) -> Tensor:
+        return t[f"local_{stage}_geometry"]
+
+    return given
 
 
 class _MEGAProjectGraph(NamedGraph):
     """Keys and values (:meth:`RelationModule.project_refs`) of global rows for every global module and of
-    memory level i's rows for local stage i: what :class:`ProjectionStore` keeps."""
+    memory level i's rows for local stage i: what the stream's
+    :class:`~megavod.models.relation.ReferenceProjectionCache` keeps."""
 
     def __init__(self, model: nn.Module, io: GraphIO, uses_global: bool, levels: int) -> None:
         super().__init__()
@@ -152,65 +108,12 @@ class _MEGAGeometryGraph(NamedGraph):
         self.module, self.io = module, io
 
     def compute(self, t: Feeds) -> tuple[Tensor, ...]:
-        return (ops.geometry_bias(self.module, t["x_boxes"], t["ref_boxes"]),)
+        return (self.module.geometry_bias(t["x_boxes"], t["ref_boxes"]),)
 
 
 GEOMETRY_IO = GraphIO(["x_boxes", "ref_boxes"], ["geometry"],
                       {"x_boxes": rows_axes("queries"), "ref_boxes": rows_axes("references"),
                        "geometry": {1: "queries", 2: "references"}})
-
-
-class ProjectionStore:
-    """One stream's keys/values of global frames and memory entries, computed by the ``project`` graph the
-    first time the stream meets them (:class:`~megavod.models.relation.ReferenceProjectionCache` for the
-    graphs): keyed by the object that owns the rows, weakly referenced, dropped with it."""
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, tuple[Tensor, ...]]] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def get(self, owner: object) -> tuple[Tensor, ...] | None:
-        entry = self._entries.get(id(owner))
-        return entry[1] if entry is not None and entry[0]() is owner else None
-
-    def put(self, owner: object, tensors: tuple[Tensor, ...]) -> None:
-        self._entries[id(owner)] = (weakref.ref(owner), tensors)
-
-    def prune(self) -> None:
-        """Forget the entries whose owner is gone (a frame evicted from the stream, a memory entry dropped)."""
-        self._entries = {k: e for k, e in self._entries.items() if e[0]() is not None}
-
-
-@dataclass
-class MEGAGraphCache:
-    """What one stream keeps between key frames for MEGA's graphs (as :class:`MEGAStreamCache` for the
-    PyTorch detector): keys/values of global and memory rows, the local stages' geometry blocks. None:
-    that part is recomputed inside the key graph."""
-
-    projections: ProjectionStore | None
-    geometry: GeometryBiasCache | None
-    #: Per local stage, the memory its geometry term is assembled in, reused from key frame to key frame
-    #: (the key graph reads it during its run only).
-    geometry_buffers: dict[int, Tensor] = field(default_factory=dict)
-
-    def geometry_buffer(self, stage: int, shape: tuple[int, int, int]) -> Tensor:
-        """A float32 tensor of ``shape`` over stage ``stage``'s buffer (grown when too small)."""
-        size = shape[0] * shape[1] * shape[2]
-        buffer = self.geometry_buffers.get(stage)
-        if buffer is None or buffer.numel() < size:
-            buffer = self.geometry_buffers[stage] = torch.empty(size)
-        return buffer[:size].view(shape)
-
-
-def _missing(store: ProjectionStore, owners: Sequence[object]) -> list[object]:
-    """``owners`` not in ``store``, each once, in order."""
-    seen: dict[int, object] = {}
-    for owner in owners:
-        if store.get(owner) is None:
-            seen.setdefault(id(owner), owner)
-    return list(seen.values())
 
 
 def _split_cols(tensor: Tensor, counts: Sequence[int]) -> list[Tensor]:
@@ -296,7 +199,7 @@ class MEGAGraphs(RelationGraphs):
             self.extra_io["blr"] = BLR_IO
 
     def key_graph(self, model: nn.Module) -> NamedGraph:
-        return _MEGAKeyGraph(model, self.key_io, self.memory_levels > 0, self.kept_projections, self.kept_geometry)
+        return _MEGAKeyGraph(model, self.key_io, self)
 
     def extra_graphs(self, model: nn.Module) -> dict[str, NamedGraph]:
         graphs: dict[str, NamedGraph] = {}
@@ -307,11 +210,10 @@ class MEGAGraphs(RelationGraphs):
                            for i, module in enumerate(model.aggregator.local_stages[:-1])})
         return {**graphs, **self.blr_graphs(model)}
 
-    def new_stream_cache(self) -> MEGAGraphCache | None:
-        if not (self.kept_projections or self.kept_geometry):
-            return None
-        return MEGAGraphCache(ProjectionStore() if "project" in self.extra_io else None,
-                              GeometryBiasCache() if self.kept_geometry else None)
+    def new_stream_cache(self) -> MEGAStreamCache | None:
+        """The PyTorch detector's stream cache (:class:`~megavod.models.mega.MEGAStreamCache`), its entries
+        computed by the ``project`` and ``geometry_{i}`` graphs."""
+        return MEGAStreamCache() if self.kept_projections or self.kept_geometry else None
 
     def _memory_levels(self, inputs: KeyFrameInputs) -> list[list[Any]]:
         levels = list(inputs.memory) if inputs.memory is not None else [[] for _ in range(self.memory_levels)]
@@ -320,14 +222,17 @@ class MEGAGraphs(RelationGraphs):
     def _empty_kv(self) -> Tensor:
         return torch.zeros(self.heads, 0, self.feat_dim // self.heads)
 
-    def _projected(self, inputs: KeyFrameInputs, store: ProjectionStore, project: GraphRunner) -> Feeds:
+    def _projected(self, inputs: KeyFrameInputs, kept: ReferenceProjectionCache, project: GraphRunner) -> Feeds:
         """The key graph's ``global_{j}_*`` / ``memory_{i}_*`` keys and values: the rows met for the
-        first time go through ``project`` (one call) and into ``store``, the others come from it."""
-        store.prune()
+        first time go through ``project`` (one call for all of them) and into the stream's cache, the
+        others come from it."""
+        kept.prune()
         n = self.ref_proposals
         pool, levels = list(inputs.global_pool), self._memory_levels(inputs)
-        new_pool = _missing(store, pool) if self.uses_global else []
-        new_levels = [_missing(store, level) for level in levels]
+        sources = [("project", id(project), f"memory_{i}") for i in range(len(levels))]
+        global_source = ("project", id(project), "global")
+        new_pool = kept.missing(pool, global_source) if self.uses_global else []
+        new_levels = [kept.missing(level, source) for level, source in zip(levels, sources)]
         if new_pool or any(new_levels):
             feeds = {}
             if self.uses_global:
@@ -341,34 +246,32 @@ class MEGAGraphs(RelationGraphs):
                 per_name = [_split_cols(out[name], counts) for name in self.extra_io["project"].outputs
                             if name.startswith("global_")]
                 for g, parts in zip(new_pool, zip(*per_name)):
-                    store.put(g, parts)
+                    kept.put(g, global_source, parts)
             for i, level in enumerate(new_levels):
                 counts = [len(e.feats) for e in level]
                 pairs = zip(_split_cols(out[f"memory_{i}_keys"], counts), _split_cols(out[f"memory_{i}_values"], counts))
                 for e, pair in zip(level, pairs):
-                    store.put(e, pair)
+                    kept.put(e, sources[i], pair)
         feeds = {}
         if self.uses_global:
             names = [f"global_{j}_{kind}" for j in range(self.global_modules) for kind in ("keys", "values")]
-            kept = [store.get(g) for g in pool]
+            tensors = [kept.kept(g, global_source) for g in pool]
             for c, name in enumerate(names):
-                feeds[name] = torch.cat([k[c] for k in kept], dim=1) if kept else self._empty_kv()
+                feeds[name] = torch.cat([k[c] for k in tensors], dim=1) if tensors else self._empty_kv()
         for i, level in enumerate(levels):
-            kept = [store.get(e) for e in level]
+            tensors = [kept.kept(e, sources[i]) for e in level]
             for c, kind in enumerate(("keys", "values")):
-                feeds[f"memory_{i}_{kind}"] = torch.cat([k[c] for k in kept], dim=1) if kept else self._empty_kv()
+                feeds[f"memory_{i}_{kind}"] = torch.cat([k[c] for k in tensors], dim=1) if tensors else self._empty_kv()
         return feeds
 
     def _local_geometry(self, inputs: KeyFrameInputs, local_boxes: Tensor, local_counts: list[int],
-                        cache: MEGAGraphCache, extra: Mapping[str, GraphRunner]) -> Feeds:
+                        blocks: GeometryBiasCache, extra: Mapping[str, GraphRunner]) -> Feeds:
         """The key graph's ``local_{i}_geometry``: the geometry term [M_h, queries, references] of local
         stage i's window queries (every window frame's distilled rows; all stages but the last, which
         queries the key only) over its references (the window's rows at stage 0, their distilled rows
-        afterwards, then memory level i's entries), as :meth:`MEGAAggregator.local_stage` lays them out,
-        assembled from the stream's blocks as :meth:`MEGADetector.detect_key` does; the new pairs come
-        from graph ``geometry_{i}``. The key's own rows are left to the key graph: never met again, they
-        would only be computed here and copied in."""
-        blocks = cache.geometry
+        afterwards, then memory level i's entries), as :meth:`MEGAAggregator.local_stage` lays them out
+        (its :data:`~megavod.models.mega_head.WindowGeometry`), assembled from the stream's blocks as
+        :meth:`MEGADetector.detect_key` does; the new pairs come from graph ``geometry_{i}``."""
         blocks.next_frame()
         distilled_counts = [min(self.advanced_num, c) for c in local_counts]
         distilled_boxes = local_boxes[first_rows_index(local_counts, self.advanced_num)]
@@ -380,7 +283,7 @@ class MEGAGraphs(RelationGraphs):
             all_boxes = torch.cat([ref_boxes, *(e.boxes for e in level)])
             all_counts = ref_counts + [len(e.boxes) for e in level]
             run = extra[f"geometry_{i}"]
-            out = cache.geometry_buffer(i, (self.heads, len(distilled_boxes), len(all_boxes)))
+            out = blocks.buffer(i, (self.heads, len(distilled_boxes), len(all_boxes)))
             feeds[f"local_{i}_geometry"] = blocks.assemble(
                 (f"geometry_{i}", id(run)), self.heads, _graph_blocks(run, distilled_boxes, all_boxes),
                 distilled_boxes, distilled_counts, all_boxes, all_counts, out=out)
@@ -395,7 +298,7 @@ class MEGAGraphs(RelationGraphs):
             feeds["local_feats"], feeds["local_boxes"], counts = cat_rows(inputs.local, n, self.feat_dim)
             feeds["local_counts"] = counts
             if self.kept_geometry:
-                feeds.update(self._local_geometry(inputs, feeds["local_boxes"], counts.tolist(), cache, extra))
+                feeds.update(self._local_geometry(inputs, feeds["local_boxes"], counts.tolist(), cache.geometry, extra))
         if self.uses_global:
             feeds["global_feats"], global_boxes, _ = cat_rows(inputs.global_pool, n, self.feat_dim)
             if self.global_boxes:

@@ -13,12 +13,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.onnx.operators import shape_as_tensor
 
 from megavod.errors import ConfigError
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
-from megavod.export import ops
+from megavod.models.relation_detector import RelationQueryTap
 from megavod.structures import Detections, FrameFeatures, RelationInputs
 from megavod.export.graphs import (
     BOX_SETTINGS,
@@ -29,8 +29,8 @@ from megavod.export.graphs import (
     GraphRunner,
     MethodGraphs,
     NamedGraph,
+    box_settings,
     detection_axes,
-    graph_postprocessor,
     image_axes,
     rows_axes,
     scaled,
@@ -53,18 +53,30 @@ class _RoIRowsGraph(NamedGraph):
         self.model = model
 
     def compute(self, t: Feeds) -> tuple[Tensor, ...]:
-        m = self.model
         image = t["image"]
-        c4 = m.backbone(image)
-        pre_n, _ = m.rpn.top_n[("key", False)]
-        boxes = ops.proposals(m.rpn, c4, ops.image_size_of(image), pre_n, t["post_nms_top_n"])
-        extractor = m.box_head.feature_extractor
-        return boxes, extractor.aggregator.embed(ops.pool(extractor, extractor.res5(c4), boxes))
+        # The size as a graph value (the graph serves any image size), not the traced tensor's numbers.
+        return self.model.frame_rows(image, shape_as_tensor(image)[-2:], t["post_nms_top_n"])
 
 
 #: The key graphs' outputs for BLR: each detection's query row in the last location-based relation module
 #: and its proposal box (:class:`~megavod.structures.RelationInputs`), row for row with the detections.
 RELATION_OUTPUTS = ("relation_feats", "relation_boxes")
+
+
+def key_detections(model: nn.Module, features: Tensor, key_boxes: Tensor, t: Feeds,
+                   tap: RelationQueryTap) -> tuple[Tensor, ...]:
+    """``RelationDetector.predict`` in the key graph: the box predictor and the model's per-image postprocess
+    (:meth:`~megavod.models.roi_heads.BoxPostProcessor.image_detections`, with the graph's
+    :data:`~megavod.export.graphs.BOX_SETTINGS`) on the key's aggregated ``features``; with BLR, each
+    detection's query row in the last location-based relation module (``tap``, from
+    :meth:`~megavod.models.relation_detector.RelationDetector.capture_relation_query`) and its proposal box
+    (:data:`RELATION_OUTPUTS`)."""
+    head = model.box_head
+    class_logits, box_regression = head.predictor(features)
+    *detections, rows = head.postprocessor.image_detections(class_logits, box_regression, key_boxes,
+                                                             t["image_size"], **box_settings(t))
+    relation = () if tap.inputs is None else (tap.inputs.feats[rows], tap.inputs.boxes[rows])
+    return (*detections, *relation)
 
 
 #: The ``blr`` graph's inputs and outputs.
@@ -84,7 +96,7 @@ class _BLRWeightsGraph(NamedGraph):
         self.module = model.blr_relation_module()
 
     def compute(self, t: Feeds) -> tuple[Tensor, ...]:
-        weights = ops.attention_weights(self.module, t["a_feats"], t["b_feats"], t["a_boxes"], t["b_boxes"])
+        weights = self.module.attention_weights(t["a_feats"], t["b_feats"], t["a_boxes"], t["b_boxes"])
         return (weights.mean(0),)
 
 
@@ -141,35 +153,20 @@ class RelationGraphs(MethodGraphs):
 
 
 class _RDNKeyGraph(NamedGraph):
-    """``RDNDetector.detect_key``: basic stages over the supportive rows, the advanced stage, predictor,
-    postprocess (``RDNAggregator.forward``)."""
+    """``RDNDetector.detect_key``: the aggregator's own forward (basic stages over the supportive rows, the
+    advanced stage), the box predictor and postprocess (:func:`key_detections`)."""
 
-    def __init__(self, model: nn.Module, io: GraphIO) -> None:
+    def __init__(self, model: nn.Module, io: GraphIO, blr: bool) -> None:
         super().__init__()
-        self.model, self.io = model, io
+        self.model, self.io, self.blr = model, io, blr
 
     def compute(self, t: Feeds) -> tuple[Tensor, ...]:
-        agg = self.model.aggregator
-        x, key_boxes = t["key_feats"], t["key_boxes"]
-        support, support_boxes = t["support_feats"], t["support_boxes"]
-        for i in range(agg.basic_stages):
-            if i > 0:
-                x = F.relu(agg.fcs[i](x))
-            blr_queries = x  # the last module's queries, unless an advanced stage follows
-            x = x + ops.relation(agg.relations[i], x, support, key_boxes, support_boxes)
-        if agg.advanced_stages:
-            index = ops.first_rows(t["support_counts"], agg.advanced_num)
-            adv, adv_boxes = support[index], support_boxes[index]
-            for a in range(agg.advanced_stages):
-                i = agg.basic_stages + a
-                adv = F.relu(agg.fcs[i](adv + ops.relation(agg.relations[i], adv, support, adv_boxes, support_boxes)))
-            blr_queries = x
-            x = x + ops.relation(agg.relations[-1], x, adv, key_boxes, adv_boxes)
-        head = self.model.box_head
-        class_logits, box_regression = head.predictor(x)
-        *dets, rows = ops.detections(graph_postprocessor(head.postprocessor, t), class_logits, box_regression,
-                                     key_boxes, t["image_size"])
-        return (*dets, blr_queries[rows], key_boxes[rows])
+        key_boxes, support = t["key_boxes"], t["support_feats"]
+        # Rows per frame matter to the advanced stage only; without one the graph takes no counts.
+        counts = t["support_counts"] if "support_counts" in t else [support.shape[0]]
+        with self.model.capture_relation_query(self.blr) as tap:
+            features = self.model.aggregator(t["key_feats"], key_boxes, support, t["support_boxes"], counts)
+        return key_detections(self.model, features, key_boxes, t, tap)
 
 
 class RDNGraphs(RelationGraphs):
@@ -194,7 +191,7 @@ class RDNGraphs(RelationGraphs):
         self.extra_io = {"blr": _BLRWeightsGraph.io}
 
     def key_graph(self, model: nn.Module) -> NamedGraph:
-        return _RDNKeyGraph(model, self.key_io)
+        return _RDNKeyGraph(model, self.key_io, self.blr)
 
     def extra_graphs(self, model: nn.Module) -> dict[str, NamedGraph]:
         return self.blr_graphs(model)

@@ -6,8 +6,8 @@ PyTorch) behind the detector contract, so the streaming engine drives it unchang
 the per-frame graph, ``detect_key`` the key-frame graph, with the method's adapters
 (:class:`megavod.export.graphs.MethodGraphs`) turning the engine's values into graph inputs and back.
 The stream state (window, global pool, memory) stays the engine's; what a stream keeps between key frames
-for the graphs (MEGA's projected keys/values and geometry blocks,
-:class:`megavod.export.mega_graphs.MEGAGraphCache`) is the stream's cache
+for the graphs (MEGA's projected keys/values and geometry blocks: the PyTorch detector's own
+:class:`megavod.models.mega.MEGAStreamCache`, filled by graphs) is the stream's cache
 (:meth:`GraphDetector.new_stream_cache`).
 """
 

@@ -48,6 +48,7 @@ class GeometryBiasCache:
     def __init__(self) -> None:
         self._blocks: dict[tuple, Tensor] = {}
         self._used: dict[tuple, Tensor] = {}
+        self._buffers: dict[Hashable, Tensor] = {}
         self.computed_pairs = 0  # query-reference pairs computed, not taken from the cache (tests, flops.py)
 
     def __len__(self) -> int:
@@ -59,7 +60,17 @@ class GeometryBiasCache:
         self._blocks, self._used = self._used, {}
 
     def __getstate__(self) -> dict:  # copies and pickles of a model start empty
-        return {"_blocks": {}, "_used": {}, "computed_pairs": 0}
+        return {"_blocks": {}, "_used": {}, "_buffers": {}, "computed_pairs": 0}
+
+    def buffer(self, name: Hashable, shape: tuple[int, int, int]) -> Tensor:
+        """A float32 tensor of ``shape`` over the memory kept under ``name`` (grown when too small), for
+        :meth:`assemble`'s ``out``: reused from one key frame to the next (see there). Its contents are
+        valid until the next call with the same name."""
+        size = shape[0] * shape[1] * shape[2]
+        memory = self._buffers.get(name)
+        if memory is None or memory.numel() < size:
+            memory = self._buffers[name] = torch.empty(size)
+        return memory[:size].view(shape)
 
     def bias(
         self,

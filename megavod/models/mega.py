@@ -95,7 +95,8 @@ class MEGADetector(RelationDetector):
         # their keys and values are projected once (the authors project them again every frame).
         projections = cache.projections
         projections.prune()
-        global_kv = memory_kv = memory_counts = memory = None
+        global_kv = memory_kv = memory = None
+        memory_counts: list[list[int]] = []
         if pool:
             global_kv = [cat_projections([projections.get(g, rows.feats, module)
                                           for g, rows in zip(inputs.global_pool, pool)])
@@ -109,6 +110,14 @@ class MEGADetector(RelationDetector):
         # So are the boxes of every window frame but the newest: most geometry terms of the local
         # stages were computed at the previous key frame (GeometryBiasCache).
         cache.geometry.next_frame()
+
+        def window_geometry(stage: int, module: RelationModule, queries: RoiRows, query_counts: Sequence[int],
+                            refs: RoiRows, ref_counts: Sequence[int]) -> Tensor:
+            # The cache keeps blocks per frame: memory level i's rows come per entry.
+            all_counts = [*ref_counts, *(memory_counts[stage] if memory_counts else ())]
+            return cache.geometry.bias(module, queries.boxes, query_counts, refs.boxes, all_counts,
+                                       queries.frames, refs.frames)
+
         with self.capture_relation_query(inputs.relation_inputs) as tap:
             out = self.aggregator(
                 key=self._rows(key, None),
@@ -117,8 +126,7 @@ class MEGADetector(RelationDetector):
                 memory=memory,
                 global_kv=global_kv,
                 memory_kv=memory_kv,
-                geometry=cache.geometry,
-                memory_counts=memory_counts,
+                window_geometry=window_geometry,
             )
         return KeyFrameOutput(self.predict(key, out.features, tap.inputs), out.memory_push)
 

@@ -34,34 +34,53 @@ Parameter names -> the authors' ``roi_heads.box.feature_extractor.*`` keys (docs
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from megavod.models.geometry_cache import GeometryBiasCache
 from megavod.models.relation import RelationModule, first_rows_index, make_fc_init
 
 
 Projection = tuple[Tensor, Tensor]  # keys and values of reference rows, [M_h, M, d] each
+Counts = Sequence[int] | Tensor  # rows per frame of rows laid out frame by frame (a tensor in a traced graph)
+
+#: The geometry term [M_h, Q, M] of local stage ``i``'s window queries D (Q rows, ``query_counts`` per
+#: frame) over its references (the local part ``reference_counts`` per frame, then memory level i's rows),
+#: kept between key frames: called as ``(i, module, queries, query_counts, references, reference_counts)``
+#: for every stage but the last (which queries the key only). In PyTorch the stream's
+#: :class:`~megavod.models.geometry_cache.GeometryBiasCache` assembles it (:meth:`MEGADetector.detect_key`);
+#: an exported key graph takes it as an input. The key's own rows, never met again, get theirs in the module.
+WindowGeometry = Callable[[int, RelationModule, "RoiRows", Counts, "RoiRows", Counts], Tensor]
+
+
+def _at_most(counts: Counts | int, n: int) -> Counts | int:
+    """min(count, n) of a count or of every count (Python ints, or a tensor in a traced graph)."""
+    if isinstance(counts, Tensor):
+        return torch.clamp(counts, max=n)
+    if isinstance(counts, int):
+        return min(counts, n)
+    return [min(c, n) for c in counts]
 
 
 @dataclass
 class RoiRows:
     """RoI rows of one or more frames.
 
-    feats: [R, C]; boxes: [R, 4] proposals of the rows' own frames (None where no module needs geometry);
-    frames: [R] frame index of each row (only needed by the temporal embedding, docs/departures.md#temporal-embedding).
+    feats: [R, C] (None for rows given by their keys and values only: an exported key graph's global pool
+    and memory, docs/architecture.md#export-and-onnx-runtime); boxes: [R, 4] proposals of the rows' own
+    frames (None where no module needs geometry); frames: [R] frame index of each row (only needed by the
+    temporal embedding, docs/departures.md#temporal-embedding).
     """
 
-    feats: Tensor
+    feats: Tensor | None
     boxes: Tensor | None = None
     frames: Tensor | None = None
 
     def __len__(self) -> int:
-        return self.feats.shape[0]
+        return (self.feats if self.feats is not None else self.boxes).shape[0]
 
     @classmethod
     def of_frame(cls, feats: Tensor, boxes: Tensor | None, frame: int | None = None) -> RoiRows:
@@ -92,7 +111,8 @@ class RoiRows:
         memory"); boxes/frames are kept only when every non-empty part has them."""
         if not parts:
             raise ValueError("RoiRows.cat needs at least one part")
-        kept = [p for p in parts if len(p)] or [parts[0]]
+        # (A traced graph keeps every part: a part's row count is a graph value, empty or not.)
+        kept = list(parts) if torch.jit.is_tracing() else [p for p in parts if len(p)] or [parts[0]]
         if len(kept) == 1:
             return kept[0]
         boxes = None if any(p.boxes is None for p in kept) else torch.cat([p.boxes for p in kept])
@@ -223,7 +243,8 @@ class MEGAAggregator(nn.Module):
         feats = rows.feats
         for j, module in enumerate(modules):
             kv = None if pool_kv is None else pool_kv[j]
-            feats = feats + module(feats, pool.feats, rows.boxes, pool.boxes, rows.frames, pool.frames, ref_kv=kv)
+            refs = pool.feats if kv is None else None
+            feats = feats + module(feats, refs, rows.boxes, pool.boxes, rows.frames, pool.frames, ref_kv=kv)
         return rows.with_feats(feats)
 
     # -- the local stage (with memory) -------------------------------------------------------------------
@@ -232,14 +253,13 @@ class MEGAAggregator(nn.Module):
         self,
         key: RoiRows,
         local: RoiRows,
-        counts: Sequence[int],
+        counts: Counts,
         memory: Sequence[RoiRows] | None = None,
-        memory_kv: Sequence[Projection] | None = None,
-        geometry: GeometryBiasCache | None = None,
-        memory_counts: Sequence[Sequence[int]] | None = None,
+        memory_kv: Sequence[Projection | None] | None = None,
+        window_geometry: WindowGeometry | None = None,
     ) -> tuple[RoiRows, list[RoiRows]]:
         """The N_l location-based stages (docs/conventions.md#mega-aggregation-head); memory level i joins the
-        references of stage i.
+        references of stage i, after the local rows.
 
         ``local`` holds the window's rows after the global stage, frame by frame (``counts`` rows each,
         oldest first). Queries are [key; D] (D: the first ``advanced_num`` rows of every frame); the
@@ -248,14 +268,14 @@ class MEGAAggregator(nn.Module):
 
         Returns the key rows after the last stage and, per stage i, the local part of its references
         (what memory level i stores, frame by frame). ``memory_kv``: optional keys/values of memory level
-        i for stage i (see :meth:`forward`). ``geometry`` with ``memory_counts`` (rows per memory
-        entry, per level): take the geometry terms from that cache (see :meth:`forward`).
+        i for stage i (None for a level: project its rows here); ``window_geometry``: the geometry terms
+        of the window's queries D, kept between key frames (see :data:`WindowGeometry`).
         """
         if self.N_l == 0:
             return key, []
-        n_key = len(key)
-        distilled_counts = [min(self.advanced_num, c) for c in counts]
-        ref_counts = list(counts)
+        n_key = key.feats.shape[0]
+        distilled_counts = _at_most(counts, self.advanced_num)
+        ref_counts = counts
         queries = RoiRows.cat([key, local.select(first_rows_index(counts, self.advanced_num, local.feats.device))])
         refs = local
         stage_refs = []
@@ -264,18 +284,19 @@ class MEGAAggregator(nn.Module):
             last = i == self.N_l - 1
             if last:
                 queries = queries.select(slice(0, n_key))
-            all_refs = refs if memory is None else RoiRows.cat([refs, memory[i]])
-            kv = None if memory_kv is None or not len(memory[i]) else memory_kv[i]  # memory rows come last
-            bias = None
-            if geometry is not None:
-                query_counts = [n_key] if last else [n_key, *distilled_counts]
-                all_counts = ref_counts + ([] if memory is None else list(memory_counts[i]))
-                bias = geometry.bias(module, queries.boxes, query_counts, all_refs.boxes, all_counts,
-                                     queries.frames, all_refs.frames, uncached_queries=1)
-            relation = module(
-                queries.feats, all_refs.feats, queries.boxes, all_refs.boxes, queries.frames, all_refs.frames,
-                ref_kv=kv, geometry=bias,
-            )
+            level = None if memory is None else memory[i]
+            kv = None if memory_kv is None else memory_kv[i]
+            ref_feats, ref_boxes, ref_frames = refs.feats, refs.boxes, refs.frames
+            if level is not None:  # its rows come last; given as keys/values, only their boxes are needed
+                ref_feats = ref_feats if kv is not None else torch.cat([ref_feats, level.feats])
+                ref_boxes = torch.cat([ref_boxes, level.boxes])
+                ref_frames = None if ref_frames is None else torch.cat([ref_frames, level.frames])
+            geometry = None
+            if window_geometry is not None and not last:  # the last stage queries the key only
+                geometry = window_geometry(i, module, queries.select(slice(n_key, None)), distilled_counts,
+                                           RoiRows(ref_feats, ref_boxes, ref_frames), ref_counts)
+            relation = module(queries.feats, ref_feats, queries.boxes, ref_boxes, queries.frames, ref_frames,
+                              ref_kv=kv, geometry=geometry)
             feats = queries.feats + relation
             if not last:
                 feats = F.relu(self.fcs[i + 1](feats))
@@ -284,11 +305,12 @@ class MEGAAggregator(nn.Module):
             ref_counts = distilled_counts
         return queries.select(slice(0, n_key)), stage_refs
 
-    def _oldest_frame_rows(self, stage_refs: list[RoiRows], counts: Sequence[int]) -> list[RoiRows]:
+    def _oldest_frame_rows(self, stage_refs: list[RoiRows], counts: Counts) -> list[RoiRows]:
         # Level 0 stores all rows of the oldest window frame, levels >= 1 its distilled rows.
-        if not counts:
+        if len(counts) == 0:
             return []
-        sizes = [counts[0]] + [min(self.advanced_num, counts[0])] * (len(stage_refs) - 1)
+        oldest = counts[0]
+        sizes = [oldest] + [_at_most(oldest, self.advanced_num)] * (len(stage_refs) - 1)
         return [refs.select(slice(0, size)).detach() for refs, size in zip(stage_refs, sizes)]
 
     # -- the whole head -----------------------------------------------------------------------------------
@@ -301,45 +323,67 @@ class MEGAAggregator(nn.Module):
         memory: Sequence[RoiRows] | None = None,
         *,
         global_kv: Sequence[Projection] | None = None,
-        memory_kv: Sequence[Projection] | None = None,
-        geometry: GeometryBiasCache | None = None,
-        memory_counts: Sequence[Sequence[int]] | None = None,
+        memory_kv: Sequence[Projection | None] | None = None,
+        window_geometry: WindowGeometry | None = None,
     ) -> MEGAOutput:
         """Aggregate the key frame's RoI features (docs/conventions.md#mega-inference-schedule; training:
-        docs/conventions.md#training-forward).
+        docs/conventions.md#training-forward): :meth:`aggregate` with the window given frame by frame.
 
         Args:
             key: the key frame's proposals: raw features (:meth:`embed`), boxes, [frames].
             local_frames: the T_l window frames' rows, raw, oldest first, one entry per frame (the key
                 frame's own reference proposals included). Ignored when N_l = 0.
-            global_pool: raw rows of the T_g global frames (boxes only for ``location_based_global``).
-            memory: per level i < N_l the rows read from memory *before* this frame's push (None or
-                empty levels: no memory).
-            global_kv, memory_kv: optional keys and values (:meth:`RelationModule.project_refs`) of the
-                global pool for each module of ``global_stages`` and of memory level i for local stage
-                i, computed earlier: these rows do not change from one key frame to the next, so
-                inference keeps their projections (:class:`~megavod.models.relation.ReferenceProjectionCache`).
-            geometry, memory_counts: the local stages' geometry terms from this cache, kept between key
-                frames (:class:`~megavod.models.geometry_cache.GeometryBiasCache`); ``memory_counts``
-                gives the rows of each memory entry per level (the cache keeps blocks per frame).
+            global_pool, memory, global_kv, memory_kv, window_geometry: see :meth:`aggregate`.
         """
-        if memory is not None and len(memory) != self.N_l:
-            raise ValueError(f"memory must have N_l = {self.N_l} levels, got {len(memory)}")
         if self.N_l == 0:
             local_frames = []
         elif not local_frames:
             raise ValueError("local_frames must hold at least one frame when N_l > 0")
-        counts = [len(frame) for frame in local_frames]
-        rows = self.global_stage(RoiRows.cat([key, *local_frames]), global_pool, global_kv)
-        n_key = len(key)
-        if geometry is not None and memory is not None and memory_counts is None:
-            raise ValueError("a geometry cache with memory needs memory_counts (rows per memory entry)")
+        local = RoiRows.cat(list(local_frames)) if local_frames else None
+        return self.aggregate(key, local, [len(frame) for frame in local_frames], global_pool, memory,
+                              global_kv=global_kv, memory_kv=memory_kv, window_geometry=window_geometry)
+
+    def aggregate(
+        self,
+        key: RoiRows,
+        local: RoiRows | None,
+        counts: Counts,
+        global_pool: RoiRows,
+        memory: Sequence[RoiRows] | None = None,
+        *,
+        global_kv: Sequence[Projection] | None = None,
+        memory_kv: Sequence[Projection | None] | None = None,
+        window_geometry: WindowGeometry | None = None,
+    ) -> MEGAOutput:
+        """The global stage, the local stages with memory, the residual global stage. Traces to ONNX with
+        the row counts as graph values: the exported key graph is this method
+        (docs/architecture.md#export-and-onnx-runtime).
+
+        Args:
+            key: the key frame's rows (raw features, boxes, [frames]).
+            local: the window frames' rows, raw, oldest first, frame after frame, ``counts`` rows each
+                (None when N_l = 0).
+            global_pool: raw rows of the T_g global frames (boxes only for ``location_based_global``; no
+                features when ``global_kv`` is given).
+            memory: per level i < N_l the rows read from memory *before* this frame's push (None: no
+                memory; a level's features may be None when its ``memory_kv`` is given).
+            global_kv, memory_kv: optional keys and values (:meth:`RelationModule.project_refs`) of the
+                global pool for each module of ``global_stages`` and of memory level i for local stage
+                i, computed earlier: these rows do not change from one key frame to the next, so
+                inference keeps their projections (:class:`~megavod.models.relation.ReferenceProjectionCache`).
+            window_geometry: the local stages' geometry terms of the window's queries, kept between key
+                frames (:data:`WindowGeometry`).
+        """
+        if memory is not None and len(memory) != self.N_l:
+            raise ValueError(f"memory must have N_l = {self.N_l} levels, got {len(memory)}")
+        n_key = key.feats.shape[0]
+        both = RoiRows.cat([key, local]) if self.N_l > 0 else key
+        rows = self.global_stage(both, global_pool, global_kv)
         key_rows, stage_refs = self.local_stage(
-            rows.select(slice(0, n_key)), rows.select(slice(n_key, None)), counts, memory, memory_kv,
-            geometry, memory_counts,
+            rows.select(slice(0, n_key)), rows.select(slice(n_key, None)), counts, memory, memory_kv, window_geometry,
         )
         key_rows = self.global_residual_stage(key_rows, global_pool, global_kv)
-        return MEGAOutput(key_rows.feats, self._oldest_frame_rows(stage_refs, counts))
+        return MEGAOutput(key_rows.feats, self._oldest_frame_rows(stage_refs, counts) if self.N_l > 0 else [])
 
     @torch.no_grad()
     def memory_from_frames(self, frames: Sequence[RoiRows], global_pool: RoiRows) -> list[RoiRows]:

@@ -99,7 +99,7 @@ class RDNAggregator(nn.Module):
         """Raw RoI features ReLU(fcs[0](flatten(pooled))): [R, ...] -> [R, C] (the authors' ``_forward_ref``)."""
         return F.relu(self.fcs[0](pooled.flatten(1)))
 
-    def advanced_stage(self, support: Tensor, support_boxes: Tensor, counts: Sequence[int]) -> tuple[Tensor, Tensor]:
+    def advanced_stage(self, support: Tensor, support_boxes: Tensor, counts: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
         """The advanced set D (first ``advanced_num`` rows of every frame) after the A distillation
         stages over all supportive rows: (features [D, C], boxes [D, 4])."""
         index = first_rows_index(counts, self.advanced_num, support.device)
@@ -111,15 +111,16 @@ class RDNAggregator(nn.Module):
         return adv, adv_boxes
 
     def forward(self, key: Tensor, key_boxes: Tensor, support: Tensor, support_boxes: Tensor,
-                counts: Sequence[int]) -> Tensor:
-        """Enhanced key features [K, C] for the box predictor.
+                counts: Sequence[int] | Tensor) -> Tensor:
+        """Enhanced key features [K, C] for the box predictor. Traces to ONNX with the row counts as graph
+        values (``counts`` a tensor): the exported key graph is this method (docs/architecture.md#export-and-onnx-runtime).
 
         Args:
             key: the key frame's raw RoI features [K, C] (:meth:`embed`); key_boxes: [K, 4].
             support: raw features [S, C] of the supportive proposals, frame by frame; support_boxes: [S, 4].
             counts: rows per supportive frame (sum = S), for the advanced set.
         """
-        if sum(counts) != support.shape[0]:
+        if not torch.jit.is_tracing() and sum(counts) != support.shape[0]:
             raise ValueError(f"counts sum to {sum(counts)} but there are {support.shape[0]} supportive rows")
         x = key
         for i in range(self.basic_stages):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,12 @@ from torch import Tensor, nn
 # (the per-pair embedding of a chunk is as large): ~17 rows of MEGA's 675 x 3750 local stage, the
 # fastest of 2-64 rows on the development CPU (benchmarks/profile_mega.py --geometry-sweep).
 _GEOMETRY_CHUNK_ELEMENTS = 1 << 20
+
+#: Query-row chunks of the geometry term in a traced graph (a graph cannot loop a data-dependent number of
+#: times, so the count is fixed and the rows per chunk follow the row count). 16 chunks of MEGA's 675 x 3750
+#: local stage 0 (~42 rows, ~2.5M logits each) took 0.72 s in ONNX Runtime on one thread against 1.47 s
+#: unchunked (benchmarks/README.md#onnx-runtime).
+GEOMETRY_CHUNKS = 16
 
 
 def _widths_heights(boxes: Tensor) -> Tensor:
@@ -176,7 +182,7 @@ class RelationModule(nn.Module):
     def forward(
         self,
         x: Tensor,
-        refs: Tensor,
+        refs: Tensor | None,
         x_boxes: Tensor | None = None,
         ref_boxes: Tensor | None = None,
         x_frames: Tensor | None = None,
@@ -185,46 +191,69 @@ class RelationModule(nn.Module):
         ref_kv: tuple[Tensor, Tensor] | None = None,
         geometry: Tensor | None = None,
     ) -> Tensor:
-        """Relation features [N, C] of queries ``x`` [N, C] over references ``refs`` [M, C].
+        """Relation features [N, C] of queries ``x`` [N, C] over the references.
 
-        Boxes ([N, 4], [M, 4]) are required by location-based modules, frame indices ([N], [M]) by the
-        temporal embedding. With no references the module contributes nothing (zeros), where the
-        authors' softmax over an empty set would give NaN. ``ref_kv``: keys and values of the last
-        rows of ``refs`` (or all of them) as :meth:`project_refs` gives them, computed earlier (rows
-        that stay the same between calls: :class:`ReferenceProjectionCache`). ``geometry``: the
-        geometry term [M_h, N, M] (:meth:`geometry_bias`), computed earlier
-        (:class:`~megavod.models.geometry_cache.GeometryBiasCache`).
+        The references are the rows ``refs`` [M', C] (projected here; None: none) followed by rows whose
+        keys and values ``ref_kv`` ([M_h, M'', d] each, as :meth:`project_refs` gives them) were computed
+        earlier (rows that stay the same between calls: :class:`ReferenceProjectionCache`). Boxes ([N, 4],
+        [M' + M'', 4]) are required by location-based modules, frame indices ([N], [M]) by the temporal
+        embedding. ``geometry``: the geometry term [M_h, G, M] (:meth:`geometry_bias`) of the last G query
+        rows, computed earlier (:class:`~megavod.models.geometry_cache.GeometryBiasCache`); the leading
+        N - G rows' term is computed here from their boxes. With no references the module contributes
+        nothing (zeros), where the authors' softmax over an empty set would give NaN. Traces to ONNX with
+        the row counts as graph values (docs/architecture.md#export-and-onnx-runtime).
         """
-        if ref_kv is None:
-            k, v = self.project_refs(refs)
-        elif ref_kv[0].shape[1] == refs.shape[0]:
-            k, v = ref_kv
-        else:  # the leading references are projected here, the trailing ones were
-            k, v = cat_projections([self.project_refs(refs[: refs.shape[0] - ref_kv[0].shape[1]]), ref_kv])
-        n, m = x.shape[0], k.shape[1]
-        if n == 0 or m == 0:
+        k, v = self.references(refs, ref_kv)
+        n = x.shape[0]
+        if not torch.jit.is_tracing() and (n == 0 or k.shape[1] == 0):
             return x.new_zeros(n, self.feat_dim)
-        h, d = self.num_heads, self.head_dim
-        q = self.Wq(x).view(n, h, d).transpose(0, 1)  # [h, N, d]
-        if self.u is not None:
-            # (q + u).k / sqrt(d) is the appearance logit plus the content-bias logit u.k / sqrt(d).
-            q = q + self.u
-        bias = None
-        if self.location_based:
-            bias = geometry if geometry is not None else self.geometry_bias(x_boxes, ref_boxes, x_frames, ref_frames)
-            bias = bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # [h, N, d]
-        return out.transpose(0, 1).reshape(n, self.feat_dim) + self.Wv.bias
+        if self.location_based and geometry is not None and geometry.shape[1] != n:
+            # Query rows are independent of each other: the rows without a given term are attended apart.
+            lead = n - geometry.shape[1]
+            lead_frames = None if x_frames is None else x_frames[:lead]
+            return torch.cat([self.attend(x[:lead], k, v, x_boxes[:lead], ref_boxes, lead_frames, ref_frames),
+                              self.attend(x[lead:], k, v, geometry=geometry)])
+        return self.attend(x, k, v, x_boxes, ref_boxes, x_frames, ref_frames, geometry=geometry)
+
+    def references(self, refs: Tensor | None, ref_kv: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """Keys and values [M_h, M, d] of the references of :meth:`forward`: ``refs`` projected, then ``ref_kv``."""
+        if ref_kv is None:
+            return self.project_refs(refs)
+        if refs is None:
+            return ref_kv
+        return cat_projections([self.project_refs(refs), ref_kv])
+
+    def _queries(self, x: Tensor) -> Tensor:
+        """[M_h, N, d]; with the content bias u, (q + u).k / sqrt(d) is the appearance logit plus the
+        content-bias logit u.k / sqrt(d)."""
+        q = self.Wq(x).reshape(-1, self.num_heads, self.head_dim).transpose(0, 1)
+        return q if self.u is None else q + self.u
+
+    def _geometry(self, x_boxes: Tensor | None, ref_boxes: Tensor | None, x_frames: Tensor | None,
+                  ref_frames: Tensor | None, geometry: Tensor | None) -> Tensor | None:
+        if not self.location_based:
+            return None
+        return geometry if geometry is not None else self.geometry_bias(x_boxes, ref_boxes, x_frames, ref_frames)
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, x_boxes: Tensor | None = None, ref_boxes: Tensor | None = None,
+               x_frames: Tensor | None = None, ref_frames: Tensor | None = None, *,
+               geometry: Tensor | None = None) -> Tensor:
+        """:meth:`forward` of queries ``x`` over references given as keys and values (:meth:`references`),
+        at least one; ``geometry``: the whole term [M_h, N, M], or None to compute it from the boxes."""
+        q = self._queries(x)
+        bias = self._geometry(x_boxes, ref_boxes, x_frames, ref_frames, geometry)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
+        return out.transpose(0, 1).reshape(-1, self.feat_dim) + self.Wv.bias
 
     def project_refs(self, refs: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values of references [M, C], [M_h, M, d] each: all of :meth:`forward` that depends on
         the references alone, so rows that do not change between calls can keep theirs
         (:class:`ReferenceProjectionCache`)."""
-        m, h, d = refs.shape[0], self.num_heads, self.head_dim
-        k = self.Wk(refs).view(m, h, d).transpose(0, 1)
+        h, d = self.num_heads, self.head_dim
+        k = self.Wk(refs).reshape(-1, h, d).transpose(0, 1)
         # Value projection before aggregation (see module docstring): column block m of
         # refs @ W^T is Wv^m applied to every reference; Wv's bias is added once after the weighted sum.
-        v = F.linear(refs, self.Wv.weight.view(self.feat_dim, self.feat_dim)).view(m, h, d).transpose(0, 1)
+        v = F.linear(refs, self.Wv.weight.view(self.feat_dim, self.feat_dim)).reshape(-1, h, d).transpose(0, 1)
         return k, v
 
     def geometry_bias(
@@ -261,21 +290,38 @@ class RelationModule(nn.Module):
         w_sin, w_cos = direct[:, :, 0].flatten(1), direct[:, :, 1].flatten(1)  # [M_h, terms * f]
         query_factors, ref_factors = self._scale_factors(x_boxes, ref_boxes, weight[:, 4 * f : 8 * f])
         freqs = _frequencies(f, self.wave_length, x_boxes.device, x_boxes.dtype)
+
+        def chunk_logits(start, stop) -> Tensor:
+            """Wg . E_ij + bg of query rows [start, stop) x every reference, [M_h, c, M]."""
+            rows = x_boxes[start:stop]
+            shape = (h, rows.shape[0], ref_boxes.shape[0])  # explicit: a traced graph keeps M_h static
+            logits = torch.bmm(query_factors[start:stop].expand(h, -1, -1), ref_factors)  # w/h terms, [M_h, c, M]
+            terms = _relative_centre_offsets(rows, ref_boxes)  # [c, M, 2]
+            if x_frames is not None:
+                dt = ref_frames.to(terms.dtype)[None, :] - x_frames[start:stop].to(terms.dtype)[:, None]
+                terms = torch.cat([terms, dt[..., None]], dim=2)
+            angles = (terms[..., None] * freqs).reshape(-1, w_sin.shape[1])  # [c * M, terms * f]
+            # + Wg . E for the per-pair terms and Wg's bias, accumulated head-major (in a traced graph out of
+            # place: the exporter cannot follow in-place updates of a view).
+            if torch.jit.is_tracing():
+                logits = torch.addmm(torch.addmm(logits.reshape(h, -1), w_sin, angles.sin().T), w_cos, angles.cos().T)
+                return (logits + self.Wg.bias[:, None]).reshape(shape)
+            return logits.view(h, -1).addmm_(w_sin, angles.sin().T).addmm_(w_cos, angles.cos().T).add_(
+                self.Wg.bias[:, None]).view(shape)
+
         n, m = x_boxes.shape[0], ref_boxes.shape[0]
+        if torch.jit.is_tracing():
+            # A fixed number of chunks (GEOMETRY_CHUNKS), their rows a graph value; no in-place writes.
+            rows = (n + GEOMETRY_CHUNKS - 1) // GEOMETRY_CHUNKS
+            return torch.cat([(F.relu(chunk_logits(i * rows, (i + 1) * rows)) + 1e-6).log()
+                              for i in range(GEOMETRY_CHUNKS)], dim=1)
         chunk = max(1, _GEOMETRY_CHUNK_ELEMENTS // max(1, h * m))
         inplace = not torch.is_grad_enabled()
         # Head-major and contiguous: the attention kernel is ~3x slower on a permuted bias.
         bias = x_boxes.new_empty(h, n, m)
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
-            logits = torch.bmm(query_factors[start:stop].expand(h, -1, -1), ref_factors)  # w/h terms, [M_h, c, M]
-            terms = _relative_centre_offsets(x_boxes[start:stop], ref_boxes)  # [c, M, 2]
-            if x_frames is not None:
-                dt = ref_frames.to(terms.dtype)[None, :] - x_frames[start:stop].to(terms.dtype)[:, None]
-                terms = torch.cat([terms, dt[..., None]], dim=2)
-            angles = (terms[..., None] * freqs).view(-1, w_sin.shape[1])  # [c * M, terms * f]
-            # + Wg . E for the per-pair terms and Wg's bias, accumulated head-major.
-            logits.view(h, -1).addmm_(w_sin, angles.sin().T).addmm_(w_cos, angles.cos().T).add_(self.Wg.bias[:, None])
+            logits = chunk_logits(start, stop)
             if inplace:
                 bias[:, start:stop] = logits.clamp_(min=0).add_(1e-6).log_()
             else:
@@ -313,16 +359,10 @@ class RelationModule(nn.Module):
     ) -> Tensor:
         """The relation weights w_ij^m, [M_h, N, M] (rows sum to 1), e.g. for BLR's link scores
         (docs/departures.md#blr-as-megavod-reads-the-paper)."""
-        n, m = x.shape[0], refs.shape[0]
-        h, d = self.num_heads, self.head_dim
-        q = self.Wq(x).view(n, h, d).transpose(0, 1)
-        if self.u is not None:
-            q = q + self.u
-        k = self.Wk(refs).view(m, h, d).transpose(0, 1)
-        logits = q @ k.transpose(1, 2) / math.sqrt(d)
-        if self.location_based:
-            logits = logits + self.geometry_bias(x_boxes, ref_boxes, x_frames, ref_frames)
-        return logits.softmax(dim=2)
+        k = self.Wk(refs).reshape(-1, self.num_heads, self.head_dim).transpose(0, 1)
+        logits = self._queries(x) @ k.transpose(1, 2) / math.sqrt(self.head_dim)
+        bias = self._geometry(x_boxes, ref_boxes, x_frames, ref_frames, None)
+        return (logits if bias is None else logits + bias).softmax(dim=2)
 
 
 class ReferenceProjectionCache:
@@ -332,26 +372,43 @@ class ReferenceProjectionCache:
     At inference MEGA meets the same rows again and again: a global frame's raw rows at each of the
     T_g key frames whose pool holds it, a memory entry's rows at each of the T_m key frames it stays;
     the authors project them anew every time. An entry is keyed by the object that owns the rows (a
-    :class:`~megavod.structures.FrameFeatures`, a memory entry), lives as long as that object (weakly
-    referenced) and is recomputed when the module's ``Wk``/``Wv`` change in place (e.g. a training step
-    or ``load_state_dict`` between two detections).
+    :class:`~megavod.structures.FrameFeatures`, a memory entry) and by what computed it (its source: a
+    module, or the ONNX Runtime backend's ``project`` graph), lives as long as that object (weakly
+    referenced) and is recomputed when its source's version changes (a module's ``Wk``/``Wv`` changed in
+    place, e.g. by a training step or ``load_state_dict`` between two detections).
     """
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[int, int], tuple[weakref.ref, tuple[int, ...], tuple[Tensor, Tensor]]] = {}
+        self._entries: dict[tuple[int, Hashable], tuple[weakref.ref, Hashable, tuple[Tensor, ...]]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, owner: object, rows: Tensor, module: RelationModule) -> tuple[Tensor, Tensor]:
-        """``module.project_refs(rows)``, from the cache when ``owner``'s entry for ``module`` exists."""
-        key = (id(owner), id(module))
-        version = tuple(p._version for p in (module.Wk.weight, module.Wk.bias, module.Wv.weight))
-        entry = self._entries.get(key)
+    def kept(self, owner: object, source: Hashable, version: Hashable = ()) -> tuple[Tensor, ...] | None:
+        """What ``source`` (at ``version``) computed for ``owner``'s rows, or None."""
+        entry = self._entries.get((id(owner), source))
         if entry is not None and entry[0]() is owner and entry[1] == version:
             return entry[2]
-        kv = module.project_refs(rows)
-        self._entries[key] = (weakref.ref(owner), version, kv)
+        return None
+
+    def missing(self, owners: Sequence[object], source: Hashable, version: Hashable = ()) -> list[object]:
+        """``owners`` with nothing kept from ``source``, each once, in order (to be computed in one call)."""
+        found: dict[int, object] = {}
+        for owner in owners:
+            if self.kept(owner, source, version) is None:
+                found.setdefault(id(owner), owner)
+        return list(found.values())
+
+    def put(self, owner: object, source: Hashable, tensors: tuple[Tensor, ...], version: Hashable = ()) -> None:
+        self._entries[(id(owner), source)] = (weakref.ref(owner), version, tensors)
+
+    def get(self, owner: object, rows: Tensor, module: RelationModule) -> tuple[Tensor, Tensor]:
+        """``module.project_refs(rows)``, from the cache when ``owner``'s entry for ``module`` exists."""
+        version = tuple(p._version for p in (module.Wk.weight, module.Wk.bias, module.Wv.weight))
+        kv = self.kept(owner, id(module), version)
+        if kv is None:
+            kv = module.project_refs(rows)
+            self.put(owner, id(module), kv, version)
         return kv
 
     def prune(self) -> None:
@@ -367,12 +424,11 @@ def cat_projections(parts: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Ten
     return torch.cat([k for k, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
 
 
-def first_rows_index(counts: Sequence[int], n: int, device: torch.device | None = None) -> Tensor:
-    """Indices of the first ``n`` rows of every frame of rows laid out frame by frame (``counts`` each):
-    MEGA's distilled and RDN's advanced set D (the frames' highest-objectness proposals, as
-    proposals are sorted by objectness)."""
-    index, start = [], 0
-    for count in counts:
-        index.append(torch.arange(start, start + min(n, count), device=device))
-        start += count
-    return torch.cat(index) if index else torch.zeros(0, dtype=torch.long, device=device)
+def first_rows_index(counts: Sequence[int] | Tensor, n: int, device: torch.device | None = None) -> Tensor:
+    """Indices of the first ``n`` rows of every frame of rows laid out frame by frame (``counts`` each, a
+    list or an int64 tensor, e.g. a graph input): MEGA's distilled and RDN's advanced set D (the frames'
+    highest-objectness proposals, as proposals are sorted by objectness)."""
+    counts = torch.as_tensor(counts, dtype=torch.int64, device=device)
+    starts = torch.cumsum(counts, 0) - counts
+    offsets = torch.arange(n, dtype=torch.int64, device=counts.device)
+    return (starts[:, None] + offsets[None, :])[offsets[None, :] < counts[:, None]]
