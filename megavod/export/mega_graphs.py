@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
 from megavod.models.geometry_cache import GeometryBiasCache
 from megavod.models.mega import MEGAStreamCache
-from megavod.models.mega_head import RoiRows, WindowGeometry, distilled_rows
+from megavod.models.mega_head import RoiRows, WindowGeometry
 from megavod.models.relation import ReferenceProjectionCache, first_rows_index
 from megavod.export.relation_graphs import BLR_IO, RelationGraphs, cat_rows, key_detections
 from megavod.export.graphs import (
@@ -140,11 +140,10 @@ class MEGAGraphs(RelationGraphs):
         super().__init__(cfg)
         m = cfg.mega
         self.local_stages = m.N_l
-        self.advanced_num = distilled_rows(cfg)
-        self.uses_global = m.N_g + m.global_res_stages > 0
-        self.global_modules = m.N_g + m.global_res_stages
+        self.advanced_num = m.distilled_rows(cfg.model.rpn)
+        self.uses_global, self.global_modules = m.uses_global, m.global_modules
         self.global_boxes = self.uses_global and m.location_based_global
-        self.memory_levels = m.N_l if m.memory else 0
+        self.memory_levels = m.memory_levels
         self.heads = cfg.relation.num_heads
         self.blr = m.N_l > 0  # BLR's module is the last local stage (MEGADetector.blr_relation_module)
         self.use_stream_caches(True, True)

@@ -132,12 +132,6 @@ class MEGAOutput:
     memory_push: list[RoiRows]
 
 
-def distilled_rows(cfg) -> int:
-    """Rows per local/memory frame kept in D for the later local stages (``advanced_num``): the authors'
-    int(REF_POST_NMS_TOP_N * RATIO); the epsilon guards 0.29 * 100 = 28.999..."""
-    return max(1, int(cfg.model.rpn.ref_post_nms_top_n * cfg.mega.distill_ratio + 1e-9))
-
-
 class MEGAAggregator(nn.Module):
     """MEGA's aggregation head on RoI features (docs/conventions.md#mega-aggregation-head).
 
@@ -212,7 +206,7 @@ class MEGAAggregator(nn.Module):
             N_g=mega.N_g,
             N_l=mega.N_l,
             global_res_stages=mega.global_res_stages,
-            advanced_num=distilled_rows(cfg),
+            advanced_num=mega.distilled_rows(cfg.model.rpn),
             location_based_global=mega.location_based_global,
             temporal_embedding=cfg.relation.temporal_embedding,
             wave_length=cfg.relation.wave_length,

@@ -90,8 +90,7 @@ class RDNAggregator(nn.Module):
             embed_dim=cfg.relation.embed_dim,
             basic_stages=cfg.rdn.basic_stages,
             advanced_stages=cfg.rdn.advanced_stages,
-            # The authors' int(REF_POST_NMS_TOP_N * RATIO); the epsilon guards 0.29 * 100 = 28.999...
-            advanced_num=max(1, int(cfg.model.rpn.ref_post_nms_top_n * cfg.rdn.ratio + 1e-9)),
+            advanced_num=cfg.rdn.advanced_rows(cfg.model.rpn),
             wave_length=cfg.relation.wave_length,
         )
 
