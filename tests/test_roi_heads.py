@@ -196,3 +196,56 @@ def test_postprocess_keeps_top_300_over_classes():
     probs[:, 0] = 1 - probs.sum(1)
     det = post(probs.log(), torch.zeros(400, 124), [proposals], [(400, 400)])[0]
     assert len(det) == 400
+
+
+def _postprocess_by_the_rule(post, logits, regression, proposals, size):
+    """The box postprocess written out: per class ascending, entries above the threshold in (-score, row)
+    order, greedy +1 NMS at IoU > t, then every detection at or above the D-th largest score."""
+    probs = torch.softmax(logits.float(), -1)
+    boxes = post.box_coder.decode(regression, proposals)
+    h, w = size
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w - 1)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h - 1)
+    out = []
+    for c in range(1, probs.shape[1]):
+        rows = sorted((r for r in range(len(probs)) if probs[r, c] > post.score_thresh),
+                      key=lambda r: (-float(probs[r, c]), r))
+        kept = []
+        for r in rows:
+            box = boxes[r, 4 * c : 4 * c + 4]
+            if all(box_iou(box[None], boxes[k, 4 * c : 4 * c + 4][None]).item() <= post.nms_thresh for k in kept):
+                kept.append(r)
+        out += [(c, r) for r in kept]
+    scores = [float(probs[r, c]) for c, r in out]
+    if 0 < post.detections_per_img < len(out):
+        cut = sorted(scores, reverse=True)[post.detections_per_img - 1]
+        out = [e for e, s in zip(out, scores) if s >= cut]
+    labels = torch.tensor([c for c, _ in out], dtype=torch.int64)
+    rows = torch.tensor([r for _, r in out], dtype=torch.int64)
+    det_boxes = torch.stack([boxes[r, 4 * c : 4 * c + 4] for c, r in out]) if out else torch.zeros(0, 4)
+    det_scores = torch.stack([probs[r, c] for c, r in out]) if out else torch.zeros(0)
+    return det_boxes, det_scores, labels, rows
+
+
+@pytest.mark.parametrize("limit", [300, 25, 1, 0])
+def test_image_detections_equal_the_rule_with_ties_and_tensor_settings(limit):
+    """One function serves PyTorch and the ONNX graphs: it equals the rule written out (ties: the lower
+    proposal row first, docs/conventions.md#ties), bit for bit, with its values as numbers or 0-d tensors."""
+    g = torch.Generator().manual_seed(4)
+    post = BoxPostProcessor(BoxCoder((10.0, 10.0, 5.0, 5.0)), score_thresh=0.05, nms_thresh=0.5,
+                            detections_per_img=limit)
+    n, classes = 80, 5
+    logits = torch.randn(4, classes, generator=g)[torch.randint(0, 4, (n,), generator=g)]  # tied rows
+    regression = torch.randint(-1, 2, (n, 4 * classes), generator=g).float() / 10
+    xy = torch.randint(0, 60, (n, 2), generator=g).float()
+    proposals = torch.cat([xy, xy + torch.randint(8, 30, (n, 2), generator=g).float()], 1)
+    size = (80, 100)
+    expected = _postprocess_by_the_rule(post, logits, regression, proposals, size)
+    assert len(expected[2]) >= (limit if 0 < limit < 300 else 100)  # a cut, or none of 100+
+    (det,), (rows,) = post(logits, regression, [proposals], [size], return_indices=True)
+    as_numbers = post.image_detections(logits, regression, proposals, size)
+    as_tensors = post.image_detections(logits, regression, proposals, torch.tensor(size), torch.tensor(0.05),
+                                       torch.tensor(0.5), torch.tensor(limit))
+    for got in ((det.boxes, det.scores, det.labels, rows), as_numbers, as_tensors):
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)

@@ -185,3 +185,38 @@ def test_rpn_loss_values():
     # an image whose anchors all straddle the border samples nothing: zero, differentiable losses
     _, losses = rpn(torch.randn(1, 8, 2, 2), [(32, 32)], [target])
     assert losses["loss_objectness"].item() == 0.0 and losses["loss_objectness"].requires_grad
+
+
+def test_anchor_grid_is_the_arange_by_stride_grid_and_traces_with_the_map_size():
+    gen = AnchorGenerator()
+    for h, w in ((1, 1), (38, 63), (75, 125)):
+        # the authors' form, arange(0, W * stride, stride): the same float32 values as arange(W) * stride
+        sx = torch.arange(0, w * 16, 16, dtype=torch.float32)
+        sy = torch.arange(0, h * 16, 16, dtype=torch.float32)
+        yy, xx = torch.meshgrid(sy, sx, indexing="ij")
+        shifts = torch.stack((xx, yy, xx, yy), dim=-1).reshape(-1, 1, 4)
+        assert torch.equal(gen((h, w)), (shifts + gen.cell_anchors[0].view(1, -1, 4)).reshape(-1, 4))
+    traced = torch.jit.trace(lambda x: gen(x.shape[-2:]), torch.zeros(1, 1, 3, 5))
+    assert torch.equal(traced(torch.zeros(1, 1, 7, 4)), gen((7, 4)))  # the size is a traced value
+
+
+def test_clip_boxes_takes_the_size_as_numbers_or_a_tensor():
+    boxes = torch.tensor([[-5.0, -1.0, 120.0, 60.0, 3.0, 4.0, 99.5, 47.5]])
+    expected = torch.tensor([[0.0, 0.0, 99.0, 47.0, 3.0, 4.0, 99.0, 47.0]])
+    assert torch.equal(clip_boxes(boxes, (48, 100)), expected)
+    assert torch.equal(clip_boxes(boxes, torch.tensor([48, 100])), expected)
+    assert torch.equal(boxes[0, :2], torch.tensor([-5.0, -1.0]))  # the input is not written to
+
+
+def test_test_proposals_are_the_key_mode_proposals_with_sizes_and_counts_as_tensors():
+    rpn = _rpn().eval()
+    features = torch.randn(2, 8, 24, 24)
+    sizes = [(384, 384), (380, 370)]
+    with torch.no_grad():
+        for i, size in enumerate(sizes):
+            c4 = features[i : i + 1]
+            alone, key = rpn.test_proposals(c4, size), rpn.proposals(c4, [size], "key")[0]
+            assert torch.equal(alone.boxes, key.boxes) and torch.equal(alone.objectness, key.objectness)
+            as_tensors = rpn.test_proposals(c4, torch.tensor(size), torch.tensor(120))
+            assert torch.equal(as_tensors.boxes, alone.boxes[:120])
+            assert torch.equal(rpn.test_proposals(c4, size, 7).objectness, alone.objectness[:7])

@@ -15,7 +15,6 @@ from torch import nn
 
 import megavod
 from megavod.data.synthetic_render import flat_clip
-from megavod.export import ops
 from megavod.export.exporter import export_onnx
 from megavod.models.box_coder import BoxCoder, batched_nms, box_iou, nms, top_k
 from megavod.models.roi_heads import BoxPostProcessor
@@ -70,7 +69,7 @@ class _Detections(nn.Module):
         self.post = post
 
     def forward(self, class_logits, box_regression, boxes, image_size):
-        return ops.detections(self.post, class_logits, box_regression, boxes, image_size)
+        return self.post.image_detections(class_logits, box_regression, boxes, image_size)
 
 
 def _onnx(module: nn.Module, args: tuple, names: list[str], dynamic: dict) -> onnxruntime.InferenceSession:

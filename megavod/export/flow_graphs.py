@@ -10,8 +10,6 @@ from torch import Tensor, nn
 
 from megavod.errors import ConfigError
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
-from megavod.models.fgfa import aggregation_weights
-from megavod.models.warp import warp
 from megavod.structures import FrameMaps
 from megavod.export.graphs import (
     BackboneGraph,
@@ -48,13 +46,12 @@ class _FGFAFrameGraph(NamedGraph):
         self.model = model
 
     def compute(self, t: Feeds) -> tuple[Tensor, ...]:
-        c4 = self.model.backbone(t["image"])
-        return c4, self.model.embednet(c4)
+        return self.model.frame_maps(t["image"])
 
 
 class _FGFAKeyGraph(NamedGraph):
-    """``FGFADetector.detect_key``: flow from the key to every window frame, warp [C4, embedding],
-    per-pixel softmax weights, the weighted sum, then the single-frame head."""
+    """``FGFADetector.detect_key``: :meth:`FGFADetector.aggregate_maps` (flow from the key to every window
+    frame, warp [C4, embedding], per-pixel softmax weights, the weighted sum), then the single-frame head."""
 
     io = GraphIO(["image_size", "key_index", "images", "c4", "embed", *SETTINGS], list(DETECTION_OUTPUTS),
                  {"images": {0: "window", 2: "height", 3: "width"}, "c4": {0: "window", **MAP_AXES},
@@ -65,14 +62,9 @@ class _FGFAKeyGraph(NamedGraph):
         self.model = model
 
     def compute(self, t: Feeds) -> tuple[Tensor, ...]:
-        m = self.model
-        images, c4, embed, key_index = t["images"], t["c4"], t["embed"], t["key_index"]
-        key_image = images.index_select(0, key_index).expand(images.shape[0], -1, -1, -1)
-        flow = m.flownet(key_image, images).flow
-        warped = warp(torch.cat([c4, embed], dim=1), flow, m.warp_align_corners)
-        warped_c4, warped_embed = warped[:, : c4.shape[1]], warped[:, c4.shape[1] :]
-        weights = aggregation_weights(warped_embed, warped_embed.index_select(0, key_index))
-        return c4_detections(m, (weights * warped_c4).sum(dim=0, keepdim=True), t["image_size"], t)
+        maps = torch.cat([t["c4"], t["embed"]], dim=1)  # FrameMaps' two maps, as FGFADetector.aggregate stacks them
+        feats, _ = self.model.aggregate_maps(t["images"], maps, t["key_index"])
+        return c4_detections(self.model, feats, t["image_size"], t)
 
 
 class FGFAGraphs(MethodGraphs):
@@ -109,8 +101,8 @@ class FGFAGraphs(MethodGraphs):
 
 
 class _DFFKeyGraph(NamedGraph):
-    """``DFFDetector.detect_key``: flow(frame, key frame), warp the key frame's C4, times the scale map,
-    then the single-frame head."""
+    """``DFFDetector.detect_key``: :meth:`DFFDetector.propagate` (flow(frame, key frame), warp the key frame's
+    C4, times the scale map), then the single-frame head."""
 
     io = GraphIO(["image_size", "image", "key_image", "key_c4", *SETTINGS], list(DETECTION_OUTPUTS),
                  {**image_axes("image", "key_image"), "key_c4": MAP_AXES, **detection_axes()})
@@ -120,11 +112,8 @@ class _DFFKeyGraph(NamedGraph):
         self.model = model
 
     def compute(self, t: Feeds) -> tuple[Tensor, ...]:
-        m = self.model
-        out = m.flownet(t["image"], t["key_image"])
-        feats = warp(t["key_c4"], out.flow, m.warp_align_corners)
-        feats = feats if out.scale is None else feats * out.scale
-        return c4_detections(m, feats, t["image_size"], t)
+        feats = self.model.propagate(t["image"], t["key_image"], t["key_c4"])
+        return c4_detections(self.model, feats, t["image_size"], t)
 
 
 class DFFGraphs(MethodGraphs):

@@ -13,7 +13,6 @@ image; the runtime scales them to the frame as :meth:`RelationDetector.predict` 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
-from megavod.export import ops
 from megavod.structures import Detections, FrameMaps
 
 Feeds = dict[str, Tensor]
@@ -55,14 +53,10 @@ def setting_feeds(cfg: Any) -> Feeds:
     return {name: torch.tensor(config_value(cfg, key), dtype=dtype) for name, (key, dtype) in SETTINGS.items()}
 
 
-def graph_postprocessor(post: Any, t: Feeds) -> Any:
-    """The box postprocess ``post`` (:class:`~megavod.models.roi_heads.BoxPostProcessor`) with the graph's
-    :data:`BOX_SETTINGS` inputs in place of the values it was built with (:func:`ops.detections` takes them
-    as tensors)."""
-    post = copy.copy(post)
-    post.score_thresh, post.nms_thresh = t["score_thresh"], t["nms_thresh"]
-    post.detections_per_img = t["detections_per_img"]
-    return post
+def box_settings(t: Feeds) -> dict[str, Tensor]:
+    """The graph's :data:`BOX_SETTINGS` inputs as the keyword arguments of
+    :meth:`~megavod.models.roi_heads.BoxPostProcessor.image_detections`."""
+    return {name: t[name] for name in BOX_SETTINGS}
 
 
 @dataclass
@@ -178,16 +172,13 @@ class MethodGraphs:
 
 
 def c4_detections(model: nn.Module, c4: Tensor, image_size: Tensor, t: Feeds) -> tuple[Tensor, Tensor, Tensor]:
-    """``SingleFrameDetector.detect_key`` / ``FlowDetectorBase.detect_on_features`` on ``c4`` [1, C, h, w];
-    ``t``: the graph's inputs, with its :data:`SETTINGS`."""
+    """``SingleFrameDetector.detect_key`` / ``FlowDetectorBase.detect_on_features`` on ``c4`` [1, C, h, w]
+    (the model's own traceable per-image steps); ``t``: the graph's inputs, with its :data:`SETTINGS`."""
     rpn, head = model.rpn, model.box_head
-    pre_n, _ = rpn.top_n[("key", False)]
-    boxes = ops.proposals(rpn, c4, image_size, pre_n, t["post_nms_top_n"])
-    extractor = head.feature_extractor
-    features = extractor.mlp(ops.pool(extractor, extractor.res5(c4), boxes))
-    class_logits, box_regression = head.predictor(features)
-    return ops.detections(graph_postprocessor(head.postprocessor, t), class_logits, box_regression, boxes,
-                          image_size)[:3]
+    boxes = rpn.test_proposals(c4, image_size, t["post_nms_top_n"]).boxes
+    class_logits, box_regression = head.predictor(head.feature_extractor(c4, [boxes]))
+    return head.postprocessor.image_detections(class_logits, box_regression, boxes, image_size,
+                                               **box_settings(t))[:3]
 
 
 class BackboneGraph(NamedGraph):

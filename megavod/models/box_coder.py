@@ -94,13 +94,21 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return inter / (area1[:, None] + area2[None, :] - inter)
 
 
-def clip_boxes(boxes: Tensor, image_size: tuple[int, int]) -> Tensor:
-    """Clip [N, 4k] boxes to ``[0, W-1] x [0, H-1]``; ``image_size`` is ``(H, W)``."""
-    h, w = image_size
-    out = boxes.clone()
-    out[:, 0::2] = out[:, 0::2].clamp(min=0, max=w - 1)
-    out[:, 1::2] = out[:, 1::2].clamp(min=0, max=h - 1)
-    return out
+def clip_boxes(boxes: Tensor, image_size: tuple[int, int] | Tensor) -> Tensor:
+    """Clip [N, 4k] boxes to ``[0, W-1] x [0, H-1]``; ``image_size`` is ``(H, W)``, numbers or an int64
+    tensor [2] (a traced graph value: the ONNX graphs serve any image size).
+
+    One max/min against a [4] bound broadcast over the boxes, no in-place write into a copy: the same
+    values as ``clamp(0, W-1)`` / ``clamp(0, H-1)`` per coordinate, and it traces with the size as a
+    graph value."""
+    if isinstance(image_size, Tensor):
+        hw = image_size.to(boxes.device, boxes.dtype)
+        upper = torch.stack([hw[1] - 1, hw[0] - 1, hw[1] - 1, hw[0] - 1])
+    else:
+        h, w = image_size
+        upper = torch.tensor([w - 1, h - 1, w - 1, h - 1], dtype=boxes.dtype, device=boxes.device)
+    grouped = boxes.reshape(boxes.shape[0], -1, 4)
+    return torch.min(torch.max(grouped, torch.zeros_like(upper)), upper).reshape(boxes.shape[0], -1)
 
 
 class _TopKLowerIndexFirst(torch.autograd.Function):
@@ -112,6 +120,10 @@ class _TopKLowerIndexFirst(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values: Tensor, k: int | Tensor) -> Tensor:
         k = min(int(k), values.shape[-1])
+        if k == values.shape[-1]:
+            # Every entry: one stable sort of all rows gives the rule directly (equal values keep their index
+            # order), cheaper than the k-th value search below (the per-class order of the box postprocess).
+            return torch.sort(values, dim=-1, descending=True, stable=True).indices
         if values.dim() > 1:
             rows = [_TopKLowerIndexFirst.forward(ctx, row, k) for row in values.reshape(-1, values.shape[-1])]
             return torch.stack(rows).reshape(*values.shape[:-1], k) if rows else values.new_zeros(
@@ -167,6 +179,68 @@ def plus_one(boxes: Tensor) -> Tensor:
     """x2, y2 shifted by one pixel: torchvision's / ONNX's NMS then measure the +1 areas of the authors'
     boxes (docs/conventions.md#legacy-plus-one-boxes)."""
     return torch.cat([boxes[..., :2], boxes[..., 2:] + 1], dim=-1)
+
+
+def _scalar_input(g, value, dtype: torch.dtype):
+    """A symbolic's scalar argument as a graph value: a constant, or the graph input it already is (the box
+    postprocess's thresholds are graph inputs, megavod.export.graphs.SETTINGS)."""
+    if isinstance(value, torch._C.Value):
+        return value
+    return g.op("Constant", value_t=torch.tensor([float(value)], dtype=dtype))
+
+
+class PerClassNMS(torch.autograd.Function):
+    """Per-class NMS of boxes [C, N, 4] (already :func:`plus_one`) with priorities [C, N]: for each class,
+    classes ascending, the entries with priority > ``score_thresh`` by decreasing priority, greedy
+    suppression at IoU > ``iou_thresh``. Returns [S, 2]: (class column, row), classes ascending, each by
+    priority. The priorities of a class must be distinct (:func:`per_class_nms` passes ranks), so that
+    every kernel takes the boxes in one order (docs/conventions.md#ties).
+
+    Eagerly one torchvision NMS per class; in an ONNX graph one ``NonMaxSuppression`` with the classes as
+    its batch (every class has its own boxes), which returns the kept entries in the same order."""
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, priority: Tensor, score_thresh: float | Tensor,
+                iou_thresh: float | Tensor) -> Tensor:
+        kept = []
+        iou = float(iou_thresh)
+        for c in range(boxes.shape[0]):
+            rows = torch.nonzero(priority[c] > score_thresh).squeeze(1)
+            if rows.numel():
+                rows = rows[_tv_nms(boxes[c, rows], priority[c, rows], iou)]
+                kept.append(torch.stack([torch.full_like(rows, c), rows], dim=1))
+        return torch.cat(kept) if kept else torch.zeros(0, 2, dtype=torch.int64, device=boxes.device)
+
+    @staticmethod
+    def symbolic(g, boxes, priority, score_thresh, iou_thresh):
+        # boxes [C, N, 4] as C batches; priority [C, N] -> [C, 1, N] (one "class" per batch).
+        axes = g.op("Constant", value_t=torch.tensor([1], dtype=torch.int64))
+        selected = g.op(
+            "NonMaxSuppression", boxes, g.op("Unsqueeze", priority, axes),
+            g.op("Constant", value_t=torch.tensor([sys.maxsize], dtype=torch.int64)),
+            _scalar_input(g, iou_thresh, torch.float32),
+            _scalar_input(g, score_thresh, torch.float32),
+        )  # [S, 3]: (batch = class, 0, box)
+        return g.op("Gather", selected, g.op("Constant", value_t=torch.tensor([0, 2], dtype=torch.int64)), axis_i=1)
+
+
+def per_class_nms(boxes: Tensor, scores: Tensor, score_thresh: float | Tensor,
+                  iou_thresh: float | Tensor) -> Tensor:
+    """Per-class :func:`nms` of boxes [C, N, 4] with scores [C, N] (class c's entries in row c): for each
+    class, classes ascending, the entries scoring above ``score_thresh``, suppressed at IoU >
+    ``iou_thresh`` in :func:`top_k` order (by score, ties by row, docs/conventions.md#ties). Returns
+    [S, 2]: (class row, entry), classes ascending, each by score. The thresholds may be 0-d tensors
+    (graph inputs); it traces into one ONNX ``NonMaxSuppression`` (:class:`PerClassNMS`).
+
+    Each class's entries go to the kernel with their rank as priority (N for the first in top_k order,
+    then N-1, ...; 0 for those at or below the score threshold), which fixes the order among equal
+    scores in torchvision's kernel and in ONNX's alike."""
+    num_rows = scores.shape[1]
+    order = top_k(scores, num_rows)[1]
+    # ranks[c, order[c, i]] = i; float32 priorities are exact below 2**24 rows.
+    ranks = torch.zeros_like(order).scatter(1, order, torch.arange(num_rows, device=order.device).expand_as(order))
+    priority = (num_rows - ranks).to(torch.float32) * (scores > score_thresh)
+    return PerClassNMS.apply(plus_one(boxes), priority, 0.0, iou_thresh)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:

@@ -134,38 +134,60 @@ class FGFADetector(FlowDetectorBase):
 
     # -- test: the flow engine's entry points ----------------------------------------------------------
 
+    def frame_maps(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """C4 [B, C, h, w] and embedding [B, 2C, h, w] of frames [B, 3, H, W]: the per-frame pass (the ONNX
+        per-frame graph is this method)."""
+        c4 = self.backbone(images)
+        return c4, self.embednet(c4)
+
     @torch.no_grad()
     def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> FrameMaps:
         """C4 and embedding of one frame [3, H, W] (once per frame)."""
-        c4 = self.backbone(image[None])
-        return FrameMaps(index, image, c4[0], self.embednet(c4)[0], tuple(image.shape[-2:]), original_size)
+        c4, embed = self.frame_maps(image[None])
+        return FrameMaps(index, image, c4[0], embed[0], tuple(image.shape[-2:]), original_size)
 
     @torch.no_grad()
     def frame_features_batch(self, images: Tensor, indices: Sequence[int],
                              original_sizes: Sequence[tuple[int, int]]) -> list[FrameMaps]:
         """:meth:`frame_features` of B frames of one size [B, 3, H, W] in one backbone and embedding call."""
-        c4 = self.backbone(images)
-        embeds = self.embednet(c4)
+        c4, embeds = self.frame_maps(images)
         return [FrameMaps(index, image, c, e, tuple(images.shape[-2:]), original)
                 for index, image, c, e, original in zip(indices, images, c4, embeds, original_sizes)]
+
+    def aggregate_maps(self, images: Tensor, maps: Tensor, key_index: int | Tensor) -> tuple[Tensor, Tensor]:
+        """The key step's aggregation over a window of N frames given as tensors: images [N, 3, H, W] and
+        each frame's C4 and embedding concatenated along the channels, ``maps`` [N, C + D, h, w], the key at
+        ``key_index`` (an int or an int64 tensor [1]). Flow from the key to every frame (the key's own
+        included), the maps warped together, per-pixel softmax weights of the cosine similarity to the key's
+        warped embedding, the weighted sum. Returns the aggregated C4 [1, C, h, w] and the weights
+        [N, 1, h, w]. The ONNX key graph traces this method (the window a dynamic axis, the key's place a
+        graph input)."""
+        index = (key_index.reshape(1) if isinstance(key_index, Tensor)
+                 else torch.tensor([key_index], dtype=torch.int64, device=images.device))
+        key_image = images.index_select(0, index)
+        # FlowNet in parts of flow_batch frames (bounds memory, same numbers); a traced graph takes the
+        # window, a dynamic axis, in one call (a Python loop over it would freeze the traced window's size).
+        step = images.shape[0] if torch.jit.is_tracing() else self.flow_batch
+        warped = []
+        for start in range(0, images.shape[0], step):
+            part = images[start : start + step]
+            # Expanded here, not by the flow network's "one key for all" branch: a trace keeps no Python branch.
+            flow = self.flownet(key_image.expand(part.shape[0], -1, -1, -1), part).flow
+            warped.append(warp(maps[start : start + step], flow, self.warp_align_corners))
+        embed_channels = self.embednet.out_channels
+        warped_c4, warped_embeds = torch.cat(warped).split([maps.shape[1] - embed_channels, embed_channels], dim=1)
+        weights = aggregation_weights(warped_embeds, warped_embeds.index_select(0, index))
+        return (weights * warped_c4).sum(dim=0, keepdim=True), weights
 
     @torch.no_grad()
     def aggregate(self, window: Sequence[FrameMaps], key_index: int) -> tuple[Tensor, Tensor]:
         """The key's aggregated C4 [1, C, h, w] and the per-pixel weights [N, 1, h, w] over ``window``
-        (N frames, the key at ``key_index``; copies of a frame at the video's edges count each time)."""
+        (N frames, the key at ``key_index``; copies of a frame at the video's edges count each time):
+        :meth:`aggregate_maps` of the window's stacked maps."""
         if not 0 <= key_index < len(window):
             raise ValueError(f"key_index {key_index} outside a window of {len(window)} frames")
-        key = window[key_index]
-        c = key.c4.shape[0]
-        warped = []
-        for start in range(0, len(window), self.flow_batch):
-            part = window[start : start + self.flow_batch]
-            flow = self.flownet(key.image[None], torch.stack([f.image for f in part])).flow
-            stacked = torch.stack([torch.cat((f.c4, f.embed)) for f in part])
-            warped.append(warp(stacked, flow, self.warp_align_corners))
-        c4, embeds = torch.cat(warped).split([c, key.embed.shape[0]], dim=1)
-        weights = aggregation_weights(embeds, embeds[key_index : key_index + 1])
-        return (weights * c4).sum(dim=0, keepdim=True), weights
+        return self.aggregate_maps(torch.stack([f.image for f in window]),
+                                   torch.stack([torch.cat((f.c4, f.embed)) for f in window]), key_index)
 
     def new_stream_cache(self) -> None:
         """FGFA keeps nothing between key frames but the window, which the stream holds."""

@@ -91,10 +91,18 @@ class RelationDetector(nn.Module):
     def frame_features(self, image: Tensor, index: int, original_size: tuple[int, int]) -> FrameFeatures:
         """The per-frame pass, once per frame: C4, the 300 test proposals, their raw RoI features."""
         size = (int(image.shape[-2]), int(image.shape[-1]))
-        c4 = self.backbone(image[None])
-        boxes = self.rpn.proposals(c4, [size], "key")[0].boxes
-        feats = self.box_head.feature_extractor.raw_features(c4, [boxes])
+        boxes, feats = self.frame_rows(image[None], size)
         return FrameFeatures(index, boxes, feats, size, original_size)
+
+    def frame_rows(self, image: Tensor, image_size: tuple[int, int] | Tensor,
+                   post_nms_top_n: int | Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The per-frame pass of one frame [1, 3, H, W] of ``image_size`` (H, W): its test proposals
+        [P, 4] (:meth:`RPN.test_proposals`, ``post_nms_top_n`` overriding the count) and their raw RoI
+        features [P, C]. Traceable with the size and the count as graph values: the ONNX per-frame graph
+        is this method."""
+        c4 = self.backbone(image)
+        boxes = self.rpn.test_proposals(c4, image_size, post_nms_top_n).boxes
+        return boxes, self.box_head.feature_extractor.raw_features(c4, [boxes])
 
     @torch.no_grad()
     def frame_features_batch(self, images: Tensor, indices: Sequence[int],

@@ -21,12 +21,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.onnx.operators import shape_as_tensor
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, Matcher
 from torchvision.ops import roi_align
 
 from megavod.errors import ConfigError
 from megavod.models.backbone import ResNetHead, build_res5_head
-from megavod.models.box_coder import BoxCoder, batched_nms, box_iou, clip_boxes
+from megavod.models.box_coder import BoxCoder, box_iou, clip_boxes, per_class_nms
 from megavod.models.rpn import Proposals, target_boxes_labels
 from megavod.structures import Detections
 
@@ -236,6 +237,47 @@ class BoxPostProcessor:
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
 
+    def image_detections(
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        boxes: Tensor,
+        image_size: tuple[int, int] | Tensor,
+        score_thresh: float | Tensor | None = None,
+        nms_thresh: float | Tensor | None = None,
+        detections_per_img: int | Tensor | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The postprocess of one image's proposals ``boxes`` [N, 4] and their predictor outputs: (boxes
+        [D, 4], scores [D], labels [D], the proposal row each detection was decoded from [D]) in the pixels
+        of the resized image, classes ascending, each by score (ties by proposal row,
+        docs/conventions.md#ties).
+
+        The thresholds and the limit default to the postprocessor's own; they may be 0-d tensors, as
+        ``image_size`` may be an int64 tensor [2]: the ONNX graphs trace this function with them as graph
+        inputs (megavod.export.graphs.SETTINGS), so no Python branch depends on them or on a row count."""
+        score_thresh = self.score_thresh if score_thresh is None else score_thresh
+        nms_thresh = self.nms_thresh if nms_thresh is None else nms_thresh
+        limit = self.detections_per_img if detections_per_img is None else detections_per_img
+        probs = F.softmax(class_logits.float(), -1)
+        num_classes = probs.shape[1]
+        decoded = clip_boxes(self.box_coder.decode(box_regression, boxes), image_size)
+        per_class_boxes = decoded.reshape(-1, num_classes, 4)[:, 1:].permute(1, 0, 2)  # [K-1, N, 4]
+        per_class_scores = probs[:, 1:].permute(1, 0)  # [K-1, N]
+        kept = per_class_nms(per_class_boxes, per_class_scores, score_thresh, nms_thresh)
+        cls, rows = kept[:, 0], kept[:, 1]
+        out_boxes, out_scores = per_class_boxes[cls, rows], per_class_scores[cls, rows]
+        # The top ``limit`` by the authors' kthvalue threshold: every score at or above the limit-th largest
+        # (ties at the cut kept, a set independent of order). With ``limit`` or fewer detections (or limit <= 0:
+        # no cut) the cut is -1, below every probability. A sort, not kthvalue: it exports (TopK) and takes
+        # the limit as a graph value. (-1, not -inf: the exporter's shape inference reads a one-element float
+        # constant as an int64 and fails on -inf.)
+        limit, count = torch.as_tensor(limit, dtype=torch.int64), shape_as_tensor(out_scores)[0]
+        below = torch.full((1,), -1.0, dtype=out_scores.dtype, device=out_scores.device)
+        ranked = torch.cat([out_scores.sort(descending=True)[0], below])
+        at = torch.where(limit > 0, torch.minimum(limit - 1, count), count)  # count: the -1 after the scores
+        keep = torch.nonzero(out_scores >= ranked.index_select(0, at.reshape(1).to(ranked.device))).squeeze(1)
+        return out_boxes[keep], out_scores[keep], cls[keep] + 1, rows[keep]
+
     def __call__(
         self,
         class_logits: Tensor,
@@ -244,33 +286,18 @@ class BoxPostProcessor:
         image_sizes: Sequence[tuple[int, int]],
         return_indices: bool = False,
     ) -> list[Detections] | tuple[list[Detections], list[Tensor]]:
-        """Detections per image. With ``return_indices`` also, per image, the index [N] of the proposal
-        (row of that image's proposals) each detection was decoded from, e.g. to find a detection's
-        relation-module input for BLR (docs/departures.md#blr-as-megavod-reads-the-paper); the detections are
-        the same either way."""
+        """Detections per image (:meth:`image_detections` of each). With ``return_indices`` also, per image,
+        the index [N] of the proposal (row of that image's proposals) each detection was decoded from, e.g.
+        to find a detection's relation-module input for BLR (docs/departures.md#blr-as-megavod-reads-the-paper);
+        the detections are the same either way."""
         boxes_list = _as_boxes(proposals)
-        probs = F.softmax(class_logits.float(), -1)
-        num_classes = probs.shape[1]
-        decoded = self.box_coder.decode(box_regression, torch.cat(boxes_list))
+        counts = [len(b) for b in boxes_list]
         out, indices = [], []
-        for prob, boxes, image_size in zip(
-            probs.split([len(b) for b in boxes_list]), decoded.split([len(b) for b in boxes_list]), image_sizes
+        for logits, regression, boxes, image_size in zip(
+            class_logits.split(counts), box_regression.split(counts), boxes_list, image_sizes
         ):
-            boxes = clip_boxes(boxes, image_size).reshape(-1, num_classes, 4)[:, 1:].reshape(-1, 4)
-            scores = prob[:, 1:].reshape(-1)
-            labels = torch.arange(1, num_classes, device=prob.device).repeat(prob.shape[0])
-            # Proposal row of each (proposal, class) entry of the flattened arrays.
-            rows = torch.arange(prob.shape[0], device=prob.device).repeat_interleave(num_classes - 1)
-            keep = torch.nonzero(scores > self.score_thresh).squeeze(1)
-            boxes, scores, labels, rows = boxes[keep], scores[keep], labels[keep], rows[keep]
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)
-            boxes, scores, labels, rows = boxes[keep], scores[keep], labels[keep], rows[keep]
-            n = scores.numel()
-            if n > self.detections_per_img > 0:
-                thresh, _ = torch.kthvalue(scores.cpu(), n - self.detections_per_img + 1)
-                keep = torch.nonzero(scores >= thresh.item()).squeeze(1)
-                boxes, scores, labels, rows = boxes[keep], scores[keep], labels[keep], rows[keep]
-            out.append(Detections(boxes, scores, labels))
+            det_boxes, scores, labels, rows = self.image_detections(logits, regression, boxes, image_size)
+            out.append(Detections(det_boxes, scores, labels))
             indices.append(rows)
         return (out, indices) if return_indices else out
 

@@ -111,11 +111,14 @@ class AnchorGenerator(nn.Module):
         return int(self.cell_anchors[0].shape[0])
 
     def forward(self, feature_size: tuple[int, int]) -> Tensor:
-        """[H*W*A, 4] anchors for a feature map of ``(H, W)``."""
+        """[H*W*A, 4] anchors for a feature map of ``(H, W)`` (traced sizes too: the grid is ``arange(W) *
+        stride``, so the map size stays a graph value in an ONNX trace; exact in float32, the same values as
+        ``arange(0, W * stride, stride)``, below 2**24)."""
         h, w = feature_size
         cell = self.cell_anchors[0]
-        shifts_x = torch.arange(0, w * self.stride, self.stride, dtype=torch.float32, device=cell.device)
-        shifts_y = torch.arange(0, h * self.stride, self.stride, dtype=torch.float32, device=cell.device)
+        stride = float(self.stride)
+        shifts_x = torch.arange(w, dtype=torch.float32, device=cell.device) * stride
+        shifts_y = torch.arange(h, dtype=torch.float32, device=cell.device) * stride
         sy, sx = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
         shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4)
         return (shifts + cell.view(1, -1, 4)).reshape(-1, 4)
@@ -197,6 +200,38 @@ class RPN(nn.Module):
         """[H*W*A, 4] anchors for C4 ``features`` [B,C,H,W] (the same for every image of the batch)."""
         return self.anchor_generator(tuple(features.shape[-2:]))
 
+    def select_image(self, objectness: Tensor, deltas: Tensor, anchors: Tensor,
+                     image_size: tuple[int, int] | Tensor, pre_nms_top_n: int,
+                     post_nms_top_n: int | Tensor) -> tuple[Tensor, Tensor]:
+        """One image's proposals (boxes [P, 4], objectness [P]), by descending objectness, from its flattened
+        head outputs (``objectness`` logits [H*W*A], ``deltas`` [H*W*A, 4], location-major as ``anchors``):
+        sigmoid, the top ``pre_nms_top_n`` (:func:`top_k`: equal objectness in index order, in PyTorch and
+        ONNX Runtime alike, docs/conventions.md#ties), decode, clip to [0,W-1]x[0,H-1], drop w or h <
+        min_size, NMS, the first ``post_nms_top_n`` (docs/conventions.md#rpn).
+
+        Traceable: ``image_size`` may be an int64 tensor [2] and ``post_nms_top_n`` a 0-d tensor (graph
+        values), and ``min(pre_nms_top_n, anchors)`` is computed in the graph (:func:`top_k`)."""
+        scores, idx = top_k(objectness.sigmoid(), pre_nms_top_n)
+        boxes = clip_boxes(self.box_coder.decode(deltas[idx], anchors[idx]), image_size)
+        if self.min_size > 0:
+            ws, hs = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+            keep = (ws >= self.min_size) & (hs >= self.min_size)
+            boxes, scores = boxes[keep], scores[keep]
+        keep = nms(boxes, scores, self.nms_thresh)[:post_nms_top_n]
+        return boxes[keep], scores[keep]
+
+    def test_proposals(self, c4: Tensor, image_size: tuple[int, int] | Tensor,
+                       post_nms_top_n: int | Tensor | None = None) -> Proposals:
+        """Test-time key-mode proposals of one image from its C4 map [1, C, h, w] (:meth:`select_image`
+        with the test top-n; ``post_nms_top_n`` overrides the post-NMS count, e.g. the ONNX graphs'
+        ``post_nms_top_n`` input). What the exported graphs run; eagerly equal to
+        ``proposals(c4, [image_size], "key")[0]`` in eval mode."""
+        pre_n, post_n = self.top_n[("key", False)]
+        objectness, deltas = _flatten(*self.head(c4))
+        boxes, scores = self.select_image(objectness[0].float(), deltas[0].float(), self.anchors(c4), image_size,
+                                          pre_n, post_n if post_nms_top_n is None else post_nms_top_n)
+        return Proposals(boxes, scores)
+
     @torch.no_grad()
     def select(
         self,
@@ -207,25 +242,15 @@ class RPN(nn.Module):
         mode: ProposalMode = "key",
         targets: Sequence[Any] | None = None,
     ) -> list[Proposals]:
-        """Per image: sigmoid, top pre-NMS, decode, clip to [0,W-1]x[0,H-1], drop w or h < min_size,
-        NMS, keep post-NMS (descending objectness); in training ``"key"`` mode append GT (objectness 1)."""
+        """Per image :meth:`select_image` (sigmoid, top pre-NMS, decode, clip, min_size, NMS, post-NMS) with
+        the mode's counts; in training ``"key"`` mode append GT (objectness 1)."""
         if mode not in ("key", "ref"):
             raise ValueError(f"mode must be 'key' or 'ref', got {mode!r}")
         pre_n, post_n = self.top_n[(mode, self.training)]
         obj, d = _flatten(objectness.detach().float(), deltas.detach().float())
-        # Equal objectness (flat image areas) in index order, both runtimes alike (docs/conventions.md#ties).
-        scores, idx = top_k(obj.sigmoid(), pre_n)
         out = []
         for i, image_size in enumerate(image_sizes):
-            boxes = self.box_coder.decode(d[i, idx[i]], anchors[idx[i]])
-            boxes = clip_boxes(boxes, image_size)
-            s = scores[i]
-            if self.min_size > 0:
-                ws, hs = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
-                keep = (ws >= self.min_size) & (hs >= self.min_size)
-                boxes, s = boxes[keep], s[keep]
-            keep = nms(boxes, s, self.nms_thresh)[:post_n]
-            boxes, s = boxes[keep], s[keep]
+            boxes, s = self.select_image(obj[i], d[i], anchors, image_size, pre_n, post_n)
             if mode == "key" and self.training and targets is not None:
                 gt, _ = target_boxes_labels(targets[i])
                 gt = gt.to(boxes)
