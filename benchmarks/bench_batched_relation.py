@@ -54,7 +54,7 @@ def main() -> None:
     cfg = load_config("synthetic_mega")
     mega, rpn = cfg.mega, cfg.model.rpn
     channels = cfg.model.roi_head.representation_size
-    distilled = int(rpn.ref_post_nms_top_n * mega.distill_ratio + 1e-9)
+    distilled = mega.distilled_rows(rpn)
     local_frames = mega.train_local_refs + 1  # the key is also a local frame
     n_queries = cfg.model.roi_head.batch_size_per_image + local_frames * distilled
     n_refs = (local_frames + mega.train_memory_refs) * rpn.ref_post_nms_top_n

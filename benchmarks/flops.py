@@ -148,7 +148,7 @@ def steady_state_sizes(cfg, s: RelationSchedule, key: int, authors: bool) -> lis
     RPN keeps fewer). Ours projects the global pool and memory rows once (:func:`new_rows_macs`); the authors
     every time."""
     ref = min(key, cfg.model.rpn.ref_post_nms_top_n)
-    dis = min(ref, max(1, int(cfg.model.rpn.ref_post_nms_top_n * cfg.mega.distill_ratio + 1e-9)))
+    dis = min(ref, cfg.mega.distilled_rows(cfg.model.rpn))
     local, local_dis = s.T_l * ref, s.T_l * dis
     mem0, mem = (s.T_m * ref, s.T_m * dis) if s.memory_levels else (0, 0)
     pool = s.T_g * ref
@@ -170,8 +170,8 @@ def new_rows_macs(cfg, s: RelationSchedule, key: int, c: int) -> float:
     """Ours per key frame: Wk and Wv of the rows met for the first time, the newest global frame (for
     every global module) and the newest memory entry of each level."""
     ref = min(key, cfg.model.rpn.ref_post_nms_top_n)
-    dis = min(ref, max(1, int(cfg.model.rpn.ref_post_nms_top_n * cfg.mega.distill_ratio + 1e-9)))
-    rows = ref * (cfg.mega.N_g + cfg.mega.global_res_stages) if s.T_g else 0
+    dis = min(ref, cfg.mega.distilled_rows(cfg.model.rpn))
+    rows = ref * cfg.mega.global_modules if s.T_g else 0
     if s.memory_levels:
         rows += ref + dis * (cfg.mega.N_l - 1)
     return 2 * rows * c * c
@@ -183,7 +183,7 @@ def geometry_macs(cfg, s: RelationSchedule, key: int, heads: int, embed: int) ->
     (``GeometryBiasCache``): the key's rows and the newest window frame's distilled rows against every
     reference, the other window frames' distilled rows against the newest window frame."""
     ref = min(key, cfg.model.rpn.ref_post_nms_top_n)
-    dis = min(ref, max(1, int(cfg.model.rpn.ref_post_nms_top_n * cfg.mega.distill_ratio + 1e-9)))
+    dis = min(ref, cfg.mega.distilled_rows(cfg.model.rpn))
     pairs = 0
     if cfg.mega.location_based_global and s.T_g:
         pairs += (cfg.mega.N_g * (key + s.T_l * ref) + cfg.mega.global_res_stages * key) * s.T_g * ref

@@ -60,16 +60,16 @@ from megavod.registry import MethodSpec, get_method, register_method, unregister
 REPO = Path(__file__).resolve().parents[1]
 
 SMALL = ["input.min_size_train=[64]", "input.max_size_train=96",
-         "data.train_sets=[DET_train_30classes, VID_train_15frames]", "model.rpn.ref_post_nms_top_n=10",
-         "mega.T_l=5", "mega.T_g=3", "mega.T_m=4", "rdn.min_offset=-2", "rdn.max_offset=2",
-         "fgfa.min_offset=-2", "fgfa.max_offset=2"]
+         "data.train_sets=[DET_train_30classes, VID_train_15frames]", "model.rpn.ref_post_nms_top_n=10"]
+MEGA_SMALL = ["mega.T_l=5", "mega.T_g=3", "mega.T_m=4"]  # each method's keys go to its own configs only
 PRESETS = {
     "single": ("synthetic_single", []),
-    "fgfa": ("synthetic_single", ["method=fgfa"]),
+    "fgfa": ("synthetic_single", ["method=fgfa", "fgfa.min_offset=-2", "fgfa.max_offset=2"]),
     "dff": ("synthetic_single", ["method=dff"]),
-    "rdn": ("synthetic_single", ["method=rdn", "relation.num_heads=8", "rdn.advanced_stages=1"]),
-    "mega": ("synthetic_mega", []),
-    "base": ("synthetic_base", []),
+    "rdn": ("synthetic_single", ["method=rdn", "relation.num_heads=8", "rdn.advanced_stages=1",
+                                 "rdn.min_offset=-2", "rdn.max_offset=2"]),
+    "mega": ("synthetic_mega", MEGA_SMALL),
+    "base": ("synthetic_base", MEGA_SMALL),
 }
 
 

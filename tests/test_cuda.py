@@ -170,7 +170,8 @@ def data(tmp_path_factory):
     return root
 
 
-TRAIN = {"mega.T_l": 5, "mega.T_g": 3, "mega.T_m": 4, "model.rpn.post_nms_top_n_test": 40,
+MEGA_SMALL = {"mega.T_l": 5, "mega.T_g": 3, "mega.T_m": 4}  # MEGA's own section: its configs only
+TRAIN = {**MEGA_SMALL, "model.rpn.post_nms_top_n_test": 40,
          "model.rpn.ref_post_nms_top_n": 10, "input.min_size_train": [64], "input.max_size_train": 96,
          "solver.max_iter": 3, "solver.warmup_iters": 1, "solver.steps": [2], "solver.checkpoint_period": 2}
 
@@ -260,10 +261,11 @@ RESUME_METHODS = {
     "single": ("synthetic_single", {}),
     "rdn": ("synthetic_single", {"method": "rdn", "relation.num_heads": 8, "rdn.min_offset": -2,
                                  "rdn.max_offset": 2}),
-    "mega": ("synthetic_mega", {}),
-    "base": ("synthetic_base", {}),
+    "mega": ("synthetic_mega", MEGA_SMALL),
+    "base": ("synthetic_base", MEGA_SMALL),
 }
-RESUME_TRAIN = {**TRAIN, "solver.max_iter": 5, "solver.steps": [3], "solver.checkpoint_period": 2,
+RESUME_TRAIN = {**{k: v for k, v in TRAIN.items() if k not in MEGA_SMALL}, "solver.max_iter": 5,
+                "solver.steps": [3], "solver.checkpoint_period": 2,
                 "data.num_workers": 0}
 
 _REAL_RESUME_SCRIPT = textwrap.dedent(

@@ -1123,7 +1123,7 @@ def fuzz_config(src: Sources, tmp: Path, capsys) -> Tally:
 
 
 def _fuzz_config(t: Tally, cases: Cases) -> Tally:
-    base_doc = {"_base_": "synthetic_single", "mega": {"T_l": 5},
+    base_doc = {"_base_": "synthetic_single", "method": "mega", "mega": {"T_l": 5},
                 "input": {"min_size_test": 48, "max_size_test": 64},
                 "model": {"rpn": {"anchor_sizes": [16, 32]}, "roi_head": {"score_thresh": 0.1}}}
     Path("base.yaml").write_text(yaml.safe_dump(base_doc))
