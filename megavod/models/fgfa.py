@@ -247,5 +247,5 @@ def build_flow_parts(cfg: Any, method_cfg: Any, scale: bool) -> tuple[C4Backbone
 def build_fgfa_detector(cfg: Any) -> FGFADetector:
     """FGFA from a :class:`megavod.config.Config` (``model``, ``fgfa``)."""
     backbone, flownet, rpn, box_head = build_flow_parts(cfg, cfg.fgfa, scale=False)
-    window = cfg.fgfa.max_offset - cfg.fgfa.min_offset + 1
+    window = cfg.fgfa.window
     return FGFADetector(backbone, flownet, EmbedNet(backbone.out_channels), rpn, box_head, flow_batch=window)
