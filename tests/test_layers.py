@@ -190,3 +190,26 @@ def test_models_never_import_inference():
     for module, visitor in MODULES.items():
         if module.startswith("megavod.models"):
             assert not [t for t, _ in visitor.imports if t.startswith("megavod.inference")], module
+
+
+def test_export_computes_no_detector_maths():
+    """``megavod/export`` holds graph boundaries, the exporter and the runtime: what the graphs compute is
+    the models' own code, traced (docs/architecture.md#export-and-onnx-runtime). So no export module imports
+    what a detector's maths is written with (torch.nn.functional, torchvision.ops, math), and none reaches
+    a private name of another object (a model's, torch's or torchvision's internals)."""
+    maths = ("torch.nn.functional", "torchvision.ops", "math")
+    wrong = []
+    for path in sorted((PACKAGE / "export").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            wrong += [f"{path.name}:{node.lineno}: imports {n}" for n in names
+                      if any(n == m or n.startswith(m + ".") for m in maths)]
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
+                wrong.append(f"{path.name}:{node.lineno}: reaches the private name {node.attr}")
+    assert not wrong, "\n".join(wrong)
