@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megavod"
 
 # Lowest first. A module belongs to the first entry that is its name or a prefix of it (by package).
 LAYERS: list[tuple[str, ...]] = [
-    ("megavod.errors", "megavod.atomic", "megavod.registry", "megavod.config", "megavod.structures",
+    ("megavod.errors", "megavod.atomic", "megavod.registry", "megavod.config_checks", "megavod.config", "megavod.structures",
      "megavod.checkpoint_files"),
     ("megavod.data",),
     ("megavod.models",),

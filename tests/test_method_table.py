@@ -22,7 +22,8 @@ import megavod
 from megavod.apps.bench import run_bench
 from megavod.apps.cli import main as cli_main
 from megavod.checkpoints.loading import config_from_record
-from megavod.config import dump_config, require, to_dict
+from megavod.config import dump_config, to_dict
+from megavod.config_checks import require
 from megavod.data.sampling import OffsetSampler
 from megavod.data.synthetic import generate_synthetic_dataset
 from megavod.inference.schedules import FlowWindowSchedule, build_schedule

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from megavod.checkpoint_files import Checkpoint, read_weights
 from megavod.checkpoints.recognise import ModelSignature, config_for, recognise
-from megavod.config import Config, apply_overrides, drop_other_sections, from_dict, load_config, validate
+from megavod.config import Config, apply_overrides, drop_other_sections, from_dict, load_config
+from megavod.config_checks import validate
 from megavod.errors import ConfigError, MegavodError
 from megavod.registry import MethodSpec, get_method
 

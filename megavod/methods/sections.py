@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from megavod.config import Config, RPNConfig, is_file, require
+from megavod.config import Config, RPNConfig
+from megavod.config_checks import is_file, require
 from megavod.errors import ConfigError
 
 # The rows of a share of the proposals: int(75 * 0.2) is 15 in the authors' code, and the epsilon keeps a

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -309,17 +310,8 @@ class MEGAAggregator(nn.Module):
 
     # -- the whole head -----------------------------------------------------------------------------------
 
-    def forward(
-        self,
-        key: RoiRows,
-        local_frames: Sequence[RoiRows],
-        global_pool: RoiRows,
-        memory: Sequence[RoiRows] | None = None,
-        *,
-        global_kv: Sequence[Projection] | None = None,
-        memory_kv: Sequence[Projection | None] | None = None,
-        window_geometry: WindowGeometry | None = None,
-    ) -> MEGAOutput:
+    def forward(self, key: RoiRows, local_frames: Sequence[RoiRows], global_pool: RoiRows,
+                memory: Sequence[RoiRows] | None = None, **kept: Any) -> MEGAOutput:
         """Aggregate the key frame's RoI features (docs/conventions.md#mega-inference-schedule; training:
         docs/conventions.md#training-forward): :meth:`aggregate` with the window given frame by frame.
 
@@ -327,15 +319,16 @@ class MEGAAggregator(nn.Module):
             key: the key frame's proposals: raw features (:meth:`embed`), boxes, [frames].
             local_frames: the T_l window frames' rows, raw, oldest first, one entry per frame (the key
                 frame's own reference proposals included). Ignored when N_l = 0.
-            global_pool, memory, global_kv, memory_kv, window_geometry: see :meth:`aggregate`.
+            global_pool, memory: see :meth:`aggregate`.
+            kept: what inference keeps between key frames, :meth:`aggregate`'s keyword arguments
+                (``global_kv``, ``memory_kv``, ``window_geometry``).
         """
         if self.N_l == 0:
             local_frames = []
         elif not local_frames:
             raise ValueError("local_frames must hold at least one frame when N_l > 0")
         local = RoiRows.cat(list(local_frames)) if local_frames else None
-        return self.aggregate(key, local, [len(frame) for frame in local_frames], global_pool, memory,
-                              global_kv=global_kv, memory_kv=memory_kv, window_geometry=window_geometry)
+        return self.aggregate(key, local, [len(frame) for frame in local_frames], global_pool, memory, **kept)
 
     def aggregate(
         self,
