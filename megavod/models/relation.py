@@ -304,12 +304,12 @@ class RelationModule(nn.Module):
             # + Wg . E for the per-pair terms and Wg's bias, accumulated head-major.
             if torch.jit.is_tracing():
                 # Term-major angles [terms * f, c * M]: both products are plain GEMMs in ONNX Runtime (pair-major
-                # ones cost a transposed copy there: 600 vs 470 ms for MEGA R-101's stage 0 on one thread), and
-                # out of place (the exporter cannot follow in-place updates of a view).
+                # ones cost a transposed copy there; benchmarks/one_implementation.py times this branch), and out
+                # of place (the exporter cannot follow in-place updates of a view).
                 angles = (terms.reshape(terms.shape[0], 1, -1) * freqs.view(1, f, 1)).reshape(w_sin.shape[1], -1)
                 logits = logits.reshape(h, -1) + w_sin @ angles.sin() + w_cos @ angles.cos()
                 return (logits + self.Wg.bias[:, None]).reshape(shape)
-            # In place, pair-major: the faster layout in eager PyTorch (500 vs 630 ms, the same stage).
+            # In place on the chunk's logits; pair-major (the layout the eager chunks were tuned with).
             angles = (terms.permute(1, 2, 0)[..., None] * freqs).reshape(-1, w_sin.shape[1])  # [c * M, terms * f]
             return logits.view(h, -1).addmm_(w_sin, angles.sin().T).addmm_(w_cos, angles.cos().T).add_(
                 self.Wg.bias[:, None]).view(shape)
