@@ -84,6 +84,13 @@ def validate(cfg: Any) -> None:
     require(len(i.pixel_mean) == 3, "input.pixel_mean", "3 numbers (B, G, R)", list(i.pixel_mean))
     require(len(i.pixel_std) == 3 and min(i.pixel_std) > 0, "input.pixel_std", "3 positive numbers", list(i.pixel_std))
     require(0.0 <= i.flip_prob <= 1.0, "input.flip_prob", "in [0, 1]", i.flip_prob)
+    require(i.letterbox >= 0 and i.letterbox % 32 == 0, "input.letterbox",
+            "0 (off) or a positive multiple of 32 (the stride of YOLOX's coarsest level)", i.letterbox)
+    require(all(t > 0 and t % 32 == 0 for t in i.letterbox_train), "input.letterbox_train",
+            "positive multiples of 32", list(i.letterbox_train))
+    require(not i.letterbox_train or i.letterbox > 0, "input.letterbox_train", "empty unless input.letterbox is set",
+            list(i.letterbox_train))
+    require(0.0 <= i.pad_value <= 255.0, "input.pad_value", "in [0, 255]", i.pad_value)
 
     s = cfg.solver
     require(s.base_lr > 0, "solver.base_lr", "> 0", s.base_lr)

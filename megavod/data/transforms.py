@@ -18,6 +18,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import cv2
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -151,8 +153,68 @@ class FrameTransform:
         return image_to_tensor(image, self.pixel_mean, self.pixel_std, self.to_bgr255), boxes
 
 
-def build_transform(cfg: Any, train: bool) -> FrameTransform:
-    """From a ``megavod.config.InputConfig``: train sizes and flip, or the test size without flip."""
+def letterbox_ratio(height: int, width: int, side: int) -> float:
+    """The scale of the authors' letterbox: ``min(side / height, side / width)``."""
+    return min(side / height, side / width)
+
+
+def letterbox_array(bgr: np.ndarray, side: int, pad_value: float = 114.0) -> tuple[Tensor, float]:
+    """A BGR uint8 [H, W, 3] array -> ([3, side, side] float32 BGR 0-255, ratio r), as the authors'
+    ``yolox/data/data_augment.py::preproc``: cv2 bilinear resize to ``(int(W r), int(H r))``, placed
+    at the top left of a ``side`` x ``side`` image filled with ``pad_value``."""
+    height, width = bgr.shape[:2]
+    r = letterbox_ratio(height, width, side)
+    new_w, new_h = int(width * r), int(height * r)
+    resized = cv2.resize(bgr, (new_w, new_h), interpolation=cv2.INTER_LINEAR).astype(np.uint8)
+    padded = np.full((side, side, 3), pad_value, dtype=np.uint8)
+    padded[:new_h, :new_w] = resized
+    return torch.from_numpy(np.ascontiguousarray(padded.transpose(2, 0, 1), dtype=np.float32)), r
+
+
+class LetterboxTransform:
+    """YOLOX's input (docs/conventions.md#yolox-input): optional horizontal flip, then the letterbox of
+    :func:`letterbox_array`; boxes scale by r (flipped as the authors' ``_mirror``: x1' = W - x2, no +1).
+    The interface of :class:`FrameTransform` (``draw``, ``__call__``), ``min_size`` of a draw being the
+    letterbox side."""
+
+    def __init__(self, side: int | Sequence[int] = 576, pad_value: float = 114.0, flip_prob: float = 0.0):
+        self.sides = (side,) if isinstance(side, int) else tuple(side)
+        if not self.sides or min(self.sides) <= 0:
+            raise ValueError(f"letterbox sides must be positive, got {self.sides}")
+        if not 0.0 <= flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+        self.pad_value = pad_value
+        self.flip_prob = flip_prob
+
+    def draw(self, rng: random.Random | None = None) -> TransformDraw:
+        rng = rng or random
+        side = rng.choice(self.sides) if len(self.sides) > 1 else self.sides[0]
+        return TransformDraw(side, self.flip_prob > 0 and rng.random() < self.flip_prob)
+
+    def __call__(
+        self, image: Image.Image, boxes: Tensor | None = None, draw: TransformDraw | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        draw = draw or TransformDraw(self.sides[0], False)
+        rgb = np.asarray(image.convert("RGB"))
+        width = rgb.shape[1]
+        if draw.flip:
+            rgb = rgb[:, ::-1]
+            if boxes is not None:
+                boxes = boxes.float().clone()
+                boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
+        tensor, r = letterbox_array(np.ascontiguousarray(rgb[:, :, ::-1]), draw.min_size, self.pad_value)
+        if boxes is not None:
+            boxes = boxes.float() * r
+        return tensor, boxes
+
+
+def build_transform(cfg: Any, train: bool) -> FrameTransform | LetterboxTransform:
+    """From a ``megavod.config.InputConfig``: train sizes and flip, or the test size without flip
+    (the letterbox of YOLOX / YOLOV when ``cfg.letterbox`` is set)."""
+    if cfg.letterbox:
+        if train:
+            return LetterboxTransform(cfg.letterbox_train or cfg.letterbox, cfg.pad_value, cfg.flip_prob)
+        return LetterboxTransform(cfg.letterbox, cfg.pad_value)
     common = dict(pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std, to_bgr255=cfg.to_bgr255)
     if train:
         return FrameTransform(cfg.min_size_train, cfg.max_size_train, flip_prob=cfg.flip_prob, **common)

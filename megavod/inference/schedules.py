@@ -16,6 +16,9 @@ builds it from the method's config section.
   (the authors' -9..9: 19 frames, key at 9); online, the T - 1 previous frames and the key, last.
 * :class:`KeyFrameSchedule` (DFF): frame k receives the last key frame (k - k mod interval); causal.
 * :class:`SingleFrameSchedule`: frame k alone; causal.
+* :class:`ChunkSchedule` (YOLOV): the authors' test protocol. Offline, the video's frames in a seeded
+  permutation cut into chunks of ``gframe`` (the last chunk takes the rest); frame k receives its
+  chunk. Online, frame k receives the ``gframe - 1`` previous frames and itself.
 """
 
 from __future__ import annotations
@@ -311,3 +314,63 @@ class _RelationPlanner:
 
     def keep_after(self, k: int) -> set[int]:
         return set(self.pool.frames) | set(online_local_window(k + 1, self.schedule.T_l))
+
+
+# -- YOLOV: chunks of a seeded permutation (tools/vid_demo.py::imageflow_demo) ---------------------------
+
+
+def permutation_chunks(num_frames: int, gframe: int, seed: int) -> list[list[int]]:
+    """The authors' chunks: ``random.seed(seed); random.shuffle(frames)`` (one ``random.Random(seed)``
+    draws the same permutation), then ``num_frames // gframe`` chunks of ``gframe`` and a last one with
+    the rest when there is a rest. A video shorter than ``gframe`` is one chunk (their loop leaves its
+    index unbound there and fails, docs/departures.md#yolov-chunks)."""
+    order = list(range(num_frames))
+    random.Random(seed).shuffle(order)
+    chunks = [order[i:i + gframe] for i in range(0, num_frames - num_frames % gframe, gframe)]
+    if num_frames % gframe:
+        chunks.append(order[num_frames - num_frames % gframe:])
+    return chunks
+
+
+@dataclass(frozen=True)
+class ChunkSchedule:
+    """YOLOV's schedule: frame k's key step receives the frames of its chunk (``local``, in the
+    permutation's order, the key at ``key_index``), offline; online, the ``gframe - 1`` previous frames
+    and the key, last (fewer at the start of a stream)."""
+
+    gframe: int = 32
+    seed: int = 41
+    causal = False
+    memory_levels = 0
+    T_m = 0
+    steady_from = None
+    single_frame = False
+
+    def __post_init__(self) -> None:
+        if self.gframe < 1:
+            raise ValueError(f"gframe must be >= 1, got {self.gframe}")
+
+    def plan_offline(self, num_frames: int) -> list[KeyPlan]:
+        plans: list[KeyPlan | None] = [None] * num_frames
+        for chunk in permutation_chunks(num_frames, self.gframe, self.seed):
+            for position, k in enumerate(chunk):
+                plans[k] = KeyPlan(k, tuple(chunk), position)
+        return plans
+
+    def online_planner(self) -> OnlinePlanner:
+        return _ChunkPlanner(self.gframe)
+
+
+@dataclass(frozen=True)
+class _ChunkPlanner:
+    gframe: int
+
+    def window(self, k: int) -> tuple[int, ...]:
+        return tuple(range(max(0, k - self.gframe + 1), k + 1))
+
+    def plan(self, k: int) -> KeyPlan:
+        window = self.window(k)
+        return KeyPlan(k, window, len(window) - 1)
+
+    def keep_after(self, k: int) -> set[int]:
+        return set(self.window(k + 1)) - {k + 1}
