@@ -194,6 +194,8 @@ class Detector:
     def __init__(self, model: nn.Module, cfg: Config, device: str | torch.device = "auto") -> None:
         self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
+        if self.device.type == "cuda" and getattr(model, "half_on_cuda", False):
+            self.model.half()  # the authors' evaluation precision (YOLOX/YOLOV: Predictor's model.half())
         self.cfg = cfg
         self.classes: Sequence[str] = VID_CLASSES
         self.schedule = build_schedule(cfg)

@@ -9,6 +9,9 @@ mega       MEGADetector                 local window, global pool,   local, memo
 rdn        RDNDetector                  37-frame window              2 of +-18          fcs/W*s modules   RDNConfig
 fgfa       FGFADetector                 19-frame window              2 of +-9           flownet+embednet  FGFAConfig
 dff        DFFDetector                  last key frame (every 10)    1 of -9..0         flownet+scale     DFFConfig
+yolox      YOLOXDetector                frame k alone                none               YOLOX head        YOLOXConfig
+yolov      YOLOVDetector                k's chunk of 32 (seeded      frames of one      head.trans        YOLOVConfig
+                                        permutation)                 video
 =========  ===========================  ===========================  =================  ================  ===========
 
 The base model and the ablations are MEGA configs (``mega.memory=false``, ``mega.N_g=0``, ...), not
@@ -27,18 +30,21 @@ from megavod.export.flow_graphs import DFFGraphs, FGFAGraphs
 from megavod.export.graphs import SingleFrameGraphs
 from megavod.export.mega_graphs import MEGAGraphs
 from megavod.export.relation_graphs import RDNGraphs
-from megavod.inference.schedules import FlowWindowSchedule, KeyFrameSchedule, RelationSchedule, SingleFrameSchedule
+from megavod.inference.schedules import (ChunkSchedule, FlowWindowSchedule, KeyFrameSchedule, RelationSchedule,
+                                         SingleFrameSchedule)
 from megavod.methods.building import build_detector, load_detector, load_initial_weights
 from megavod.methods.sections import DFFConfig, FGFAConfig, MEGAConfig, RDNConfig
+from megavod.methods.yolo_sections import YOLOVConfig, YOLOXConfig
 from megavod.models.dff import build_dff_detector
 from megavod.models.fgfa import build_fgfa_detector
 from megavod.models.mega import build_mega_detector
 from megavod.models.rdn import build_rdn_detector
 from megavod.models.single_frame import build_single_frame_detector
+from megavod.models.yolov import build_yolov_detector, build_yolox_detector
 from megavod.registry import MethodSpec, get_method, method_names, register_method
 
-__all__ = ["BUILTIN_METHODS", "DFFConfig", "FGFAConfig", "MEGAConfig", "RDNConfig", "build_detector", "get_method",
-           "load_detector", "load_initial_weights", "method_names"]
+__all__ = ["BUILTIN_METHODS", "DFFConfig", "FGFAConfig", "MEGAConfig", "RDNConfig", "YOLOVConfig", "YOLOXConfig",
+           "build_detector", "get_method", "load_detector", "load_initial_weights", "method_names"]
 
 
 def _mega_schedule(cfg) -> RelationSchedule:
@@ -88,6 +94,15 @@ BUILTIN_METHODS = (
         schedule=lambda cfg: KeyFrameSchedule(cfg.dff.key_interval),
         reference_sampler=lambda cfg: OffsetSampler(cfg.dff.min_offset, cfg.dff.max_offset, 1),
         checkpoint=signatures.DFF, export=DFFGraphs, config_key="dff", config_type=DFFConfig,
+    ),
+    MethodSpec(
+        name="yolox", title="YOLOX", build=build_yolox_detector, schedule=lambda cfg: SingleFrameSchedule(),
+        config_key="yolox", config_type=YOLOXConfig,
+    ),
+    MethodSpec(
+        name="yolov", title="YOLOV", build=build_yolov_detector,
+        schedule=lambda cfg: ChunkSchedule(cfg.yolov.gframe, cfg.yolov.shuffle_seed),
+        config_key="yolov", config_type=YOLOVConfig,
     ),
 )
 
