@@ -3,7 +3,9 @@
 Accepted files (:func:`read_weights`):
 
 * the authors' training checkpoints ``{"model", "optimizer", "scheduler", "iteration"}`` or a bare
-  state dict, with or without the DDP ``module.`` prefix (docs/conventions.md#state-dict-names);
+  state dict, with or without the DDP ``module.`` prefix (docs/conventions.md#state-dict-names); the
+  YOLOV repository's ``{"start_epoch", "model", "optimizer"}`` (YOLOX and YOLOV, their ``model`` the
+  EMA weights) the same way;
 * megavod's converted files (``megavod convert``): a torch file ``{"format": "megavod", "model",
   "config"}`` or a ``.safetensors`` file whose metadata (or sidecar ``FILE.yaml``) holds the config;
 * megavod's training checkpoints (:mod:`megavod.train.checkpoint`), which record their config too.
@@ -123,8 +125,8 @@ def _unpickler_reason(e: pickle.UnpicklingError) -> str:
 
 
 def state_dict_of(obj: object, path: str | Path = "checkpoint") -> dict[str, Tensor]:
-    """The model state dict in a checkpoint: ``obj["model"]`` (the authors' and megavod's training
-    checkpoints), ``obj["state_dict"]`` or ``obj`` itself; a DDP ``module.`` prefix is removed when
+    """The model state dict in a checkpoint: ``obj["model"]`` (the authors' MEGA and YOLOV files and
+    megavod's training checkpoints), ``obj["state_dict"]`` or ``obj`` itself; a DDP ``module.`` prefix is removed when
     every key has it."""
     return _unwrap(obj, Path(path))[0]
 

@@ -21,6 +21,13 @@ fgfa                       ``flownet.*`` and ``embednet.*``
 dff                        ``flownet.*`` with ``flownet.Convolution5_scale``
 =========================  ==================================================================
 
+YOLOX and YOLOV (the YOLOV repository's files, megavod's the same names) are told apart by their
+``backbone.backbone.*`` keys and give a :class:`YOLOXSignature`: the stem width
+(``backbone.backbone.stem.conv.conv.weight``: 32 / 64 / 80 channels for S / L / X), the CSP depth (the
+bottlenecks of ``backbone.backbone.dark2.1.m`` and of the PAFPN's ``backbone.C3_p4.m``: 1 / 3 / 4), the
+head's width and classes, and YOLOV's head (``head.trans.*``, ``head.cls_convs2.*``) from YOLOX's. Their
+YOLOV++ heads and Swin / FocalNet backbones are named and refused.
+
 The ResNet follows from the block counts (``layer3``: 6 for R-50, 23 for R-101) and the grouped 3x3
 (``layer1.0.conv2``: [256, 8, 3, 3] for ResNeXt 32x8d); the R-50 configs' reduce conv from
 ``feature_extractor.conv``; MEGA's N_l and global module count from ``l_W*s`` / ``g_W*s``.
@@ -35,9 +42,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from megavod.checkpoints.signatures import FE, count_indices, has_flow_network
+from megavod.checkpoints.signatures import (
+    FE,
+    YOLO_FAMILIES,
+    YOLO_PREFIX,
+    YOLO_STEM,
+    YOLO_UNSUPPORTED,
+    YOLOXFamily,
+    count_indices,
+    has_flow_network,
+)
 from megavod.config import load_config
 from megavod.errors import ConfigError, MegavodError
 from megavod.models.backbone import spec_from_config
@@ -110,6 +127,53 @@ class ModelSignature:
         return checkpoint.preset_for_head(self.arch, self.head) or checkpoint.presets.get(self.arch)
 
 
+# YOLOX sizes: (stem channels, bottlenecks of dark2's CSP layer, of the PAFPN's) -> name
+# (darknet.py::CSPDarknet: int(64 width), max(round(3 depth), 1); yolo_pafpn.py: round(3 depth)).
+_YOLO_SIZES = {(32, 1, 1): "S", (48, 2, 2): "M", (64, 3, 3): "L", (80, 4, 4): "X"}
+
+
+@dataclass(frozen=True)
+class YOLOXSignature:
+    """What a YOLOX-family state dict's names and shapes say: the family (``method``: ``yolox`` or
+    ``yolov``), the backbone's stem width and CSP depths, the head's width and classes."""
+
+    method: str
+    stem_channels: int
+    csp_blocks: tuple[int, int]  # bottlenecks of dark2's CSP layer, of the PAFPN's
+    head_channels: int
+    num_classes: int
+
+    @property
+    def family(self) -> YOLOXFamily:
+        return next(f for f in YOLO_FAMILIES if f.method == self.method)
+
+    @property
+    def size(self) -> str | None:
+        """``S``, ``M``, ``L`` or ``X`` (YOLOX's multipliers), None for other sizes."""
+        name = _YOLO_SIZES.get((self.stem_channels, *self.csp_blocks))
+        return name if name is not None and self.head_channels == 4 * self.stem_channels else None
+
+    @property
+    def arch(self) -> str:
+        if self.size is not None:
+            return self.size
+        return (f"stem {self.stem_channels}, {self.csp_blocks[0]}/{self.csp_blocks[1]} CSP bottlenecks, "
+                f"head {self.head_channels}")
+
+    @property
+    def method_name(self) -> str:
+        return self.family.title
+
+    def describe(self) -> str:
+        """One phrase, e.g. ``YOLOV-S`` or ``YOLOX-L (80 classes)``."""
+        text = f"{self.family.title}-{self.size}" if self.size else f"{self.family.title} ({self.arch})"
+        return text + (f" ({self.num_classes} classes)" if self.num_classes != 30 else "")
+
+    @property
+    def preset(self) -> str | None:
+        return self.family.presets.get(self.size) if self.size else None
+
+
 def _not_a_detector(keys: list[str], where: str) -> MegavodError:
     if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
         what = "ImageNet-pretrained ResNet weights (torchvision names), not a detector checkpoint; " \
@@ -117,7 +181,8 @@ def _not_a_detector(keys: list[str], where: str) -> MegavodError:
     elif keys and all(k.startswith(("flownet.", "embednet.")) for k in keys):
         what = "flow-network weights only, not a detector checkpoint"
     else:
-        what = f"no '{STEM}' key: not a megavod or MEGA-codebase detector checkpoint (first keys: {', '.join(keys[:3])})"
+        what = (f"no '{STEM}' (MEGA codebase) or '{YOLO_STEM}' (YOLOX, YOLOV) key: not a detector checkpoint "
+                f"megavod knows (first keys: {', '.join(keys[:3])})")
     return MegavodError(f"{where}: {what}")
 
 
@@ -125,11 +190,13 @@ def _dims(shape: tuple[int, ...]) -> str:
     return f"{len(shape)}-d {list(shape)}"
 
 
-def recognise(state_dict: Mapping[str, Tensor | tuple[int, ...]], where: str = "checkpoint") -> ModelSignature:
-    """The :class:`ModelSignature` of a state dict (values: tensors or shapes); ``MegavodError`` (one
-    line, naming ``where``) when it is no detector megavod knows."""
+def recognise(state_dict: Mapping[str, Tensor | tuple[int, ...]], where: str = "checkpoint") -> ModelSignature | YOLOXSignature:
+    """The :class:`ModelSignature` (or :class:`YOLOXSignature`) of a state dict (values: tensors or
+    shapes); ``MegavodError`` (one line, naming ``where``) when it is no detector megavod knows."""
     shapes = {k: tuple(getattr(v, "shape", v)) for k, v in state_dict.items()}
     keys = list(shapes)
+    if any(k.startswith(YOLO_PREFIX) for k in keys):
+        return _recognise_yolox(keys, shapes, where)
     if STEM not in shapes:
         raise _not_a_detector(keys, where)
     if len(shapes[STEM]) != 4:
@@ -172,12 +239,41 @@ def _head(keys: list[str], shapes: dict[str, tuple[int, ...]], where: str) -> tu
     raise MegavodError(f"{where}: box head of no known method (feature_extractor keys: {', '.join(head[:3]) or 'none'})")
 
 
+def _conv_out(shapes: dict[str, tuple[int, ...]], key: str, where: str, what: str) -> tuple[int, ...]:
+    shape = shapes.get(key)
+    if shape is None:
+        raise MegavodError(f"{where}: no '{key}': not a complete {what} checkpoint")
+    if len(shape) != 4:
+        raise MegavodError(f"{where}: '{key}' is {_dims(shape)}, not a 4-d conv weight")
+    return shape
+
+
+def _recognise_yolox(keys: list[str], shapes: dict[str, tuple[int, ...]], where: str) -> YOLOXSignature:
+    """A YOLOX-family state dict (keys under ``backbone.backbone.``): YOLOX's sizes and the family."""
+    for prefix, what in YOLO_UNSUPPORTED.items():
+        if any(k.startswith(prefix) for k in keys):
+            raise MegavodError(f"{where}: holds {what} ({prefix}* keys), which megavod does not build; "
+                               "it builds YOLOX and YOLOV on CSPDarknet")
+    stem = _conv_out(shapes, YOLO_STEM, where, "YOLOX")
+    if stem[1] != 12:
+        raise MegavodError(f"{where}: '{YOLO_STEM}' is {list(stem)}: not YOLOX's Focus stem (12 input channels)")
+    classes = _conv_out(shapes, "head.cls_preds.0.weight", where, "YOLOX")
+    head = _conv_out(shapes, "head.stems.0.conv.weight", where, "YOLOX")
+    blocks = (count_indices(keys, r"backbone\.backbone\.dark2\.1\.m\.(\d+)\."),
+              count_indices(keys, r"backbone\.C3_p4\.m\.(\d+)\."))
+    family = next(f for f in YOLO_FAMILIES if f.match(keys))
+    return YOLOXSignature(method=family.method, stem_channels=stem[0], csp_blocks=blocks,
+                          head_channels=head[0], num_classes=classes[0])
+
+
 # ----------------------------------------------------------------------------------------------
 # Config side
 
 
-def signature_of_config(cfg: Any) -> ModelSignature:
+def signature_of_config(cfg: Any) -> ModelSignature | YOLOXSignature:
     """The signature of the model ``cfg`` builds (same terms as :func:`recognise`)."""
+    if isinstance(get_method(cfg.method).checkpoint, YOLOXFamily):
+        return _built_signature(cfg)
     spec = spec_from_config(cfg.model.backbone)
     h = cfg.model.roi_head
     checkpoint = get_method(cfg.method).checkpoint
@@ -187,6 +283,18 @@ def signature_of_config(cfg: Any) -> ModelSignature:
         width_per_group=spec.width_per_group, reduced_channels=h.reduced_channels if h.reduce_channel else 0,
         representation_size=h.representation_size, num_classes=h.num_classes, head=head, relation=relation,
     )
+
+
+def _built_signature(cfg: Any) -> YOLOXSignature:
+    """The YOLOX family's configs: the keys of the model the method's row builds, on the ``meta`` device
+    (names and shapes only), read as a file's are."""
+    build = get_method(cfg.method).build
+    try:
+        with torch.device("meta"):
+            model = build(cfg)
+    except (NotImplementedError, RuntimeError):  # a builder that computes with its tensors
+        model = build(cfg)
+    return recognise(model.state_dict(), f"config '{cfg.name}'")
 
 
 def _overrides(sig: ModelSignature, cfg: Any) -> list[str]:
@@ -229,6 +337,8 @@ def _overrides(sig: ModelSignature, cfg: Any) -> list[str]:
 def config_for(sig: ModelSignature, overrides: list[str] | tuple[str, ...] = (), where: str = "checkpoint") -> Any:
     """The config that builds ``sig``: its preset (or the method's R-101 preset) plus the overrides the
     keys call for, then the user's ``overrides``. ``MegavodError`` if no config builds it."""
+    if isinstance(sig, YOLOXSignature):
+        return _yolox_config_for(sig, overrides, where)
     fallback = get_method(sig.method).checkpoint.fallback_preset
     if (sig.preset is None and not sig.arch.startswith(("R-", "X-"))) or (sig.preset or fallback) is None:
         # A CPU-sized network (arch "small") says nothing of its anchors, budgets or input size.
@@ -238,6 +348,35 @@ def config_for(sig: ModelSignature, overrides: list[str] | tuple[str, ...] = (),
     try:
         built = signature_of_config(load_config(preset, needed))
     except ConfigError as e:  # sizes no config accepts (e.g. 0 classes): the file's numbers, not the user's
+        raise MegavodError(f"{where}: holds {sig.describe()}, which no megavod config builds "
+                           f"({preset} with {' '.join(needed)}: {e})") from None
+    if built != sig:
+        raise MegavodError(f"{where}: holds {sig.describe()}, which no megavod config builds from its keys "
+                           f"(closest: {preset} with {' '.join(needed) or 'no overrides'} builds {built.describe()}); "
+                           "pass --config")
+    return load_config(preset, [*needed, *overrides])
+
+
+def _yolox_overrides(sig: YOLOXSignature, cfg: Any) -> list[str]:
+    """Overrides of the family's section that turn the preset ``cfg`` into a config building ``sig``."""
+    have = signature_of_config(cfg)
+    key = get_method(sig.method).config_key
+    out = []
+    if (have.stem_channels, have.csp_blocks, have.head_channels) != (sig.stem_channels, sig.csp_blocks, sig.head_channels):
+        pafpn = sig.csp_blocks[1]
+        # depth d: max(round(3 d), 1) bottlenecks in dark2, round(3 d) in the PAFPN; width w: int(64 w) at the stem.
+        out += [f"{key}.depth={pafpn / 3 if pafpn else 0.1}", f"{key}.width={sig.stem_channels / 64}"]
+    if have.num_classes != sig.num_classes:
+        out.append(f"{key}.num_classes={sig.num_classes}")
+    return out
+
+
+def _yolox_config_for(sig: YOLOXSignature, overrides: list[str] | tuple[str, ...], where: str) -> Any:
+    preset = sig.preset or sig.family.fallback_preset
+    needed = _yolox_overrides(sig, load_config(preset))
+    try:
+        built = signature_of_config(load_config(preset, needed))
+    except ConfigError as e:
         raise MegavodError(f"{where}: holds {sig.describe()}, which no megavod config builds "
                            f"({preset} with {' '.join(needed)}: {e})") from None
     if built != sig:

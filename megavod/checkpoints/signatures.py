@@ -215,3 +215,53 @@ RDN = HeadSignature(
     head_overrides=_rdn_overrides,
     preset_for_head=lambda arch, head: "rdn_R_101" if arch == "R-101" and head[1] == head[0] + 1 else None,
 )
+
+
+# -- YOLOX and YOLOV: networks of their own (megavod/models/yolox.py) ----------------------------------
+
+YOLO_STEM = "backbone.backbone.stem.conv.conv.weight"
+YOLO_PREFIX = "backbone.backbone."  # CSPDarknet (or Swin / FocalNet) under the PAFPN: the YOLOX family
+
+
+@dataclass(frozen=True)
+class YOLOXFamily:
+    """How the checkpoints of a YOLOX-family method look (the method table's ``checkpoint`` of its rows).
+
+    Their keys name the whole network (the authors' names are megavod's, so there is nothing to rename);
+    :func:`megavod.checkpoints.recognise.recognise` reads the network's sizes from them and asks each
+    family, most specific first, whether the head is its own.
+
+    Args:
+        method: the row that builds the file (the offline one where several rows share the keys).
+        title: how the model is called (``"YOLOV"``); a size is appended (``"YOLOV-S"``).
+        head_keys: key prefixes only this family's head has (empty: the plain YOLOX head).
+        presets: released size (``"S"``, ``"L"``, ``"X"``) -> the preset that builds it.
+        fallback_preset: the preset to adapt (depth, width, classes) for a size without one.
+    """
+
+    method: str
+    title: str
+    head_keys: tuple[str, ...]
+    presets: dict[str, str]
+    fallback_preset: str
+
+    def match(self, keys: list[str]) -> bool:
+        return not self.head_keys or any(k.startswith(self.head_keys) for k in keys)
+
+
+YOLOV = YOLOXFamily(
+    method="yolov", title="YOLOV", head_keys=("head.trans.", "head.cls_convs2.", "head.linear_pred."),
+    presets={"S": "yolov_s", "L": "yolov_l", "X": "yolov_x"}, fallback_preset="yolov_s",
+)
+YOLOX = YOLOXFamily(
+    method="yolox", title="YOLOX", head_keys=(),
+    presets={"S": "yolox_s_vid", "L": "yolox_l_vid", "X": "yolox_x_vid"}, fallback_preset="yolox_s_vid",
+)
+YOLO_FAMILIES = (YOLOV, YOLOX)  # most specific first
+
+# Heads and backbones of the authors' repository that megavod does not build, by a key prefix only they have.
+YOLO_UNSUPPORTED = {
+    "head.agg.": "a YOLOV++ head",
+    "head.cls_pred.": "a YOLOV++ head",
+    "backbone.backbone.patch_embed.": "a Swin or FocalNet backbone",
+}
