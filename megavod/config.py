@@ -129,7 +129,7 @@ class InputConfig:
     pixel_std: tuple[float, ...] = (1.0, 1.0, 1.0)
     to_bgr255: bool = True
     flip_prob: float = 0.5
-    # YOLOX / YOLOV (docs/conventions.md#yolox-input): 0 = the resize above; S > 0 = the authors' letterbox
+    # YOLOX / YOLOV (docs/yolov.md#input): 0 = the resize above; S > 0 = the authors' letterbox
     # (yolox/data/data_augment.py::preproc): scale by min(S/h, S/w) with cv2's bilinear resize, pad to
     # S x S with ``pad_value`` at the bottom/right, BGR 0-255 without mean or std (``pixel_mean`` /
     # ``pixel_std`` do not apply). ``letterbox_train``: training sides, one drawn per sample (empty: S).

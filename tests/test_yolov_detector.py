@@ -1,7 +1,7 @@
 """YOLOX and YOLOV as megavod detectors: the protocol's chunks end to end through the streaming engine.
 
 A small YOLOV (width 0.125, 64 px letterbox) with random weights; the objectness biases are raised so that
-scores straddle the 0.001 threshold instead of all falling under it (docs/conventions.md#yolov).
+scores straddle the 0.001 threshold instead of all falling under it (docs/yolov.md).
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ def letterbox_array(bgr: np.ndarray, side: int, pad_value: float = 114.0) -> tup
 
 
 class LetterboxTransform:
-    """YOLOX's input (docs/conventions.md#yolox-input): optional horizontal flip, then the letterbox of
+    """YOLOX's input (docs/yolov.md#input): optional horizontal flip, then the letterbox of
     :func:`letterbox_array`; boxes scale by r (flipped as the authors' ``_mirror``: x1' = W - x2, no +1).
     The interface of :class:`FrameTransform` (``draw``, ``__call__``), ``min_size`` of a draw being the
     letterbox side."""

@@ -323,7 +323,7 @@ def permutation_chunks(num_frames: int, gframe: int, seed: int) -> list[list[int
     """The authors' chunks: ``random.seed(seed); random.shuffle(frames)`` (one ``random.Random(seed)``
     draws the same permutation), then ``num_frames // gframe`` chunks of ``gframe`` and a last one with
     the rest when there is a rest. A video shorter than ``gframe`` is one chunk (their loop leaves its
-    index unbound there and fails, docs/departures.md#yolov-chunks)."""
+    index unbound there and fails, docs/yolov.md#the-test-protocol-chunks)."""
     order = list(range(num_frames))
     random.Random(seed).shuffle(order)
     chunks = [order[i:i + gframe] for i in range(0, num_frames - num_frames % gframe, gframe)]

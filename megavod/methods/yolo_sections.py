@@ -1,8 +1,8 @@
 """The config sections of the one-stage family: YOLOX (the single-frame base detector) and YOLOV.
 
 Defaults are the authors' (YuHengsss/YOLOV, ``exps/yolov/yolov_base.py`` and ``yoloxs_vid.py`` at
-28ff8b0; docs/conventions.md#yolov); the S / L / X presets set ``depth`` and ``width``. The input is
-the shared ``input`` section's letterbox (``input.letterbox: 576``, docs/conventions.md#yolox-input).
+28ff8b0; docs/yolov.md); the S / L / X presets set ``depth`` and ``width``. The input is
+the shared ``input`` section's letterbox (``input.letterbox: 576``, docs/yolov.md#input).
 Names follow the authors' where they are names (``gframe``: frames per chunk), megavod's words where
 theirs are misspellings (their ``defualt_p`` is ``proposals``, ``defulat_pre`` is ``pre_top``).
 """

@@ -1,4 +1,4 @@
-"""YOLOX and YOLOV as megavod detectors (docs/architecture.md#yolox-and-yolov, docs/conventions.md#yolov).
+"""YOLOX and YOLOV as megavod detectors (docs/yolov.md).
 
 Both follow the detector contract (:mod:`megavod.models.contract`):
 
@@ -18,7 +18,7 @@ Both follow the detector contract (:mod:`megavod.models.contract`):
 
 Module names are the authors' (``backbone.backbone.dark2...``, ``head.cls_convs2``, ``head.trans.msa...``,
 ``head.linear_pred``), so their ``ckpt["model"]`` loads as it is. Boxes come out in the frame's own pixels:
-divided by the letterbox ratio r = min(S / h, S / w) (docs/conventions.md#yolox-input).
+divided by the letterbox ratio r = min(S / h, S / w) (docs/yolov.md#input).
 """
 
 from __future__ import annotations
