@@ -60,3 +60,20 @@ def load_relation_vector(name: str) -> dict[str, torch.Tensor]:
     out["heads"] = torch.from_numpy(heads)
     out["columns"] = torch.from_numpy(columns)
     return out
+
+
+def load_yolov_vector(name: str) -> dict[str, torch.Tensor | str]:
+    """A YOLOV reference vector (``REFERENCE / name``, written by ``make_yolov_vectors.py``): float arrays
+    as float32 tensors (the float16 ones are exact values, cast as the authors' run did), integer and
+    boolean arrays as tensors of their own dtype, strings (``affinity``) as ``str``."""
+    out: dict[str, torch.Tensor | str] = {}
+    with np.load(REFERENCE / name) as data:
+        for key in data.files:
+            value = data[key]
+            if value.dtype.kind == "U":
+                out[key] = str(value)
+            elif value.dtype.kind == "f":
+                out[key] = torch.from_numpy(value.astype(np.float32))
+            else:
+                out[key] = torch.from_numpy(value)
+    return out

@@ -172,6 +172,12 @@ def _heads(x: Tensor, heads: int) -> Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(0, 1)
 
 
+def _affinity(q_reg: Tensor, k_reg: Tensor, q_cls: Tensor, k_cls: Tensor) -> Tensor:
+    """A = (softmax_j(q_reg k_reg^T) + softmax_j(q_cls k_cls^T)) / 2 per head, [H, Q, N] (the key factors
+    are already in k)."""
+    return ((q_reg @ k_reg.transpose(1, 2)).softmax(dim=-1) + (q_cls @ k_cls.transpose(1, 2)).softmax(dim=-1)) / 2
+
+
 def _unit(x: Tensor) -> Tensor:
     """x / ||x|| over the last axis (the authors' ``x / torch.norm(x, dim=-1, keepdim=True)``, no epsilon)."""
     return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
@@ -217,22 +223,34 @@ class YOLOVAggregation(nn.Module):
         """cls_feats, reg_feats [N, W] (the proposals' ``cls_convs2`` and ``reg_convs`` features),
         cls_conf [N] (max class score), objectness [N]; ``queries`` (a slice or int64 indices of rows,
         None = all) selects the output rows. Returns [Q, 4W] in the features' dtype."""
-        width, heads = self.width, self.heads
-        dtype = cls_feats.dtype
+        width, heads, n = self.width, self.heads, cls_feats.shape[0]
         q_cls, k_cls, v_cls = self.msa.qkv_cls(cls_feats).split(width, dim=-1)
         # The regression branch's v is unused at inference: its q and k only (rows [0, 2W) of the weight).
         q_reg, k_reg = F.linear(reg_feats, self.msa.qkv_reg.weight[: 2 * width]).split(width, dim=-1)
         v = _heads(v_cls, heads)  # [H, N, d]
-        cls_logits = (_unit(_heads(q_cls, heads)) @ _unit(_heads(k_cls, heads)).transpose(1, 2)) * self.scale
-        cls_logits = cls_logits * cls_conf.to(dtype)
-        reg_logits = (_unit(_heads(q_reg, heads)) @ _unit(_heads(k_reg, heads)).transpose(1, 2)) * self.scale
-        if self.affinity == "2022":
-            reg_logits = reg_logits * objectness.to(dtype)
-        attn = (reg_logits.softmax(dim=-1) + cls_logits.softmax(dim=-1)) / 2  # [H, N, N]
-        aggregated = (attn @ v).transpose(0, 1).reshape(-1, width)
-        refs = self.linear1(torch.cat([aggregated, v_cls], dim=-1))  # Y [N, 2W]
+        # Unit q and k per head; the key factors (scale x c_j, scale x o_j or scale) folded into k: the
+        # logits are then one product each (the authors scale the [N, N] products, the same to rounding).
+        key_cls = self.scale * cls_conf.to(v.dtype)
+        key_reg = self.scale * (objectness.to(v.dtype) if self.affinity == "2022" else torch.ones_like(key_cls))
+        q_cls, k_cls = _unit(_heads(q_cls, heads)), _unit(_heads(k_cls, heads)) * key_cls[:, None]
+        q_reg, k_reg = _unit(_heads(q_reg, heads)), _unit(_heads(k_reg, heads)) * key_reg[:, None]
         rows = slice(None) if queries is None else queries
-        pooling = self._pooling_weights(attn[:, rows], v[:, rows], v)
+        num_queries = len(range(n)[rows]) if isinstance(rows, slice) else rows.shape[0]
+        if 2 * num_queries <= n:
+            # At most half the rows queried: every reference's A v by SDPA (no [H, N, N] matrix), A for the
+            # queried rows only. Measured on 960 rows, W = 128 / 256 / 320, one thread (min of 8, the two
+            # interleaved), SDPA's time over the whole A's: 0.60 / 0.56 / 0.67 for 30 queried rows, 0.58 /
+            # 0.76 / 0.81 for 240, 0.71 / 0.99 / 0.94 for 480, 1.48 / 1.16 / 1.10 for all 960.
+            aggregated = (F.scaled_dot_product_attention(q_reg, k_reg, v, scale=1.0)
+                          + F.scaled_dot_product_attention(q_cls, k_cls, v, scale=1.0)) / 2
+            attn = _affinity(q_reg[:, rows], k_reg, q_cls[:, rows], k_cls)
+        else:
+            # Most rows queried: the whole A once.
+            attn = _affinity(q_reg, k_reg, q_cls, k_cls)
+            aggregated = attn @ v
+            attn = attn[:, rows]
+        refs = self.linear1(torch.cat([aggregated.transpose(0, 1).reshape(-1, width), v_cls], dim=-1))
+        pooling = self._pooling_weights(attn, v[:, rows], v)
         return self.linear2(torch.cat([pooling @ refs, refs[rows]], dim=-1))
 
     def _pooling_weights(self, attn: Tensor, v_query: Tensor, v: Tensor) -> Tensor:
