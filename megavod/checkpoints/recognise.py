@@ -230,7 +230,9 @@ def recognise(state_dict: Mapping[str, Tensor | tuple[int, ...]], where: str = "
 def _head(keys: list[str], shapes: dict[str, tuple[int, ...]], where: str) -> tuple[str, tuple[int, ...], tuple[int, int]]:
     """(method, head counts, relation dims): the first method of the table whose signature matches."""
     for spec in registered_methods():
-        if spec.checkpoint is not None and (found := spec.checkpoint.match(keys, shapes)) is not None:
+        if spec.checkpoint is None or isinstance(spec.checkpoint, YOLOXFamily):  # their keys took the YOLOX path
+            continue
+        if (found := spec.checkpoint.match(keys, shapes)) is not None:
             return spec.name, *found
     if has_flow_network(keys):
         raise MegavodError(f"{where}: has flownet.* keys but neither embednet.* (FGFA) nor "

@@ -97,12 +97,12 @@ BUILTIN_METHODS = (
     ),
     MethodSpec(
         name="yolox", title="YOLOX", build=build_yolox_detector, schedule=lambda cfg: SingleFrameSchedule(),
-        config_key="yolox", config_type=YOLOXConfig,
+        checkpoint=signatures.YOLOX, config_key="yolox", config_type=YOLOXConfig,
     ),
     MethodSpec(
         name="yolov", title="YOLOV", build=build_yolov_detector,
         schedule=lambda cfg: ChunkSchedule(cfg.yolov.gframe, cfg.yolov.shuffle_seed),
-        config_key="yolov", config_type=YOLOVConfig,
+        checkpoint=signatures.YOLOV, config_key="yolov", config_type=YOLOVConfig,
     ),
 )
 
