@@ -46,9 +46,9 @@ at inference for YOLOV (``gmode``, no ``lmode``, no ``reconf``):
    (fe777cb): the same when every frame has exactly 30 proposals (a frame with fewer misaligns the
    authors' rows in both; megavod keeps each frame's own rows).
 5. ``post_process.py::postprocess``: fe777cb takes the class maximum per frame in a loop (same values),
-   can replace the objectness by ``conf_output`` (``None`` for YOLOV), and drops the ``.squeeze()`` of
-   the base branch's mask (28ff8b0 fails there on a frame with exactly one proposal; megavod has no such
-   case).
+   can replace the objectness by ``conf_output`` (``None`` for YOLOV), and drops a ``.squeeze()`` of the
+   base branch's mask: 28ff8b0's ``postprocess`` raises an IndexError on a frame with exactly one
+   proposal, fe777cb's does not (megavod handles any count).
 6. ``postpro_woclass`` (fe777cb) is split into ``process_prediction`` and takes the training-only
    ``ota_idxs``; at inference it is unchanged.
 
