@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import torchvision
 
 from megavod.models.yolov_head import (
     YOLOVAggregation,
@@ -282,14 +283,8 @@ def test_selection_fewer_anchors_than_pre_top():
     assert torch.equal(got, select_proposals(boxes, obj, cls, pre_top=120))
     conf, label = cls.max(1)
     order = torch.argsort(obj * conf, descending=True)
-    kept = torchvision_nms_reference(boxes[order], (obj * conf)[order], label[order], 0.75)
+    kept = torchvision.ops.batched_nms(boxes[order], (obj * conf)[order], label[order], 0.75)
     assert got.tolist() == order[kept][:30].tolist()
-
-
-def torchvision_nms_reference(boxes, scores, labels, threshold):
-    import torchvision
-
-    return torchvision.ops.batched_nms(boxes, scores, labels, threshold)
 
 
 def test_ties_lower_index_first():

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 
 HERE = Path(__file__).resolve().parent
 NUM_CLASSES = 30
@@ -185,8 +186,6 @@ def selection_case(rng: np.random.Generator, head_class) -> dict[str, np.ndarray
 
 
 def _nms_count(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> int:
-    import torchvision
-
     return int(torchvision.ops.batched_nms(boxes, scores, labels, 0.75).numel())
 
 
