@@ -177,6 +177,47 @@ def test_local_blend_no_overlap_is_nan():
     assert det.labels.tolist() == [1, 2, 3] and torch.equal(det.boxes, key.boxes[[0, 0, 0]])
 
 
+def test_local_blend_float16():
+    """In float16 (the authors' CUDA evaluation) the blend keeps the features' dtype and stays within
+    float16 rounding of the float32 blend: 25 cos rounded to float16 moves a softmax weight by up to
+    25 u16 relative, the cosines, weights and sums each by a few u16 (u16 = 2**-11)."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(6, 16, generator=g).half()
+    boxes = (torch.rand(6, 2, generator=g) * 40).repeat(1, 2) + torch.tensor([0.0, 0.0, 30.0, 30.0])
+    local_boxes = (torch.rand(40, 2, generator=g) * 40).repeat(1, 2) + torch.tensor([0.0, 0.0, 30.0, 30.0])
+    key = KeyRows(boxes.half(), torch.rand(6, generator=g).half(), torch.rand(6, generator=g).half(),
+                  features, features)
+    local = LocalRows(torch.randn(40, 16, generator=g).half(), local_boxes.half(),
+                      torch.rand(40, generator=g).half(), torch.rand(40, generator=g).half())
+    out16 = local_blend(features, key, local)
+    as32 = lambda x: x.float()  # noqa: E731
+    out32 = local_blend(as32(features), KeyRows(*map(as32, (key.boxes, key.objectness, key.class_confidence,
+                                                            features, features))),
+                        LocalRows(*map(as32, (local.features, local.boxes, local.class_confidence, local.objectness))))
+    assert out16.dtype == torch.float16 and torch.isfinite(out32).all()
+    u16 = 2.0**-11
+    magnitude = float(local.features.abs().max())
+    assert float((out16.float() - out32).abs().max()) <= (2 * 25 + 8) * u16 * magnitude
+
+
+@torch.no_grad()
+def test_rows_may_be_missing():
+    """A frame with no proposals still takes its turn: it reads (and shuffles) the bank and enters it, as
+    theirs calls ``online_previous_selection`` before its head; its step gives [0, C] logits."""
+    from megavod.models.yolov_head import YOLOVAggregation as Aggregation
+    aggregation, linear_pred = Aggregation(8, heads=4).eval(), nn.Linear(32, 31)
+    bank, frames = OnlineBank(), []
+    for k, p in enumerate([3, 0, 3, 0, 3]):
+        rows = KeyRows(torch.tensor([[0.0, 0.0, 10.0, 10.0]]).repeat(p, 1), torch.ones(p), torch.ones(p),
+                       torch.randn(p, 8), torch.randn(p, 8))
+        step = online_key_logits(aggregation, linear_pred, rows, bank)
+        if step is not None:
+            assert step.logits.shape == (p, 30)
+            frames.append(step.frames)
+        bank.push(rows, None if step is None else step.features)
+    assert frames == [(1, 0), (0, 1, 2), (2, 1, 3, 0)]  # order(2) = [1, 0], order(3) = [1, 0, 2], ...
+
+
 # -- the key step against the authors' head --------------------------------------------------------------
 
 
