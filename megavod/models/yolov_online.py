@@ -21,14 +21,20 @@ unchanged in fe777cb: the online rows keep the objectness factor), the key's row
 the local bank (:func:`local_blend`), then ``linear_pred`` (the background logit dropped).
 
 Here the two lists are one :class:`OnlineBank` per stream (it belongs in the detector's stream cache,
-``new_stream_cache``), and the step is :func:`online_key_logits`. Per key frame, in this order::
+``new_stream_cache``; the detector holds weights only), and the step is :func:`online_key_logits`. A
+detector's key step, once per frame in stream order (frames without proposals too: theirs shuffles the
+bank before its head runs), with ``key`` the frame's pass (any :class:`ProposalRows`)::
 
-    step = online_key_logits(aggregation, linear_pred, key_rows, bank)  # reads (and reorders) the bank
-    if step is None:   # fewer than 2 frames seen: the base detections (their postprocess_single_img)
-        ...
-    else:              # refined detections from step.logits (their post_process.py::postprocess_pure)
-        ...
-    bank.push(key_rows, None if step is None else step.features)
+    step = online_key_logits(head.trans, head.linear_pred, key, bank)  # reads (and reorders) the bank
+    if step is None:   # frames 0 and 1: the base output (yolov_msa_online.py::postprocess_single_img)
+        det = base_detections(key.boxes, key.objectness, key.class_scores, 0.001, 0.5)
+    else:              # the refined output (post_process.py::postprocess_pure, nms_thre 0.5)
+        det = refined_detections(key.boxes, key.objectness, step.logits, 0.001, 0.5)
+    bank.push(key, None if step is None else step.features)
+
+There is no chunk and no small-chunk fallback online: only the first two frames give the base output.
+The online head's parameters are the offline YOLOV head's (the same 152 ``state_dict`` keys: their
+README runs the online demo on the YOLOV weights).
 
 **The shuffle.** The authors re-seed the global ``random`` module with 42 before every shuffle, so the
 permutation a step applies depends only on the bank's length; the bank's order compounds, because the
