@@ -23,12 +23,11 @@ import pytest
 import torch
 from torchvision.ops import box_convert
 
+from megavod.models.yolox import anchor_grid, decode_boxes
 from megavod.models.yolox_losses import (
-    AnchorGrid,
-    anchor_grid,
+    anchor_centers,
     assign_batch,
     center_candidates,
-    decode_regression,
     dynamic_k_matching,
     gt_cxcywh,
     iou_loss,
@@ -44,26 +43,22 @@ from tests.reference_data import REFERENCE
 NUM_CLASSES = 3
 
 
-def grid_64() -> AnchorGrid:
-    """A 64 x 64 input: levels 8 x 8, 4 x 4, 2 x 2 = 84 anchors."""
-    return anchor_grid([(8, 8), (4, 4), (2, 2)])
+def grid_64() -> tuple[torch.Tensor, torch.Tensor]:
+    """(grids [84, 2], strides [84]) of a 64 x 64 input: levels 8 x 8, 4 x 4, 2 x 2."""
+    return anchor_grid([(8, 8), (4, 4), (2, 2)], (8, 16, 32), torch.float32, torch.device("cpu"))
 
 
-def test_anchor_grid_order_and_decode():
-    grid = grid_64()
-    assert len(grid) == 84
-    # Level by level, row-major: anchor 9 is row 1, column 1 of stride 8; 64 starts stride 16; 80 stride 32.
-    assert (grid.x[9].item(), grid.y[9].item(), grid.stride[9].item()) == (1, 1, 8)
-    assert (grid.x[64 + 6].item(), grid.y[64 + 6].item(), grid.stride[64 + 6].item()) == (2, 1, 16)
-    assert (grid.x[83].item(), grid.y[83].item(), grid.stride[83].item()) == (1, 1, 32)
-    cx, cy = grid.centers()
-    assert (cx[9].item(), cy[9].item(), cx[83].item()) == (12.0, 12.0, 48.0)
+def test_anchor_centers_and_l1_target():
+    grids, strides = grid_64()
+    # Level by level, row-major: anchor 9 is row 1, column 1 of stride 8; 70 is row 1, column 2 of stride 16.
+    cx, cy = anchor_centers(grids, strides)
+    assert (cx[9].item(), cy[9].item(), cx[70].item(), cy[70].item(), cx[83].item()) == (12.0, 12.0, 40.0, 24.0, 48.0)
     raw = torch.zeros(84, 4)
     raw[83] = torch.tensor([0.5, -0.25, math.log(2.0), 0.0])
-    boxes = decode_regression(raw, grid)
+    boxes = decode_boxes(raw, grids, strides)
     assert torch.allclose(boxes[83], torch.tensor([48.0, 24.0, 64.0, 32.0]))
     # l1_target inverts the decode.
-    assert torch.allclose(l1_target(boxes[83:], grid[torch.tensor([83])]), raw[83:], atol=1e-6)
+    assert torch.allclose(l1_target(boxes[83:], grids[83:], strides[83:]), raw[83:], atol=1e-6)
 
 
 def test_center_candidates_by_hand():
@@ -71,9 +66,9 @@ def test_center_candidates_by_hand():
     region (12, 52) exclusive: 4 x 4; stride 16: centres 24, 40 inside the box (2 x 2), all 16 in the
     region (radius 40); stride 32: centres 16 and 48 lie on the box's edges (not strictly inside), all 4
     in the region. Candidates 16 + 16 + 4 = 36, inside both 16 + 4 + 0."""
-    grid = grid_64()
+    grids, strides = grid_64()
     gt = gt_cxcywh(torch.tensor([[16.0, 16.0, 48.0, 48.0]]))
-    candidates, both = center_candidates(gt, grid, 2.5)
+    candidates, both = center_candidates(gt, grids, strides, 2.5)
     assert int(candidates[:64].sum()) == 16 and int(candidates[64:80].sum()) == 16 and int(candidates[80:].sum()) == 4
     stride8 = candidates[:64].reshape(8, 8)
     assert stride8[2:6, 2:6].all() and int(stride8.sum()) == 16
@@ -82,7 +77,7 @@ def test_center_candidates_by_hand():
     assert int(both[0, index < 64].sum()) == 16 and int(both[0, (index >= 64) & (index < 80)].sum()) == 4
     assert int(both[0, index >= 80].sum()) == 0
     # YOLOV's radius 4.5 reaches every stride-8 centre within 36 px: 4..60 of (32 - 36, 32 + 36) -> all 64.
-    candidates, _ = center_candidates(gt, grid, 4.5)
+    candidates, _ = center_candidates(gt, grids, strides, 4.5)
     assert int(candidates.sum()) == 84
 
 
@@ -91,21 +86,21 @@ def hand_case():
     anchors 27 (stride 8, row 3, col 3) and 36 (row 4, col 4) predict the box exactly (IoU 1); anchor 80
     (stride 32, a candidate outside the box) predicts it exactly too; anchor 18 (row 2, col 2) predicts
     its upper half (IoU 0.5). All logits 0."""
-    grid = grid_64()
+    grids, strides = grid_64()
     outputs = torch.zeros(1, 84, 5 + NUM_CLASSES)
     outputs[0, :, :4] = torch.tensor([2.0, 2.0, 1.0, 1.0])
     for a in (27, 36, 80):
         outputs[0, a, :4] = torch.tensor([32.0, 32.0, 32.0, 32.0])
     outputs[0, 18, :4] = torch.tensor([32.0, 24.0, 32.0, 16.0])
-    return grid, outputs, [torch.tensor([[16.0, 16.0, 48.0, 48.0]])], [torch.tensor([1])]
+    return grids, strides, outputs, [torch.tensor([[16.0, 16.0, 48.0, 48.0]])], [torch.tensor([1])]
 
 
 def test_simota_by_hand():
     """k = floor(1 + 1 + 1 + 0.5) = 3 (the out-of-centre anchor 80 counts in k); the 100000 penalty keeps
     80 out, so the three cheapest are 27, 36 (IoU cost 3 x -log(1 + 1e-8) ~ 0) and 18 (3 ln 2)."""
-    grid, outputs, boxes, labels = hand_case()
+    grids, strides, outputs, boxes, labels = hand_case()
     out = outputs[0]
-    a = simota_assign(gt_cxcywh(boxes[0]), labels[0], out[:, :4], out[:, 4], out[:, 5:], grid, 2.5)
+    a = simota_assign(gt_cxcywh(boxes[0]), labels[0], out[:, :4], out[:, 4], out[:, 5:], grids, strides, 2.5)
     assert a.fg_mask.nonzero()[:, 0].tolist() == [18, 27, 36]
     assert a.matched_gt.tolist() == [0, 0, 0]
     assert a.matched_iou.tolist() == [0.5, 1.0, 1.0]
@@ -114,8 +109,8 @@ def test_simota_by_hand():
 def test_yolox_losses_by_hand():
     """num_fg 3; IoU loss 5 x (0.75 + 0 + 0) / 3; every logit 0 gives BCE ln 2 whatever the target: class
     3 fg x 3 classes x ln 2 / 3, objectness 84 x ln 2 / 3; the L1 loss is off (zero) without raw outputs."""
-    grid, outputs, boxes, labels = hand_case()
-    losses = yolox_losses(outputs, grid, boxes, labels)
+    grids, strides, outputs, boxes, labels = hand_case()
+    losses = yolox_losses(outputs, grids, strides, boxes, labels)
     assert losses.num_fg == 3 and losses.num_gt == 1
     assert losses.iou.item() == pytest.approx(5 * 0.75 / 3, rel=1e-6)
     assert losses.cls.item() == pytest.approx(3 * math.log(2), rel=1e-6)
@@ -127,8 +122,8 @@ def test_yolox_losses_by_hand():
 
 
 def test_no_ground_truth_is_all_background():
-    grid, outputs, _, _ = hand_case()
-    losses = yolox_losses(outputs, grid, [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)])
+    grids, strides, outputs, _, _ = hand_case()
+    losses = yolox_losses(outputs, grids, strides, [torch.zeros(0, 4)], [torch.zeros(0, dtype=torch.long)])
     assert losses.num_fg == 0 and losses.iou.item() == 0.0 and losses.cls.item() == 0.0
     assert losses.obj.item() == pytest.approx(84 * math.log(2), rel=1e-6)  # divided by max(num_fg, 1)
 
@@ -152,10 +147,10 @@ def test_iou_loss_by_hand():
 def test_refined_targets_by_hand():
     """Proposals: anchor 27 (a foreground of IoU 1: its base target), anchor 5 (not foreground, IoU 0.64
     with the box: one-hot x 0.64), anchor 6 (IoU 0.36 < 0.6: left out)."""
-    grid, outputs, boxes, labels = hand_case()
+    grids, strides, outputs, boxes, labels = hand_case()
     out = outputs[0]
     gt = gt_cxcywh(boxes[0])
-    a = simota_assign(gt, labels[0], out[:, :4], out[:, 4], out[:, 5:], grid, 4.5)
+    a = simota_assign(gt, labels[0], out[:, :4], out[:, 4], out[:, 5:], grids, strides, 4.5)
     proposals = torch.tensor([27, 5, 6])
     props = torch.tensor([[16.0, 16.0, 48.0, 48.0], [16.0, 16.0, 48.0, 36.48], [16.0, 16.0, 48.0, 27.52]])
     targets, keep = refined_class_targets(a, gt, labels[0], proposals, props, NUM_CLASSES)
@@ -175,13 +170,14 @@ def ref():
 
 
 def reference_inputs(ref, requires_grad: bool = True):
-    grid = anchor_grid([tuple(s) for s in ref["feature_sizes"].tolist()], ref["strides"].tolist())
+    grids, strides = anchor_grid([tuple(s) for s in ref["feature_sizes"].tolist()], tuple(ref["strides"].tolist()),
+                                 torch.float32, torch.device("cpu"))
     raw = ref["raw"].clone().requires_grad_(requires_grad)
-    outputs = torch.cat([decode_regression(raw[..., :4], grid), raw[..., 4:]], dim=-1)
+    outputs = torch.cat([decode_boxes(raw[..., :4], grids, strides), raw[..., 4:]], dim=-1)
     counts = ref["gt_count"].tolist()
     boxes = [ref["gt_boxes"][b, :n] for b, n in enumerate(counts)]
     labels = [ref["gt_labels"][b, :n] for b, n in enumerate(counts)]
-    return grid, raw, outputs, boxes, labels
+    return grids, strides, raw, outputs, boxes, labels
 
 
 def loss_budget(n_terms: int, terms_sum: float, operands_sum: float, num_fg: int) -> float:
@@ -193,8 +189,8 @@ def grad_budget(grad: torch.Tensor) -> float:
     return 2 * 32 * U * 32 * float(grad.abs().max())
 
 
-def check_assignment(ref, prefix, grid, outputs, boxes, labels, radius):
-    assignments, _ = assign_batch(outputs.detach(), grid, boxes, labels, radius)
+def check_assignment(ref, prefix, grids, strides, outputs, boxes, labels, radius):
+    assignments, _ = assign_batch(outputs.detach(), grids, strides, boxes, labels, radius)
     assert torch.equal(torch.stack([a.fg_mask for a in assignments]), ref[f"{prefix}_fg_mask"])
     assert torch.equal(torch.cat([a.matched_gt for a in assignments]), ref[f"{prefix}_matched_gt"])
     iou = torch.cat([a.matched_iou for a in assignments])
@@ -228,22 +224,22 @@ def check_losses(ref, prefix, losses, outputs, num_anchors):
 
 
 def test_yolox_losses_equal_the_authors(ref):
-    grid, raw, outputs, boxes, labels = reference_inputs(ref)
-    check_assignment(ref, "yolox", grid, outputs, boxes, labels, 2.5)
-    losses = yolox_losses(outputs, grid, boxes, labels, raw[..., :4])
+    grids, strides, raw, outputs, boxes, labels = reference_inputs(ref)
+    check_assignment(ref, "yolox", grids, strides, outputs, boxes, labels, 2.5)
+    losses = yolox_losses(outputs, grids, strides, boxes, labels, raw[..., :4])
     check_losses(ref, "yolox", losses, outputs, raw.shape[1])
     losses.total.backward()
     want = ref["yolox_grad_raw"]
     assert (raw.grad - want).abs().max().item() <= grad_budget(want)
     # Without raw outputs the L1 loss is off: the total drops by exactly that term.
-    off = yolox_losses(outputs.detach(), grid, boxes, labels)
+    off = yolox_losses(outputs.detach(), grids, strides, boxes, labels)
     assert off.l1.item() == 0.0
     assert off.total.item() == pytest.approx(float(ref["yolox_loss_total"]) - float(ref["yolox_loss_l1"]), rel=1e-5)
 
 
 def test_yolov_losses_equal_the_authors(ref):
-    grid, raw, outputs, boxes, labels = reference_inputs(ref)
-    assignments = check_assignment(ref, "yolov", grid, outputs, boxes, labels, 4.5)
+    grids, strides, raw, outputs, boxes, labels = reference_inputs(ref)
+    assignments = check_assignment(ref, "yolov", grids, strides, outputs, boxes, labels, 4.5)
     proposals = list(ref["yolov_proposals"])
     refined = ref["yolov_refined_logits"].clone().requires_grad_(True)
     # The case exercises every branch of the refined targets: foreground proposals, others of IoU >= 0.6,
@@ -260,7 +256,7 @@ def test_yolov_losses_equal_the_authors(ref):
         kinds["near"] += int((keep & ~is_fg).sum())
         kinds["out"] += int((~keep).sum())
     assert min(kinds.values()) > 0, kinds
-    losses = yolov_losses(outputs, grid, boxes, labels, list(refined), proposals, raw[..., :4])
+    losses = yolov_losses(outputs, grids, strides, boxes, labels, list(refined), proposals, raw[..., :4])
     check_losses(ref, "yolov", losses, outputs, raw.shape[1])
     losses.total.backward()
     for name, grad in (("raw", raw.grad), ("refined", refined.grad)):

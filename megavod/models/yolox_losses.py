@@ -10,7 +10,8 @@ What a training step hands in, per batch of B images of one size with A anchors:
 * ``outputs`` [B, A, 5 + C]: the head's training output as ``get_output_and_grid`` leaves it: box
   centre and size in input pixels (``(t_xy + grid) * stride``, ``exp(t_wh) * stride``), then the
   objectness logit and the C class logits. Anchors in the authors' order (levels 8, 16, 32, row-major).
-* ``grid`` (:class:`AnchorGrid`): each anchor's grid column / row and stride.
+* ``grids`` [A, 2] each anchor's grid cell (x, y) and ``strides`` [A] its level's stride (the authors'
+  ``x_shifts``, ``y_shifts``, ``expanded_strides``; :class:`megavod.models.yolox.HeadOutputs` holds them).
 * per image, the ground truth: boxes ``x1y1x2y2`` in input pixels and labels ``0..C-1``.
 * ``raw_regression`` [B, A, 4] (the undecoded ``t``), only when the L1 loss is on (the authors switch
   it on for the last ``no_aug_epochs`` epochs: ``use_l1``).
@@ -54,51 +55,6 @@ OUT_OF_CENTER_COST = 100000.0
 DYNAMIC_K_CANDIDATES = 10
 
 
-@dataclass(frozen=True)
-class AnchorGrid:
-    """Each anchor's grid column ``x``, row ``y`` and ``stride`` ([A] each, float; the authors'
-    ``x_shifts``, ``y_shifts``, ``expanded_strides``)."""
-
-    x: Tensor
-    y: Tensor
-    stride: Tensor
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    def centers(self) -> tuple[Tensor, Tensor]:
-        """Anchor centres in input pixels, as ``get_in_boxes_info``: ``x * stride + 0.5 * stride``."""
-        return self.x * self.stride + 0.5 * self.stride, self.y * self.stride + 0.5 * self.stride
-
-    def __getitem__(self, index: Tensor) -> "AnchorGrid":
-        return AnchorGrid(self.x[index], self.y[index], self.stride[index])
-
-
-def anchor_grid(feature_sizes: Sequence[tuple[int, int]], strides: Sequence[int] = (8, 16, 32),
-                device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> AnchorGrid:
-    """The grid of levels of ``(H_l, W_l)`` with ``strides``, in the authors' order (level by level,
-    row-major): ``yolo_head.py::get_output_and_grid``."""
-    xs, ys, ss = [], [], []
-    for (h, w), stride in zip(feature_sizes, strides, strict=True):
-        yv, xv = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        xs.append(xv.reshape(-1))
-        ys.append(yv.reshape(-1))
-        ss.append(torch.full((h * w,), float(stride), device=device))
-    return AnchorGrid(torch.cat(xs).to(dtype), torch.cat(ys).to(dtype), torch.cat(ss).to(dtype))
-
-
-def decode_regression(raw: Tensor, grid: AnchorGrid) -> Tensor:
-    """Undecoded ``t`` [..., A, 4] -> box centre and size [..., A, 4] in input pixels
-    (``get_output_and_grid``: ``(t_xy + grid) * stride``, ``exp(t_wh) * stride``)."""
-    xy = grid_xy(grid)
-    stride = grid.stride[:, None]
-    return torch.cat([(raw[..., :2] + xy) * stride, torch.exp(raw[..., 2:4]) * stride], dim=-1)
-
-
-def grid_xy(grid: AnchorGrid) -> Tensor:
-    return torch.stack([grid.x, grid.y], dim=-1)
-
-
 def gt_cxcywh(boxes_xyxy: Tensor) -> Tensor:
     """Ground truth ``x1y1x2y2`` -> centre and size, computed in float64 and rounded once to float32,
     as the authors' data pipeline does (numpy ``xyxy2cxcywh`` on float64, labels stored as float32)."""
@@ -124,16 +80,21 @@ class Assignment:
                           torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device))
 
 
-def center_candidates(gt: Tensor, grid: AnchorGrid, center_radius: float) -> tuple[Tensor, Tensor]:
+def anchor_centers(grids: Tensor, strides: Tensor) -> tuple[Tensor, Tensor]:
+    """Anchor centres (x, y) [A] in input pixels, as ``get_in_boxes_info``: ``x * stride + 0.5 * stride``."""
+    return grids[:, 0] * strides + 0.5 * strides, grids[:, 1] * strides + 0.5 * strides
+
+
+def center_candidates(gt: Tensor, grids: Tensor, strides: Tensor, center_radius: float) -> tuple[Tensor, Tensor]:
     """``get_in_boxes_info``: the candidate anchors [A] (centre strictly inside some ground-truth box
     ``gt`` [G, 4] (cx, cy, w, h), or within ``center_radius`` strides of some box centre), and for the
     candidates [G, K] whether the centre is inside that box *and* its centre region."""
-    cx, cy = grid.centers()
+    cx, cy = anchor_centers(grids, strides)
     cx, cy = cx[None], cy[None]
     gcx, gcy, gw, gh = (v[:, None] for v in gt.unbind(-1))
     in_box = ((cx - (gcx - 0.5 * gw)) > 0) & (((gcx + 0.5 * gw) - cx) > 0) \
         & ((cy - (gcy - 0.5 * gh)) > 0) & (((gcy + 0.5 * gh) - cy) > 0)
-    reach = center_radius * grid.stride[None]
+    reach = center_radius * strides[None]
     in_center = ((cx - (gcx - reach)) > 0) & (((gcx + reach) - cx) > 0) \
         & ((cy - (gcy - reach)) > 0) & (((gcy + reach) - cy) > 0)
     candidates = in_box.any(0) | in_center.any(0)
@@ -161,12 +122,12 @@ def dynamic_k_matching(cost: Tensor, ious: Tensor) -> Tensor:
 
 @torch.no_grad()
 def simota_assign(gt: Tensor, gt_labels: Tensor, boxes: Tensor, obj_logits: Tensor, cls_logits: Tensor,
-                  grid: AnchorGrid, center_radius: float = YOLOX_CENTER_RADIUS) -> Assignment:
+                  grids: Tensor, strides: Tensor, center_radius: float = YOLOX_CENTER_RADIUS) -> Assignment:
     """``get_assignments`` for one image: ground truth ``gt`` [G, 4] (cx, cy, w, h) with ``gt_labels``
     [G] (0..C-1), predicted ``boxes`` [A, 4] (cx, cy, w, h), ``obj_logits`` [A], ``cls_logits`` [A, C]."""
-    candidates, in_box_and_center = center_candidates(gt, grid, center_radius)
+    candidates, in_box_and_center = center_candidates(gt, grids, strides, center_radius)
     if not bool(candidates.any()):
-        return Assignment.empty(len(grid), boxes.device)
+        return Assignment.empty(boxes.shape[0], boxes.device)
     cand_boxes = boxes[candidates].float()
     ious = box_iou(box_convert(gt, "cxcywh", "xyxy"), box_convert(cand_boxes, "cxcywh", "xyxy"))
     scores = (cls_logits[candidates].float().sigmoid() * obj_logits[candidates, None].float().sigmoid()).sqrt()
@@ -192,11 +153,11 @@ def iou_loss(pred: Tensor, target: Tensor) -> Tensor:
     return 1 - (inter / (union + 1e-16)) ** 2
 
 
-def l1_target(gt: Tensor, grid: AnchorGrid, eps: float = 1e-8) -> Tensor:
+def l1_target(gt: Tensor, grids: Tensor, strides: Tensor, eps: float = 1e-8) -> Tensor:
     """``get_l1_target``: the undecoded regression that decodes to ``gt`` [F, 4] (cx, cy, w, h) at the
-    anchors of ``grid`` [F]."""
-    stride = grid.stride[:, None]
-    return torch.cat([gt[:, :2] / stride - grid_xy(grid), torch.log(gt[:, 2:] / stride + eps)], dim=1)
+    anchors of cells ``grids`` [F, 2] and ``strides`` [F]."""
+    stride = strides[:, None]
+    return torch.cat([gt[:, :2] / stride - grids, torch.log(gt[:, 2:] / stride + eps)], dim=1)
 
 
 @dataclass
@@ -226,16 +187,17 @@ class YOLOXLosses:
         return out
 
 
-def _check_inputs(outputs: Tensor, grid: AnchorGrid, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor]) -> None:
+def _check_inputs(outputs: Tensor, grids: Tensor, strides: Tensor, gt_boxes: Sequence[Tensor],
+                  gt_labels: Sequence[Tensor]) -> None:
     if outputs.ndim != 3 or outputs.shape[-1] < 6:
         raise ValueError(f"outputs must have shape [B, A, 5 + C], got {tuple(outputs.shape)}")
-    if outputs.shape[1] != len(grid):
-        raise ValueError(f"outputs have {outputs.shape[1]} anchors but the grid has {len(grid)}")
+    if not outputs.shape[1] == grids.shape[0] == strides.shape[0]:
+        raise ValueError(f"outputs have {outputs.shape[1]} anchors, grids {grids.shape[0]}, strides {strides.shape[0]}")
     if not len(gt_boxes) == len(gt_labels) == outputs.shape[0]:
         raise ValueError(f"{outputs.shape[0]} images but {len(gt_boxes)} box sets and {len(gt_labels)} label sets")
 
 
-def assign_batch(outputs: Tensor, grid: AnchorGrid, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor],
+def assign_batch(outputs: Tensor, grids: Tensor, strides: Tensor, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor],
                  center_radius: float) -> tuple[list[Assignment], list[Tensor]]:
     """SimOTA on every image: the assignments and the ground truths as (cx, cy, w, h)."""
     assignments, gts = [], []
@@ -246,11 +208,11 @@ def assign_batch(outputs: Tensor, grid: AnchorGrid, gt_boxes: Sequence[Tensor], 
             assignments.append(Assignment.empty(outputs.shape[1], outputs.device))
             continue
         assignments.append(simota_assign(gt, labels, image_out[:, :4].detach(), image_out[:, 4].detach(),
-                                         image_out[:, 5:].detach(), grid, center_radius))
+                                         image_out[:, 5:].detach(), grids, strides, center_radius))
     return assignments, gts
 
 
-def _base_losses(outputs: Tensor, grid: AnchorGrid, assignments: Sequence[Assignment], gts: Sequence[Tensor],
+def _base_losses(outputs: Tensor, grids: Tensor, strides: Tensor, assignments: Sequence[Assignment], gts: Sequence[Tensor],
                  gt_labels: Sequence[Tensor], raw_regression: Tensor | None, reg_weight: float,
                  num_fg: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The weighted IoU loss, objectness, class and L1 losses of ``get_losses``, divided by ``num_fg``."""
@@ -265,21 +227,21 @@ def _base_losses(outputs: Tensor, grid: AnchorGrid, assignments: Sequence[Assign
     if raw_regression is None:
         loss_l1 = outputs.new_zeros(())
     else:
-        l1_targets = torch.cat([l1_target(gt[a.matched_gt], grid[a.fg_mask]) for gt, a in zip(gts, assignments)])
+        l1_targets = torch.cat([l1_target(gt[a.matched_gt], grids[a.fg_mask], strides[a.fg_mask]) for gt, a in zip(gts, assignments)])
         loss_l1 = F.l1_loss(raw_regression.float()[fg_masks], l1_targets, reduction="sum") / num_fg
     return reg_weight * loss_iou, loss_obj, loss_cls, loss_l1
 
 
-def yolox_losses(outputs: Tensor, grid: AnchorGrid, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor],
+def yolox_losses(outputs: Tensor, grids: Tensor, strides: Tensor, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor],
                  raw_regression: Tensor | None = None, *, center_radius: float = YOLOX_CENTER_RADIUS,
                  reg_weight: float = YOLOX_REG_WEIGHT) -> YOLOXLosses:
     """``yolo_head.py::YOLOXHead.get_losses``: the batch's YOLOX losses (module docstring).
     ``raw_regression`` [B, A, 4] turns the L1 loss on (their ``use_l1``)."""
-    _check_inputs(outputs, grid, gt_boxes, gt_labels)
+    _check_inputs(outputs, grids, strides, gt_boxes, gt_labels)
     outputs = outputs.float()
-    assignments, gts = assign_batch(outputs, grid, gt_boxes, gt_labels, center_radius)
+    assignments, gts = assign_batch(outputs, grids, strides, gt_boxes, gt_labels, center_radius)
     num_fg = sum(a.num_fg for a in assignments)
-    iou, obj, cls, l1 = _base_losses(outputs, grid, assignments, gts, gt_labels, raw_regression, reg_weight,
+    iou, obj, cls, l1 = _base_losses(outputs, grids, strides, assignments, gts, gt_labels, raw_regression, reg_weight,
                                      max(num_fg, 1))
     return YOLOXLosses(iou, obj, cls, l1, None, num_fg, sum(int(g.shape[0]) for g in gts))
 
@@ -318,7 +280,7 @@ def refined_class_targets(assignment: Assignment, gt: Tensor, gt_labels: Tensor,
     return targets, keep
 
 
-def yolov_losses(outputs: Tensor, grid: AnchorGrid, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor],
+def yolov_losses(outputs: Tensor, grids: Tensor, strides: Tensor, gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor],
                  refined_logits: Sequence[Tensor], proposals: Sequence[Tensor], raw_regression: Tensor | None = None,
                  *, center_radius: float = YOLOV_CENTER_RADIUS, reg_weight: float = YOLOV_REG_WEIGHT,
                  refined_weight: float = YOLOV_REFINED_WEIGHT) -> YOLOXLosses:
@@ -327,15 +289,15 @@ def yolov_losses(outputs: Tensor, grid: AnchorGrid, gt_boxes: Sequence[Tensor], 
     output without its last logit) of frame b's selected ``proposals[b]`` [P_b] (anchor indices, the
     selection's order), against :func:`refined_class_targets`, summed and divided by the batch's
     number of foreground anchors. The proposals' boxes are the decoded ``outputs`` at those anchors."""
-    _check_inputs(outputs, grid, gt_boxes, gt_labels)
+    _check_inputs(outputs, grids, strides, gt_boxes, gt_labels)
     if not len(refined_logits) == len(proposals) == outputs.shape[0]:
         raise ValueError(f"{outputs.shape[0]} frames but {len(refined_logits)} refined logit sets and "
                          f"{len(proposals)} proposal sets")
     outputs = outputs.float()
     num_classes = outputs.shape[-1] - 5
-    assignments, gts = assign_batch(outputs, grid, gt_boxes, gt_labels, center_radius)
+    assignments, gts = assign_batch(outputs, grids, strides, gt_boxes, gt_labels, center_radius)
     num_fg = sum(a.num_fg for a in assignments)
-    iou, obj, cls, l1 = _base_losses(outputs, grid, assignments, gts, gt_labels, raw_regression, reg_weight,
+    iou, obj, cls, l1 = _base_losses(outputs, grids, strides, assignments, gts, gt_labels, raw_regression, reg_weight,
                                      max(num_fg, 1))
     logits, targets = [], []
     for b, (assignment, gt, labels, frame_logits, idx) in enumerate(
