@@ -13,6 +13,7 @@ import torch
 import megavod
 from megavod.inference.engine import OnlineStream
 from megavod.config import load_config
+from megavod.errors import ConfigError
 from megavod.inference.schedules import permutation_chunks
 from megavod.methods import build_detector
 from megavod.models.contract import KeyFrameInputs
@@ -163,3 +164,38 @@ def test_yolox_single_frame_detector_maps_boxes_to_the_frame():
     expected = yolox_detections(p.boxes[0], p.objectness[0], p.class_scores[0], 0.001, 0.5)
     assert len(expected) > 0
     assert_same(result.detections, expected.scale(1 / ratio, 1 / ratio))
+
+
+# -- the authors' online YOLOV (the yolov_online row) -------------------------------------------------------
+
+
+def test_online_row_is_the_bank_protocol_in_both_modes():
+    """yolov_online: frame k against the bank of frames 0..k-1 (megavod/models/yolov_online.py), the base
+    output while the bank holds fewer than 2 frames; causal, so offline = online; the bank is the stream's."""
+    from megavod.models.yolov_online import OnlineBank, online_key_logits
+
+    cfg = load_config("yolov_s_online", ["yolov_online.width=0.125", "input.letterbox=64"])
+    torch.manual_seed(0)
+    model = build_detector(cfg)
+    with torch.no_grad():
+        for conv in model.head.obj_preds:
+            conv.bias.fill_(0.0)
+    detector = megavod.Detector(model, cfg, device="cpu")
+    frames = video(5)
+    offline = [r.detections for r in detector.stream(frames, mode="offline")]
+    online = [r.detections for r in detector.stream(frames, mode="online")]
+    bank = OnlineBank()
+    ratio = min(64 / 48, 64 / 80)
+    for k, f in enumerate(passes(detector, frames)):
+        step = online_key_logits(model.aggregation, model.head.linear_pred, f, bank)
+        if k < 2:
+            assert step is None
+            expected = base_detections(f.boxes, f.objectness, f.class_scores)
+        else:
+            expected = refined_detections(f.boxes, f.objectness, step.logits)
+        bank.push(f, None if step is None else step.features)
+        assert_same(offline[k], expected.scale(1 / ratio, 1 / ratio))
+        assert_same(online[k], offline[k])
+    assert len(offline[3]) > 0
+    with pytest.raises(ConfigError, match="yolov_online.affinity"):
+        load_config("yolov_s_online", ["yolov_online.affinity=2023"])

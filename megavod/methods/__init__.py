@@ -12,6 +12,8 @@ dff        DFFDetector                  last key frame (every 10)    1 of -9..0 
 yolox      YOLOXDetector                frame k alone                none               YOLOX head        YOLOXConfig
 yolov      YOLOVDetector                k's chunk of 32 (seeded      frames of one      head.trans        YOLOVConfig
                                         permutation)                 video
+yolov_      YOLOVOnlineDetector         frame k alone (a bank of     frames of one      head.trans        YOLOVOnline-
+online                                  earlier frames in the cache) video                                Config
 =========  ===========================  ===========================  =================  ================  ===========
 
 The base model and the ablations are MEGA configs (``mega.memory=false``, ``mega.N_g=0``, ...), not
@@ -34,13 +36,13 @@ from megavod.inference.schedules import (ChunkSchedule, FlowWindowSchedule, KeyF
                                          SingleFrameSchedule)
 from megavod.methods.building import build_detector, load_detector, load_initial_weights
 from megavod.methods.sections import DFFConfig, FGFAConfig, MEGAConfig, RDNConfig
-from megavod.methods.yolo_sections import YOLOVConfig, YOLOXConfig
+from megavod.methods.yolo_sections import YOLOVConfig, YOLOVOnlineConfig, YOLOXConfig
 from megavod.models.dff import build_dff_detector
 from megavod.models.fgfa import build_fgfa_detector
 from megavod.models.mega import build_mega_detector
 from megavod.models.rdn import build_rdn_detector
 from megavod.models.single_frame import build_single_frame_detector
-from megavod.models.yolov import build_yolov_detector, build_yolox_detector
+from megavod.models.yolov import build_yolov_detector, build_yolov_online_detector, build_yolox_detector
 from megavod.registry import MethodSpec, get_method, method_names, register_method
 
 __all__ = ["BUILTIN_METHODS", "DFFConfig", "FGFAConfig", "MEGAConfig", "RDNConfig", "YOLOVConfig", "YOLOXConfig",
@@ -103,6 +105,11 @@ BUILTIN_METHODS = (
         name="yolov", title="YOLOV", build=build_yolov_detector,
         schedule=lambda cfg: ChunkSchedule(cfg.yolov.gframe, cfg.yolov.shuffle_seed),
         checkpoint=signatures.YOLOV, config_key="yolov", config_type=YOLOVConfig,
+    ),
+    MethodSpec(  # the same network and weights as yolov; the key against a bank of earlier frames
+        name="yolov_online", title="YOLOV (online)", build=build_yolov_online_detector,
+        schedule=lambda cfg: KeyFrameSchedule(1), checkpoint=signatures.YOLOV,
+        config_key="yolov_online", config_type=YOLOVOnlineConfig,
     ),
 )
 

@@ -83,3 +83,23 @@ class YOLOVConfig(YOLOXConfig):
         require(self.scale > 0, f"{key}.scale", "> 0", self.scale)
         require(self.gframe >= 1, f"{key}.gframe", ">= 1", self.gframe)
         require(self.base_below >= 0, f"{key}.base_below", ">= 0", self.base_below)
+
+
+@dataclass
+class YOLOVOnlineConfig(YOLOVConfig):
+    """The authors' online YOLOV (``exps/yolov/yolov_*_online.py``, ``tools/yolov_demo_online.py``): each
+    frame against ``chosen_frames`` frames drawn (``random.seed(bank_seed)`` shuffles) from a bank of the last
+    ``bank_frames`` frames, blended with the last ``local_frames`` (docs/yolov.md#online-yolov). Their online
+    attention has the 2022 affinity only; ``gframe``, ``shuffle_seed`` and ``base_below`` do not apply."""
+
+    bank_seed: int = 42
+    bank_frames: int = 600
+    chosen_frames: int = 31
+    local_frames: int = 20
+
+    def validate(self, cfg: Config, key: str) -> None:
+        super().validate(cfg, key)
+        require(self.affinity == "2022", f"{key}.affinity",
+                "'2022' (the authors' online attention, Attention_msa_online, never changed)", self.affinity)
+        for name in ("bank_frames", "chosen_frames", "local_frames"):
+            require(getattr(self, name) >= 1, f"{key}.{name}", ">= 1", getattr(self, name))

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from megavod.data.transforms import letterbox_ratio
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
 from megavod.models.yolov_head import YOLOVAggregation, base_detections, refined_detections, select_proposals
+from megavod.models.yolov_online import OnlineBank, online_key_logits
 from megavod.models.yolox import AnchorPredictions, build_yolox, yolox_detections
 from megavod.structures import Detections
 
@@ -225,6 +226,39 @@ class YOLOVDetector(YOLOXDetector):
         return logits
 
 
+class YOLOVOnlineDetector(YOLOVDetector):
+    """The authors' online YOLOV (``exps/yolov/yolov_*_online.py``, ``tools/yolov_demo_online.py``): the
+    same network and weights as YOLOV; each frame's proposals are aggregated with 31 frames drawn from a
+    bank of earlier frames and blended with the last 20 (:mod:`megavod.models.yolov_online`). The bank is
+    the stream's cache (:class:`~megavod.models.yolov_online.OnlineBank`); the schedule gives the key
+    alone, in frame order, so offline and online are the same."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, *, bank_seed: int = 42, bank_frames: int = 600,
+                 chosen_frames: int = 31, local_frames: int = 20, **kwargs: Any):
+        super().__init__(backbone, head, **kwargs)
+        self.bank_settings = dict(seed=bank_seed, keep=bank_frames, chosen=chosen_frames, local=local_frames)
+
+    def new_stream_cache(self) -> OnlineBank:
+        return OnlineBank(**self.bank_settings)
+
+    @torch.no_grad()
+    def detect_key(self, inputs: KeyFrameInputs[ProposalFrame], cache: OnlineBank | None = None) -> KeyFrameOutput:
+        """Frame k's detections from the bank of frames 0..k-1 (their loop: the base output while the bank
+        holds fewer than 2 frames), then frame k enters the bank. Every frame takes its turn, in order."""
+        if cache is None:
+            raise ValueError("the online YOLOV key step needs its stream's bank (new_stream_cache())")
+        key = inputs.key
+        step = online_key_logits(self.aggregation, self.head.linear_pred, key, cache)
+        if step is None:
+            det = base_detections(key.boxes.float(), key.objectness.float(), key.class_scores.float(),
+                                  self.test_conf, self.nms_thresh)
+        else:
+            det = refined_detections(key.boxes.float(), key.objectness.float(), step.logits.float(),
+                                     self.test_conf, self.nms_thresh)
+        cache.push(key, None if step is None else step.features)
+        return KeyFrameOutput(_to_frame_pixels(det, key.image_size, key.original_size))
+
+
 def build_yolox_detector(cfg: Any) -> YOLOXDetector:
     """YOLOX from a config with a ``yolox`` section (:class:`megavod.methods.yolo_sections.YOLOXConfig`)."""
     s = cfg.section
@@ -232,15 +266,32 @@ def build_yolox_detector(cfg: Any) -> YOLOXDetector:
     return YOLOXDetector(model.backbone, model.head, s.test_conf, s.nms_thresh)
 
 
-def build_yolov_detector(cfg: Any) -> YOLOVDetector:
-    """YOLOV from a config with a ``yolov`` section (:class:`megavod.methods.yolo_sections.YOLOVConfig`): the
-    YOLOX network with ``cls_convs2``, then the aggregation and ``linear_pred`` on its head (the authors'
-    ``yolovp_msa.py::YOLOXHead`` holds them there, hence their keys ``head.trans.*``, ``head.linear_pred.*``)."""
-    s = cfg.section
+def _yolov_network(s: Any) -> nn.Module:
+    """The YOLOX network with ``cls_convs2``, then the aggregation and ``linear_pred`` on its head (the
+    authors' ``yolovp_msa.py::YOLOXHead`` holds them there, hence their keys ``head.trans.*``,
+    ``head.linear_pred.*``)."""
     model = build_yolox(s.depth, s.width, s.num_classes, video_branch=True, prior_prob=s.prior_prob)
     model.head.trans = YOLOVAggregation(s.channels, heads=s.heads, scale=s.scale, sim_thresh=s.sim_thresh,
                                         affinity=s.affinity)
     model.head.linear_pred = nn.Linear(4 * s.channels, s.num_classes + 1)
-    return YOLOVDetector(model.backbone, model.head, proposals=s.proposals, pre_top=s.pre_top,
-                         pre_nms_thresh=s.pre_nms_thresh, base_below=s.base_below, test_conf=s.test_conf,
-                         nms_thresh=s.nms_thresh)
+    return model
+
+
+def _yolov_settings(s: Any) -> dict[str, Any]:
+    return dict(proposals=s.proposals, pre_top=s.pre_top, pre_nms_thresh=s.pre_nms_thresh, base_below=s.base_below,
+                test_conf=s.test_conf, nms_thresh=s.nms_thresh)
+
+
+def build_yolov_detector(cfg: Any) -> YOLOVDetector:
+    """YOLOV from a config with a ``yolov`` section (:class:`megavod.methods.yolo_sections.YOLOVConfig`)."""
+    model = _yolov_network(cfg.section)
+    return YOLOVDetector(model.backbone, model.head, **_yolov_settings(cfg.section))
+
+
+def build_yolov_online_detector(cfg: Any) -> YOLOVOnlineDetector:
+    """Online YOLOV from a config with a ``yolov_online`` section
+    (:class:`megavod.methods.yolo_sections.YOLOVOnlineConfig`)."""
+    s = cfg.section
+    model = _yolov_network(s)
+    return YOLOVOnlineDetector(model.backbone, model.head, bank_seed=s.bank_seed, bank_frames=s.bank_frames,
+                               chosen_frames=s.chosen_frames, local_frames=s.local_frames, **_yolov_settings(s))
