@@ -147,7 +147,7 @@ def test_recorded_configs_with_every_methods_section_still_load():
         ("mega.T_g=ten", "config key 'mega.T_g': expected int, got 'ten'"),
         ("mega.T_l=24", "config key 'mega.T_l': must be an odd number >= 1"),
         ("mega.N_l=0", "config key 'mega.N_l': must be >= 1 when mega.memory is on"),
-        ("method=yolo", "config key 'method': expected one of 'single', 'mega', 'rdn', 'fgfa', 'dff', 'yolox', 'yolov', got 'yolo'"),
+        ("method=yolo", "config key 'method': expected one of 'single', 'mega', 'rdn', 'fgfa', 'dff', 'yolox', 'yolov', 'yolov_online', got 'yolo'"),
         ("model.rpn.nms_thresh=1.5", "config key 'model.rpn.nms_thresh': must be in (0, 1] (got 1.5)"),
         ("mega.memory=maybe", "config key 'mega.memory': expected bool, got 'maybe'"),
         ("solver.steps=[5, 3]", "config key 'solver.steps': must be increasing positive iterations"),
