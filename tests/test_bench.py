@@ -191,6 +191,29 @@ def test_share_weights_gives_the_same_proposals():
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_letterbox_configs_get_the_frames_size_rounded_to_32():
+    # YOLOX / YOLOV letterbox to a square side: the frames' short side rounded to a multiple of 32
+    assert [bench_frames.letterbox_side(s) for s in (8, 48, 300, 576, 600)] == [32, 64, 288, 576, 608]
+    yolox, yolov = bench_frames.bench_config("yolox_s_vid", 576), bench_frames.bench_config("yolov_s", 576)
+    assert yolox.input.letterbox == 576 and yolov.input.letterbox == 576  # yolov_s's preset is 512
+    assert bench_frames.bench_config("yolox_s_vid", 600).input.letterbox == 608
+    single = bench_frames.bench_config("single_R_101", 576)
+    assert single.input.letterbox == 0 and (single.input.min_size_test, single.input.max_size_test) == (576, 960)
+
+
+def test_run_bench_yolox_and_yolov_share_the_per_frame_network():
+    from megavod.methods import build_detector
+
+    torch.manual_seed(0)
+    yolox = build_detector(bench_frames.bench_config("yolox_s_vid", 64))
+    yolov = build_detector(bench_frames.bench_config("yolov_s", 64))
+    # every YOLOX tensor has its name in YOLOV (the authors' names): the YOLOV row runs YOLOX's network
+    assert bench.share_weights(yolox, yolov) == len(yolox.state_dict())
+    results = run_bench(["yolox_s_vid", "yolov_s"], num_frames=6, size=64, warmup=0)  # one chunk of 6 > 4
+    assert [r.method for r in results] == ["yolox", "yolov"]
+    assert all(r.settings is None and r.videos[0].frames == 6 and r.video_ms > 0 for r in results)
+
+
 # -- interleaving and the scaling runs -----------------------------------------------------------------
 
 

@@ -29,10 +29,24 @@ def synthetic_frames(num_frames: int, size: int, seed: int = 0) -> list[np.ndarr
     return frames
 
 
+LETTERBOX_STRIDE = 32  # YOLOX's largest stride: its letterbox sides are multiples of it
+
+
+def letterbox_side(size: int) -> int:
+    """The letterbox side of a YOLOX / YOLOV config on bench frames of short side ``size``: ``size`` rounded
+    to the nearest multiple of 32 (halves up; at least 32). At ``--size 576``, the authors' YOLOX-S test
+    size, the 576 x 960 frames are letterboxed to 576: the long side scaled to 576, the short one padded."""
+    return max(LETTERBOX_STRIDE, LETTERBOX_STRIDE * int(size / LETTERBOX_STRIDE + 0.5))
+
+
 def bench_config(name: str, size: int) -> Config:
-    """The config ``name`` with its test input set to the bench frames' size (no resizing)."""
+    """The config ``name`` with its test input set to the bench frames' size (no resizing); a letterbox
+    config (YOLOX, YOLOV) gets the letterbox side :func:`letterbox_side`."""
     height, width = frame_shape(size)
-    return load_config(name, [f"input.min_size_test={height}", f"input.max_size_test={width}"])
+    overrides = [f"input.min_size_test={height}", f"input.max_size_test={width}"]
+    if load_config(name).input.letterbox:
+        overrides.append(f"input.letterbox={letterbox_side(size)}")
+    return load_config(name, overrides)
 
 
 @torch.no_grad()
