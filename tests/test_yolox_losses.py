@@ -262,3 +262,245 @@ def test_yolov_losses_equal_the_authors(ref):
     for name, grad in (("raw", raw.grad), ("refined", refined.grad)):
         want = ref[f"yolov_grad_{name}"]
         assert (grad - want).abs().max().item() <= grad_budget(want), name
+
+
+# -- the whole YOLOV head in training, against the authors' yolovp_msa.py::YOLOXHead.forward ---------------
+
+HEAD_WIDTH = 0.0625  # make_yolox_loss_vectors.py: 16 channels, 4 heads
+
+
+@pytest.fixture(scope="module")
+def head_ref():
+    with np.load(REFERENCE / "yolox_losses_yolov_head.npz") as data:
+        return {k: torch.from_numpy(data[k]) for k in data.files}
+
+
+def authors_yolov_head(head_ref) -> torch.nn.Module:
+    """megavod's YOLOX head with the video branch, YOLOV's aggregation and ``linear_pred``, holding the
+    authors' head's weights (their keys, loaded strictly)."""
+    from megavod.models.yolov_head import YOLOVAggregation
+    from megavod.models.yolox import YOLOXHead
+
+    head = YOLOXHead(NUM_CLASSES, HEAD_WIDTH, video_branch=True)
+    width = head.width
+    head.trans = YOLOVAggregation(width, heads=4, scale=25.0, sim_thresh=0.75, affinity="2022")
+    head.linear_pred = torch.nn.Linear(4 * width, NUM_CLASSES + 1)
+    head.load_state_dict({k[len("state."):]: v for k, v in head_ref.items() if k.startswith("state.")}, strict=True)
+    for m in head.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert m.eps == 1e-3  # their init_yolo, as the script set
+    return head.train()
+
+
+def test_yolov_head_training_equals_the_authors(head_ref):
+    """yolov_head_losses (the YOLOX head, the selection without gradient, the aggregation with the proposals'
+    scores carrying gradient, linear_pred, the losses) against their head's training forward: the same
+    proposals, foregrounds and losses, and the gradients of every part YOLOV trains.
+
+    Budget: the head's convolutions (reductions 16, 16 x 9 twice, the predictions' 16) and the
+    aggregation (qkv 16, the heads' 4, the 30 rows' attention, linear1 32, linear2 64, linear_pred 64)
+    ahead of the losses; unit-scale activations (BatchNorm in training mode), errors relative to the
+    largest value, both sides: chain_budget with a margin of 4 for the losses' own sums and the
+    gradients' backward chains (the same reductions again)."""
+    from megavod.models.yolox_losses import yolov_head_losses
+    from tests.error_budget import chain_budget
+
+    head = authors_yolov_head(head_ref)
+    features = [head_ref[f"xin{k}"] for k in range(3)]
+    counts = head_ref["gt_count"].tolist()
+    targets = [{"boxes": head_ref["gt_boxes"][b, :n], "labels": head_ref["gt_labels"][b, :n] + 1}
+               for b, n in enumerate(counts)]
+    seen = {}
+    from megavod.models import yolox_losses as module
+
+    select = module.select_proposals
+
+    def recording(*args, **kwargs):
+        out = select(*args, **kwargs)
+        seen.setdefault("proposals", []).append(out)
+        return out
+
+    module.select_proposals = recording
+    try:
+        losses = yolov_head_losses(head, features, targets, pre_top=40, pre_nms_thresh=0.75, num_proposals=10,
+                                   use_l1=True)
+    finally:
+        module.select_proposals = select
+    assert torch.equal(torch.stack(seen["proposals"]), head_ref["proposals"])
+    assert losses.num_fg == int(head_ref["fg_mask"].sum())
+    assert losses.refined.item() > 0  # the case selects foreground proposals
+    lengths = (16, 144, 144, 16, 16, 4, 30, 32, 64, 64)
+    for name, value in losses.terms().items():
+        want = float(head_ref[name])
+        budget = chain_budget(lengths, magnitude=max(1.0, abs(want)), sides=2, margin=4)
+        assert abs(value.item() - want) <= budget, (name, value.item(), want, budget)
+    losses.total.backward()
+    params = dict(head.named_parameters())
+    for key, want in head_ref.items():
+        if not key.startswith("grad."):
+            continue
+        got = params[key[len("grad."):]].grad
+        budget = chain_budget(lengths * 2, magnitude=float(want.abs().max()), sides=2, margin=4)
+        assert (got - want).abs().max().item() <= budget, (key, (got - want).abs().max().item(), budget)
+
+
+# -- YOLOV's training data: frames of one video, each with its ground truth ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def vid_root(tmp_path_factory):
+    from megavod.data.convert_dataset import vid_layout_to_coco
+    from megavod.data.synthetic import generate_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("vid")
+    generate_synthetic_dataset(root, num_train_videos=2, num_val_videos=0, frames=(20, 24), size=64,
+                               num_det_images=2)
+    assert vid_layout_to_coco(root, "VID_train_15frames", root / "train.json").skipped_boxes == 0
+    return root
+
+
+def test_video_frames_sampler():
+    from megavod.data.sampling import VideoFramesSampler, draw_distinct  # noqa: F401
+
+    sampler = VideoFramesSampler(15)
+    assert sampler.counts() == {"frames": 15} and VideoFramesSampler.with_targets
+    for seed in range(20):
+        frames = sampler.sample(7, 40, np.random.default_rng(seed))["frames"]
+        assert len(frames) == 15 == len(set(frames)) and 7 not in frames and all(0 <= f < 40 for f in frames)
+    # A video shorter than the batch repeats frames (the authors skip it); one frame long: the key itself.
+    short = sampler.sample(2, 5, np.random.default_rng(0))["frames"]
+    assert len(short) == 15 and set(short) <= {0, 1, 3, 4}
+    assert sampler.sample(0, 1, np.random.default_rng(0))["frames"] == [0] * 15
+
+
+@pytest.mark.parametrize("source", ["folder", "coco"])
+def test_references_bring_their_ground_truth(vid_root, source):
+    from megavod.data.sampling import MEGASampler, VideoFramesSampler
+    from megavod.data.transforms import LetterboxTransform, letterbox_ratio
+    from megavod.data.vid_dataset import VIDTrainDataset
+    from megavod.data.vid_xml import read_annotation
+    from megavod.train.distributed import SampleKey
+
+    root = vid_root if source == "folder" else vid_root / "train.json"
+    ds = VIDTrainDataset(root, ("DET_train_30classes", "VID_train_15frames") if source == "folder" else (),
+                         LetterboxTransform(64, flip_prob=0.5), VideoFramesSampler(5),
+                         image_root=vid_root / "Data" / "VID" if source == "coco" else None)
+    flips = set()
+    for i, rec in enumerate(ds.records):
+        s = ds[SampleKey(i, 11 + i)]
+        flips.add(s.flipped)
+        assert len(s.refs["frames"]) == len(s.ref_targets["frames"]) == 5
+        if not rec.is_video:  # a still image: copies of the image, and of its ground truth
+            assert all(t is s.target for t in s.ref_targets["frames"])
+            continue
+        r = letterbox_ratio(rec.height, rec.width, 64)
+        for f, target in zip(s.ref_frames["frames"], s.ref_targets["frames"]):
+            ann = read_annotation(vid_root / "Annotations" / "VID" / rec.video / f"{f:06d}.xml", rec.video, f)
+            boxes = ann.boxes.float().clone()
+            if s.flipped:
+                boxes[:, [0, 2]] = rec.width - boxes[:, [2, 0]]
+            keep = (ann.boxes[:, 2] > ann.boxes[:, 0]) & (ann.boxes[:, 3] > ann.boxes[:, 1])
+            assert torch.equal(target["boxes"], boxes[keep] * r) and torch.equal(target["labels"], ann.labels[keep])
+        moved = s.to("cpu")
+        assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(moved.ref_targets["frames"],
+                                                                         s.ref_targets["frames"]))
+    assert flips == {True, False}
+    # A sampler without with_targets: no reference ground truth, as before.
+    plain = VIDTrainDataset(root, ("VID_train_15frames",) if source == "folder" else (), LetterboxTransform(64),
+                            MEGASampler(T_l=5, T_m=5), image_root=vid_root / "Data" / "VID" if source == "coco" else None)
+    assert plain[0].ref_targets == {}
+
+
+# -- the training forward on megavod samples -------------------------------------------------------------------
+
+
+def test_pad_letterboxed_pads_with_114():
+    from megavod.models.yolox_losses import pad_letterboxed
+
+    a, b = torch.zeros(3, 64, 32), torch.ones(3, 32, 64)
+    batch = pad_letterboxed([a, b])
+    assert batch.shape == (2, 3, 64, 64)
+    assert (batch[0, :, :, 32:] == 114).all() and (batch[0, :, :, :32] == 0).all()
+    assert (batch[1, :, 32:] == 114).all() and (batch[1, :, :32] == 1).all()
+    assert torch.equal(pad_letterboxed([a, a]), torch.stack([a, a]))
+
+
+def test_loss_targets_drop_boxes_of_one_pixel_and_shift_labels():
+    from megavod.models.yolox_losses import loss_targets
+
+    boxes, labels = loss_targets({"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 6.0, 20.0],
+                                                         [1.0, 1.0, 3.5, 2.5]]), "labels": torch.tensor([3, 4, 30])})
+    assert boxes.tolist() == [[0.0, 0.0, 10.0, 10.0], [1.0, 1.0, 3.5, 2.5]] and labels.tolist() == [2, 29]
+
+
+def tiny_config(method: str):
+    from megavod.config import load_config
+
+    preset = {"yolox": "yolox_s_vid", "yolov": "yolov_s"}[method]
+    return load_config(preset, [f"{method}.width=0.0625", "input.letterbox=64"])
+
+
+def video_samples(vid_root, frames: int, count: int):
+    from megavod.data.sampling import VideoFramesSampler
+    from megavod.data.transforms import LetterboxTransform
+    from megavod.data.vid_dataset import VIDTrainDataset
+    from megavod.train.distributed import SampleKey
+
+    ds = VIDTrainDataset(vid_root, ("VID_train_15frames",), LetterboxTransform(64, flip_prob=0.5),
+                         VideoFramesSampler(frames))
+    return [ds[SampleKey(i, 3 + i)] for i in range(count)]
+
+
+def test_yolov_training_losses_train_what_the_authors_train(vid_root):
+    """The authors' YOLOV get_model freezes the backbone, stems, cls_convs, reg_convs and reg_preds: no
+    gradient reaches them, every other part gets one (cls_convs2 and linear_pred through the refined loss
+    alone); the frozen parts' BatchNorm still updates its running statistics (their fix_bn is commented
+    out). Two samples give the mean of each alone."""
+    from megavod.models.yolov import build_yolov_detector
+    from megavod.models.yolox_losses import (YOLOV_FROZEN_HEAD, freeze_yolov_base, video_batch, yolov_sample_losses,
+                                             yolov_training_losses)
+
+    torch.manual_seed(0)
+    detector = build_yolov_detector(tiny_config("yolov"))
+    freeze_yolov_base(detector)
+    detector.train()
+    samples = video_samples(vid_root, 5, 2)
+    bn = detector.backbone.backbone.stem.conv.bn
+    before = bn.running_mean.clone()
+    losses = yolov_training_losses(detector, samples[:1])
+    assert set(losses) == {"loss_iou", "loss_obj", "loss_cls", "loss_l1", "loss_refined"}
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_refined"].item() > 0
+    assert not torch.equal(bn.running_mean, before)
+    sum(losses.values()).backward()
+    for name, p in detector.named_parameters():
+        frozen = name.startswith("backbone.") or name.split(".")[1] in YOLOV_FROZEN_HEAD
+        assert (p.grad is None) == frozen, name
+        if not frozen:
+            assert p.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        pair = yolov_training_losses(detector, samples)
+        alone = [yolov_sample_losses(detector, *video_batch(s)).terms() for s in samples]
+    for name, value in pair.items():
+        assert value.item() == pytest.approx((alone[0][name].item() + alone[1][name].item()) / 2, rel=1e-5, abs=1e-6)
+
+
+def test_yolox_training_losses_on_letterboxed_keys(vid_root):
+    """A batch of key frames through the YOLOX network and the losses (normalised by the batch's
+    foregrounds), the L1 loss only when asked; every parameter gets a gradient."""
+    from megavod.models.yolov import build_yolox_detector
+    from megavod.models.yolox_losses import decoded_outputs, loss_targets, pad_letterboxed, yolox_training_losses
+
+    torch.manual_seed(0)
+    detector = build_yolox_detector(tiny_config("yolox")).train()
+    samples = video_samples(vid_root, 0, 3)
+    losses = yolox_training_losses(detector, samples, use_l1=True)
+    assert set(losses) == {"loss_iou", "loss_obj", "loss_cls", "loss_l1"} and losses["loss_l1"].item() > 0
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in detector.parameters())
+    with torch.no_grad():
+        off = yolox_training_losses(detector, samples)
+        raw = detector.head.raw_outputs(detector.backbone(pad_letterboxed([s.image for s in samples])))
+        boxes, labels = zip(*(loss_targets(s.target) for s in samples))
+        direct = yolox_losses(decoded_outputs(raw), raw.grids, raw.strides, boxes, labels)
+    assert off["loss_l1"].item() == 0.0
+    assert {k: v.item() for k, v in off.items()} == {k: v.item() for k, v in direct.terms().items()}

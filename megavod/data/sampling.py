@@ -11,12 +11,17 @@ what makes a resumed run draw exactly the frames the uninterrupted one would.
 
 A still image (a DET line, or any 2-column list line) has no neighbours: its references are copies of
 the image itself in the same numbers (:meth:`ReferenceSampler.counts`); the dataset does that.
+
+A sampler whose method computes losses on its reference frames too (YOLOV: every frame of the batch is
+a query with its own ground truth) says so with a true class attribute ``with_targets``; the dataset
+then loads each reference's boxes and labels with it (``TrainSample.ref_targets``). Without the
+attribute a sampler's references carry no ground truth, as before.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import ClassVar, Protocol, Sequence
 
 import numpy as np
 
@@ -150,3 +155,32 @@ class MEGASampler:
             pool_end = min(frame, video_len - 1) if self.online else video_len - 1
             refs["global"] = draw_distinct(rng, range(pool_end + 1), n["global"])
         return refs
+
+
+@dataclass(frozen=True)
+class VideoFramesSampler:
+    """YOLOV's training batch: the key and ``num_frames`` other distinct frames of its video, drawn
+    uniformly, each with its ground truth (``with_targets``).
+
+    The authors (``yolox/data/datasets/vid.py``: ``VIDDataset.photo_to_sequence`` in ``random`` mode,
+    ``VIDBatchSampler``) shuffle each video's frames and cut them into batches of ``gframe`` (16)
+    distinct frames; every frame of a batch is aggregated over the batch and gets its losses. Here a
+    batch is a key frame of the image set with ``num_frames`` (15) others of its video: the same law of
+    16 distinct frames of one video, with the key frames' weights of the image set. A video shorter than
+    the batch repeats frames (:func:`draw_distinct`); the authors' loader skips such videos.
+    """
+
+    num_frames: int = 15
+    role: str = "frames"
+    with_targets: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 0:
+            raise ValueError(f"num_frames must be >= 0, got {self.num_frames}")
+
+    def counts(self) -> dict[str, int]:
+        return {self.role: self.num_frames}
+
+    def sample(self, frame: int, video_len: int, rng: np.random.Generator) -> dict[str, list[int]]:
+        others = [f for f in range(video_len) if f != frame] or [frame]
+        return {self.role: draw_distinct(rng, others, self.num_frames)}

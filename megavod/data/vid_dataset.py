@@ -71,7 +71,9 @@ class TrainSample:
     RDN/FGFA/DFF: ``"ref"``; single frame: none) to its images, all of ``image``'s size and flip;
     ``ref_frames`` gives their frame numbers (for a still image, its own frame 0; its references are
     the key tensor itself, shared, not copied: treat images as read-only). ``video`` is the
-    video folder (or a still image's id) and ``frame`` the key's frame number.
+    video folder (or a still image's id) and ``frame`` the key's frame number. ``ref_targets`` holds,
+    per role, each reference's ground truth like ``target`` (in its image's pixels), only for a sampler
+    with ``with_targets`` (YOLOV, :class:`~megavod.data.sampling.VideoFramesSampler`); empty otherwise.
     """
 
     image: Tensor
@@ -83,6 +85,7 @@ class TrainSample:
     flipped: bool = False
     orig_size: tuple[int, int] = (0, 0)  # (H, W) of the file
     is_video: bool = True
+    ref_targets: dict[str, list[dict[str, Tensor]]] = field(default_factory=dict)
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -107,6 +110,8 @@ class TrainSample:
             image=once(self.image),
             target={k: fn(v) for k, v in self.target.items()},
             refs={role: [once(t) for t in images] for role, images in self.refs.items()},
+            ref_targets={role: [{k: once(v) for k, v in t.items()} for t in targets]
+                         for role, targets in self.ref_targets.items()},
         )
 
     def to(self, device: torch.device | str) -> "TrainSample":
@@ -132,10 +137,20 @@ class FrameRecord:
     boxes: np.ndarray  # float32 [N,4]
     labels: np.ndarray  # int64 [N]
     files: tuple[Path, ...] | None = None  # COCO-VID: the image of each frame of the video, else None
+    # COCO-VID: the kept (boxes, labels) of each frame of the video (references' ground truth), else None
+    frame_targets: tuple[tuple[np.ndarray, np.ndarray], ...] | None = None
 
     @property
     def is_video(self) -> bool:
         return self.video_len is not None
+
+
+def kept_boxes(boxes: Tensor, labels: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """An annotation's boxes (float32 [N, 4]) and labels (int64 [N]) without the empty ones
+    (``x2 <= x1`` or ``y2 <= y1``: ``clip_to_image(remove_empty=True)``)."""
+    boxes = boxes.numpy().astype(np.float32).reshape(-1, 4)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return boxes[keep], labels.numpy().astype(np.int64)[keep]
 
 
 def subset_of(image_set: str) -> str:
@@ -168,8 +183,7 @@ def read_records(root: Path, image_set: str) -> tuple[list[FrameRecord], int]:
         if not ann.boxes.shape[0] and not _HAS_OBJECT.search(xml_path.read_bytes()):
             dropped += 1  # no <object> at all: the authors drop it at build time
             continue
-        boxes = ann.boxes.numpy().astype(np.float32).reshape(-1, 4)
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # clip_to_image(remove_empty)
+        boxes, labels = kept_boxes(ann.boxes, ann.labels)
         records.append(
             FrameRecord(
                 image_set=list_path,
@@ -180,8 +194,8 @@ def read_records(root: Path, image_set: str) -> tuple[list[FrameRecord], int]:
                 video_len=entry.video_len,
                 width=ann.width,
                 height=ann.height,
-                boxes=boxes[keep],
-                labels=ann.labels.numpy().astype(np.int64)[keep],
+                boxes=boxes,
+                labels=labels,
             )
         )
     return records, dropped
@@ -194,6 +208,7 @@ def coco_vid_records(dataset: CocoVidDataset) -> tuple[list[FrameRecord], int]:
     for video in dataset.videos:
         # One tuple per video, shared by its records: references index it by frame position.
         files = tuple(dataset.image_path(video, i) for i in range(len(video)))
+        targets = tuple(kept_boxes(ann.boxes, ann.labels) for ann in video.frames)
         train = set(video.train_frames)
         for index, ann in enumerate(video.frames):
             if marked and ann.frame not in train:
@@ -208,8 +223,7 @@ def coco_vid_records(dataset: CocoVidDataset) -> tuple[list[FrameRecord], int]:
                         f"{dataset.path}: image id {video.image_ids[i]} ({video.files[i]!r}): image file "
                         f"not found: {files[i]}"
                     )
-            boxes = ann.boxes.numpy().astype(np.float32).reshape(-1, 4)
-            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # clip_to_image(remove_empty)
+            boxes, labels = targets[index]
             records.append(
                 FrameRecord(
                     image_set=dataset.path,
@@ -220,9 +234,10 @@ def coco_vid_records(dataset: CocoVidDataset) -> tuple[list[FrameRecord], int]:
                     video_len=len(video),
                     width=ann.width,
                     height=ann.height,
-                    boxes=boxes[keep],
-                    labels=ann.labels.numpy().astype(np.int64)[keep],
+                    boxes=boxes,
+                    labels=labels,
                     files=files,
+                    frame_targets=targets,
                 )
             )
     return records, dropped
@@ -309,10 +324,11 @@ class VIDTrainDataset(Dataset):
         image, boxes = self.transform(
             self._load(self.image_path(record), record), torch.from_numpy(record.boxes.copy()), draw
         )
-        refs, ref_frames = self._references(record, image, draw, np.random.default_rng(key.seed))
+        target = {"boxes": boxes.float(), "labels": torch.from_numpy(record.labels.copy())}
+        refs, ref_frames, ref_targets = self._references(record, image, target, draw, np.random.default_rng(key.seed))
         return TrainSample(
             image=image,
-            target={"boxes": boxes.float(), "labels": torch.from_numpy(record.labels.copy())},
+            target=target,
             refs=refs,
             video=record.video,
             frame=record.frame,
@@ -320,28 +336,54 @@ class VIDTrainDataset(Dataset):
             flipped=draw.flip,
             orig_size=(record.height, record.width),
             is_video=record.is_video,
+            ref_targets=ref_targets,
         )
 
     def _references(
-        self, record: FrameRecord, key_image: Tensor, draw: TransformDraw, rng: np.random.Generator
-    ) -> tuple[dict[str, list[Tensor]], dict[str, list[int]]]:
+        self, record: FrameRecord, key_image: Tensor, key_target: dict[str, Tensor], draw: TransformDraw,
+        rng: np.random.Generator,
+    ) -> tuple[dict[str, list[Tensor]], dict[str, list[int]], dict[str, list[dict[str, Tensor]]]]:
+        """The references' images and frame numbers per role, and their ground truth when the sampler
+        asks for it (``with_targets``; else no targets)."""
         if self.ref_sampler is None:
-            return {}, {}
+            return {}, {}, {}
+        with_targets = bool(getattr(self.ref_sampler, "with_targets", False))
         if not record.is_video:
             counts = self.ref_sampler.counts()
             return (
                 {role: [key_image] * n for role, n in counts.items()},
                 {role: [record.frame] * n for role, n in counts.items()},
+                {role: [key_target] * n for role, n in counts.items()} if with_targets else {},
             )
         frames = self.ref_sampler.sample(record.frame, record.video_len, rng)
-        loaded: dict[int, Tensor] = {record.frame: key_image}
-        refs = {}
-        for role, numbers in frames.items():
+        loaded: dict[int, tuple[Tensor, dict[str, Tensor] | None]] = {record.frame: (key_image, key_target)}
+        for numbers in frames.values():
             for f in numbers:
-                if f not in loaded:
-                    loaded[f], _ = self.transform(self._load(self.image_path(record, f), record), None, draw)
-            refs[role] = [loaded[f] for f in numbers]
-        return refs, frames
+                if f in loaded:
+                    continue
+                image = self._load(self.image_path(record, f), record)
+                if not with_targets:
+                    loaded[f] = (self.transform(image, None, draw)[0], None)
+                    continue
+                boxes, labels = self._frame_target(record, f)
+                tensor, mapped = self.transform(image, torch.from_numpy(boxes), draw)
+                loaded[f] = (tensor, {"boxes": mapped.float(), "labels": torch.from_numpy(labels)})
+        refs = {role: [loaded[f][0] for f in numbers] for role, numbers in frames.items()}
+        targets = {role: [loaded[f][1] for f in numbers] for role, numbers in frames.items()} if with_targets else {}
+        return refs, frames, targets
+
+    def _frame_target(self, record: FrameRecord, frame: int) -> tuple[np.ndarray, np.ndarray]:
+        """The kept boxes (file pixels) and labels of frame ``frame`` of ``record``'s video."""
+        if record.frame_targets is not None:
+            boxes, labels = record.frame_targets[frame]
+            return boxes.copy(), labels.copy()
+        xml_path = self.root / "Annotations" / record.subset / record.video / f"{frame:06d}.xml"
+        ann = read_annotation(xml_path, record.video, frame)
+        if (ann.width, ann.height) != (record.width, record.height):
+            raise MegavodError(
+                f"{xml_path}: size {ann.width}x{ann.height} differs from the video's {record.width}x{record.height}"
+            )
+        return kept_boxes(ann.boxes, ann.labels)
 
 
 def build_train_dataset(cfg: Config, root: str | Path, image_root: str | Path | None = None) -> VIDTrainDataset:

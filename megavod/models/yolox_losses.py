@@ -38,11 +38,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.ops import box_convert, box_iou
+
+from megavod.models.yolov_head import select_proposals
+from megavod.models.yolox import cxcywh_to_xyxy
 
 YOLOX_CENTER_RADIUS = 2.5  # yolo_head.py::get_in_boxes_info
 YOLOV_CENTER_RADIUS = 4.5  # yolovp_msa.py::get_in_boxes_info
@@ -309,3 +313,121 @@ def yolov_losses(outputs: Tensor, grids: Tensor, strides: Tensor, gt_boxes: Sequ
     refined = F.binary_cross_entropy_with_logits(torch.cat(logits), torch.cat(targets), reduction="sum")
     return YOLOXLosses(iou, obj, cls, l1, refined_weight * refined / max(num_fg, 1), num_fg,
                        sum(int(g.shape[0]) for g in gts))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training forward: a list of megavod TrainSamples -> the loss dict of ``megavod train``
+
+#: The letterbox's pad value, also used to pad images of different sides into one batch.
+PAD_VALUE = 114.0
+#: The authors' frozen parts of YOLOV (``exps/yolov/yolov_{s,l,x}.py::Exp.get_model``): the backbone
+#: (PAFPN with CSPDarknet) and these head modules; ``cls_preds``, ``obj_preds``, ``cls_convs2``,
+#: ``trans`` and ``linear_pred`` train.
+YOLOV_FROZEN_HEAD = ("stems", "cls_convs", "reg_convs", "reg_preds")
+
+
+def pad_letterboxed(images: Sequence[Tensor], pad_value: float = PAD_VALUE) -> Tensor:
+    """Letterboxed images [3, H_i, W_i] -> [N, 3, H, W], padded at the bottom/right with the letterbox's
+    pad value to the largest (images of one size are simply stacked)."""
+    if not images:
+        raise ValueError("pad_letterboxed needs at least one image")
+    sizes = {tuple(image.shape[-2:]) for image in images}
+    if len(sizes) == 1:
+        return torch.stack(list(images))
+    h, w = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    batch = images[0].new_full((len(images), images[0].shape[0], h, w), pad_value)
+    for padded, image in zip(batch, images):
+        padded[:, : image.shape[-2], : image.shape[-1]] = image
+    return batch
+
+
+def loss_targets(target: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """A megavod target (``boxes`` x1y1x2y2 in the letterboxed image's pixels, ``labels`` 1..C) -> the
+    losses' ground truth: the boxes whose letterboxed width and height both exceed 1 pixel (the authors'
+    ``data_augment.py::TrainTransform``: ``np.minimum(w, h) > 1``) and their labels 0..C-1."""
+    boxes, labels = target["boxes"].reshape(-1, 4), target["labels"].reshape(-1)
+    keep = torch.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]) > 1
+    return boxes[keep].float(), labels[keep].long() - 1
+
+
+def decoded_outputs(raw: Any) -> Tensor:
+    """[B, A, 5 + C] as ``get_output_and_grid`` leaves them (decoded centre/size, then the logits) from a
+    :class:`megavod.models.yolox.HeadOutputs`."""
+    return torch.cat([raw.boxes_cxcywh(), raw.outputs[..., 4:]], dim=-1)
+
+
+def yolox_training_losses(detector: nn.Module, samples: Sequence[Any], use_l1: bool = False) -> dict[str, Tensor]:
+    """YOLOX's training losses of a batch of :class:`~megavod.data.vid_dataset.TrainSample` (letterboxed
+    key frames; references, if any, unused): one network pass on the batch, then :func:`yolox_losses`
+    normalised by the batch's foregrounds as the authors' per-GPU batch. ``detector`` has the authors'
+    ``backbone`` and ``head`` (:class:`megavod.models.yolox.YOLOXHead`); ``use_l1`` adds the L1 loss (their
+    last ``no_aug_epochs``). Returns ``YOLOXLosses.terms()``."""
+    images = pad_letterboxed([s.image for s in samples])
+    raw = detector.head.raw_outputs(detector.backbone(images))
+    boxes, labels = zip(*(loss_targets(s.target) for s in samples))
+    losses = yolox_losses(decoded_outputs(raw), raw.grids, raw.strides, boxes, labels,
+                          raw.regression if use_l1 else None)
+    return losses.terms()
+
+
+def video_batch(sample: Any, role: str = "frames") -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """The frames of one YOLOV training sample, key first, with their ground truth: the key and its
+    ``role`` references (:class:`megavod.data.sampling.VideoFramesSampler`, ``ref_targets``)."""
+    refs, ref_targets = sample.refs.get(role, []), sample.ref_targets.get(role, [])
+    if len(ref_targets) != len(refs):
+        raise ValueError(f"a YOLOV training sample needs the ground truth of its {role!r} references "
+                         f"(a sampler with with_targets): {len(refs)} references, {len(ref_targets)} targets")
+    return [sample.image, *refs], [sample.target, *ref_targets]
+
+
+def yolov_sample_losses(detector: nn.Module, frames: Sequence[Tensor], targets: Sequence[dict[str, Tensor]],
+                        use_l1: bool = False) -> YOLOXLosses:
+    """YOLOV's training step on the frames of one video: the backbone on all frames, then
+    :func:`yolov_head_losses` with the detector's selection (``pre_top``, ``pre_nms_thresh``, ``proposals``)."""
+    features = detector.backbone(pad_letterboxed(list(frames)))
+    return yolov_head_losses(detector.head, features, targets, detector.pre_top, detector.pre_nms_thresh,
+                             detector.proposals, use_l1)
+
+
+def yolov_head_losses(head: nn.Module, features: Sequence[Tensor], targets: Sequence[dict[str, Tensor]],
+                      pre_top: int, pre_nms_thresh: float, num_proposals: int, use_l1: bool = False) -> YOLOXLosses:
+    """``yolovp_msa.py::YOLOXHead.forward`` in training on the PAFPN maps of F frames of one video: the
+    head's outputs; each frame's proposals selected without gradient (``postpro_woclass``:
+    :func:`megavod.models.yolov_head.select_proposals` on the decoded sigmoid outputs); the aggregation over
+    all frames' proposals (``head.trans``; the proposals' class confidence and objectness enter it with
+    their gradient, as theirs); ``head.linear_pred`` without its last logit; then :func:`yolov_losses`."""
+    raw = head.raw_outputs(features)
+    outputs = decoded_outputs(raw)
+    objectness, class_scores = raw.objectness_logits.sigmoid(), raw.class_logits.sigmoid()
+    with torch.no_grad():
+        corners = cxcywh_to_xyxy(outputs[..., :4])
+        proposals = [select_proposals(corners[f], objectness[f], class_scores[f], pre_top, pre_nms_thresh,
+                                      num_proposals) for f in range(outputs.shape[0])]
+    rows = lambda t: torch.cat([t[f, idx] for f, idx in enumerate(proposals)])  # noqa: E731
+    aggregated = head.trans(rows(raw.cls_features), rows(raw.reg_features), rows(class_scores).max(dim=1).values,
+                            rows(objectness))
+    logits = head.linear_pred(aggregated)[:, :-1].split([len(idx) for idx in proposals])
+    boxes, labels = zip(*(loss_targets(t) for t in targets))
+    return yolov_losses(outputs, raw.grids, raw.strides, boxes, labels, logits, proposals,
+                        raw.regression if use_l1 else None)
+
+
+def yolov_training_losses(detector: nn.Module, samples: Sequence[Any], use_l1: bool = False,
+                          role: str = "frames") -> dict[str, Tensor]:
+    """YOLOV's training losses of a batch of :class:`~megavod.data.vid_dataset.TrainSample`, each the
+    frames of one video (:func:`video_batch`): each sample's losses as the authors' per-GPU batch
+    (:func:`yolov_sample_losses`), the mean over samples (megavod's rule for several samples per process,
+    docs/departures.md#batch-loss-normalisation). ``detector``: backbone, head with ``cls_convs2``,
+    ``trans``, ``linear_pred``, and the selection's ``pre_top``, ``pre_nms_thresh``, ``proposals``."""
+    per_sample = [yolov_sample_losses(detector, *video_batch(s, role), use_l1=use_l1).terms() for s in samples]
+    if len(per_sample) == 1:
+        return per_sample[0]
+    return {name: sum(losses[name] for losses in per_sample) / len(per_sample) for name in per_sample[0]}
+
+
+def freeze_yolov_base(detector: nn.Module) -> None:
+    """Stop the gradient of the parts the authors freeze for YOLOV (:data:`YOLOV_FROZEN_HEAD` and the
+    backbone). Their BatchNorm layers stay in training mode, as the authors' (``fix_bn`` is commented
+    out): batch statistics, running statistics updated."""
+    for module in [detector.backbone, *(getattr(detector.head, name) for name in YOLOV_FROZEN_HEAD)]:
+        module.requires_grad_(False)

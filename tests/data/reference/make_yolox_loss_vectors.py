@@ -92,10 +92,11 @@ def make_raw(gen: torch.Generator) -> tuple[list[torch.Tensor], np.ndarray]:
     return levels, flat.numpy().copy()
 
 
-def labels_tensor() -> torch.Tensor:
+def labels_tensor(gt=None) -> torch.Tensor:
     """Their label layout [B, max_gt, 5] (class, cx, cy, w, h): ``xyxy2cxcywh`` on float64, stored float32."""
-    labels = np.zeros((len(GT), 8, 5))
-    for b, boxes in enumerate(GT):
+    gt = GT if gt is None else gt
+    labels = np.zeros((len(gt), 8, 5))
+    for b, boxes in enumerate(gt):
         for i, (x1, y1, x2, y2, cls) in enumerate(boxes):
             b64 = np.array([x1, y1, x2, y2], dtype=np.float32).astype(np.float64)
             w, h = b64[2] - b64[0], b64[3] - b64[1]
@@ -132,10 +133,14 @@ class Recorder:
 
 def check_margins(head, levels, labels, radius: float) -> None:
     """Fail unless every discrete decision of the assignment is far from its threshold."""
+    check_output_margins(head, *decoded(head, levels), labels, radius)
+
+
+def check_output_margins(head, outputs, x_shifts, y_shifts, strides, labels, radius: float, gt=None) -> None:
+    """:func:`check_margins` on decoded training outputs [B, A, 5 + C]."""
     from yolox.utils import bboxes_iou
 
-    outputs, x_shifts, y_shifts, strides = decoded(head, levels)
-    for b, boxes in enumerate(GT):
+    for b, boxes in enumerate(GT if gt is None else gt):
         if not boxes:
             continue
         gt = labels[b, : len(boxes), 1:5]
@@ -259,11 +264,125 @@ def run_yolov(levels_np, labels, gen):
     return out
 
 
+#: The YOLOV head of the whole-forward case: width 1/16 (16 channels, 4 heads of 4), as get_model builds it
+#: (BatchNorm eps 1e-3, momentum 0.03; biases at prior 0.01); PAFPN inputs of 16, 32, 64 channels.
+HEAD_WIDTH = 0.0625
+HEAD_GRADS = ("cls_preds", "obj_preds", "cls_convs2", "trans", "linear_pred")  # what YOLOV trains
+
+
+def probe_ground_truth(head, xin) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+    """Ground truth the random head can hit: per image with boxes in ``GT`` (same counts and classes), a
+    jittered copy of the predicted box of each of its most confident anchors (in training mode, on a copy
+    of the head, so that the run itself starts from the stored state), so that YOLOV's selected proposals
+    include foregrounds. Returns the boxes as stored (x1y1x2y2, labels, counts) and their label tensor."""
+    import copy
+
+    probe = copy.deepcopy(head)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        levels = []
+        for k, x in enumerate(xin):
+            x = probe.stems[k](x)
+            reg_feat = probe.reg_convs[k](x)
+            levels.append(torch.cat([probe.reg_preds[k](reg_feat), probe.obj_preds[k](reg_feat),
+                                     probe.cls_preds[k](probe.cls_convs[k](x))], 1))
+        outputs = decoded(probe, levels)[0]
+    counts = [len(g) for g in GT]
+    boxes = np.zeros((len(GT), max(counts), 4), dtype=np.float32)
+    classes = np.zeros((len(GT), max(counts)), dtype=np.int64)
+    for b, n in enumerate(counts):
+        order = outputs[b, :, 4].argsort(descending=True).tolist()
+        chosen = []
+        for a in order if n else []:
+            cx, cy, w, h = outputs[b, a, :4].tolist()
+            box = torch.tensor([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2])
+            box = box * (1 + 0.05 * torch.randn(4, generator=gen))
+            box = box.clamp(0, SIZE)
+            if (box[2:] - box[:2]).min() < 4 or any(float(_iou(box, c)) > 0.3 for c in chosen):
+                continue
+            chosen.append(box)
+            if len(chosen) == n:
+                break
+        for i, box in enumerate(chosen):
+            boxes[b, i] = box.numpy()
+            classes[b, i] = GT[b][i][4]
+    global GT_HEAD
+    GT_HEAD = [[(*boxes[b, i].tolist(), int(classes[b, i])) for i in range(n)] for b, n in enumerate(counts)]
+    stored = {"gt_boxes": boxes, "gt_labels": classes, "gt_count": np.array(counts, dtype=np.int64)}
+    return stored, labels_tensor(GT_HEAD)
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from torchvision.ops import box_iou
+
+    return box_iou(a[None], b[None])[0, 0]
+
+
+def run_yolov_head(seed: int) -> dict[str, np.ndarray]:
+    """``yolovp_msa.py::YOLOXHead.forward`` in training on random PAFPN maps of the 3 images: their
+    selection (pre-NMS top 40, 10 proposals: their 750 and 30 need 750 anchors), aggregation,
+    ``linear_pred`` and ``get_losses`` (``use_l1``). Stores the head's weights, the maps, the proposals,
+    the losses and the gradients of what YOLOV trains."""
+    import torch.nn as nn
+    from yolox.models.yolovp_msa import YOLOXHead
+
+    torch.manual_seed(seed)
+    head = YOLOXHead(NUM_CLASSES, width=HEAD_WIDTH, heads=4, drop=0.0)
+    for m in head.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps, m.momentum = 1e-3, 0.03
+    head.initialize_biases(1e-2)
+    head.Prenum, head.Afternum, head.simN = 40, PROPOSALS, PROPOSALS
+    head.use_l1 = True
+    head.train()
+    state = {f"state.{k}": v.detach().numpy().copy() for k, v in head.state_dict().items()}
+    channels = [int(c * HEAD_WIDTH) for c in (256, 512, 1024)]
+    xin = [torch.randn(len(GT), c, SIZE // s, SIZE // s) for c, s in zip(channels, STRIDES)]
+    gt_boxes, labels = probe_ground_truth(head, xin)
+    seen = {}
+    select = head.postpro_woclass
+
+    def recording_select(*args, **kwargs):
+        out = select(*args, **kwargs)
+        seen["idx"] = [i.clone() for i in out[1]]
+        seen["result"] = [r.detach().clone() for r in out[0]]
+        return out
+
+    head.postpro_woclass = recording_select
+    get_losses = head.get_losses
+
+    def checked_losses(imgs, x_shifts, y_shifts, strides, labels_, outputs, *args, **kwargs):
+        check_output_margins(head, outputs.detach(), torch.cat(x_shifts, 1), torch.cat(y_shifts, 1),
+                             torch.cat(strides, 1), labels_, 4.5, GT_HEAD)
+        return get_losses(imgs, x_shifts, y_shifts, strides, labels_, outputs, *args, **kwargs)
+
+    head.get_losses = checked_losses
+    recorder = Recorder(head)
+    loss, iou, obj, ref, l1, _ = head(xin, labels, torch.zeros(len(GT), 3, SIZE, SIZE))
+    loss.backward()
+    check_refined_margin(recorder, labels, seen["result"])
+    cls = loss - iou - obj - ref - l1
+    out = dict(state)
+    out.update({f"xin{k}": x.numpy() for k, x in enumerate(xin)})
+    out.update(gt_boxes)
+    out["proposals"] = torch.stack(seen["idx"]).numpy().astype(np.int64)
+    out.update({k: np.float32(v.item()) for k, v in (("loss_total", loss), ("loss_iou", iou), ("loss_obj", obj),
+                                                      ("loss_refined", ref), ("loss_l1", l1), ("loss_cls", cls))})
+    out.update(recorder.arrays(sum((SIZE // s) ** 2 for s in STRIDES)))
+    for name, p in head.named_parameters():
+        if name.split(".")[0] in HEAD_GRADS:
+            out[f"grad.{name}"] = p.grad.numpy().copy()
+    print("yolov head", {k: round(float(out[k]), 6) for k in ("loss_total", "loss_iou", "loss_obj", "loss_refined",
+                                                              "loss_l1", "loss_cls")}, "fg", int(out["fg_mask"].sum()))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkout", type=Path, help="YuHengsss/YOLOV at 28ff8b0")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "yolox_losses.npz")
     parser.add_argument("--seed", type=int, default=4)
+    parser.add_argument("--head-seed", type=int, default=0)
     args = parser.parse_args()
     sys.path.insert(0, str(args.checkout.resolve()))
     redirect_cuda()
@@ -288,6 +407,9 @@ def main() -> None:
     data.update(run_yolov(levels_np, labels, gen))
     np.savez_compressed(args.out, **data)
     print(f"wrote {args.out} ({args.out.stat().st_size} bytes)")
+    head_out = args.out.with_name(args.out.stem + "_yolov_head.npz")
+    np.savez_compressed(head_out, **run_yolov_head(args.head_seed))
+    print(f"wrote {head_out} ({head_out.stat().st_size} bytes)")
 
 
 if __name__ == "__main__":
