@@ -59,8 +59,9 @@ def video(n: int = FRAMES, seed: int = 0) -> list[np.ndarray]:
 
 def calibrated(cfg, frames: list[np.ndarray]) -> nn.Module:
     """A random model with unit-scale activations: every BatchNorm's statistics those of the clip (one
-    training-mode pass with a cumulative average), then the biases moved: objectness 0 (~0.5), classes -6
-    (obj x class ~0.001), box sizes x e^1.5 (neighbouring boxes overlap), ``linear_pred`` -6."""
+    training-mode pass with a cumulative average), then the biases moved so that about half the scores pass
+    0.001: objectness 0 (~0.5), classes -6.2, ``linear_pred`` -6.4 (its weights x 5: logits spread by ~0.35);
+    box sizes x e^1.5 (neighbouring boxes overlap)."""
     torch.manual_seed(0)
     model = build_detector(cfg).eval()
     images = torch.stack([megavod.Detector(model, cfg, device="cpu").prepare(f)[0] for f in frames])
@@ -75,11 +76,12 @@ def calibrated(cfg, frames: list[np.ndarray]) -> nn.Module:
         for conv in model.head.obj_preds:
             conv.bias.fill_(0.0)
         for conv in model.head.cls_preds:
-            conv.bias.fill_(-6.0)
+            conv.bias.fill_(-6.2)
         for conv in model.head.reg_preds:
             conv.bias[2:].add_(1.5)
         if hasattr(model.head, "linear_pred"):
-            model.head.linear_pred.bias.fill_(-6.0)
+            model.head.linear_pred.weight.mul_(5.0)
+            model.head.linear_pred.bias.fill_(-6.4)
     for bn in norms:
         bn.momentum = 0.03
     return model
@@ -243,5 +245,10 @@ def test_test_conf_is_an_input_and_the_network_a_constant(exported):
     for key in ("yolov.nms_thresh=0.6", "yolov.pre_nms_thresh=0.7", "yolov.proposals=20", "yolov.width=0.25"):
         with pytest.raises(ConfigError, match=f"'{key.split('=')[0]}'"):
             load_onnx_detector(out, "cpu", overrides=[key])
+    # Nothing passes: every graph meets zero rows after its threshold (ONNX Runtime's empty NonZero / NMS).
+    for method in ("yolox", "yolov"):
+        cfg, _, out = exported(method)
+        detector, ort_cfg = load_onnx_detector(out, "cpu", threads=1, overrides=[f"{method}.test_conf=0.9"])
+        assert all(len(d) == 0 for _, d in stream(detector, ort_cfg, frames[:6], "offline"))
     # The schedule is the runtime's: an override of it is honoured.
     assert load_onnx_detector(out, "cpu", overrides=["yolov.gframe=4"])[1].yolov.gframe == 4
