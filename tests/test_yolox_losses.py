@@ -1,6 +1,8 @@
 """YOLOX's SimOTA assignment and losses and YOLOV's refined-class loss (megavod/models/yolox_losses.py):
-hand-computed cases, and equality with the authors' own ``get_losses`` on the case that
-``tests/data/reference/make_yolox_loss_vectors.py`` wrote (``yolox_losses.npz``).
+hand-computed cases; equality with the authors' own ``get_losses`` on the case that
+``tests/data/reference/make_yolox_loss_vectors.py`` wrote (``yolox_losses.npz``) and with their whole YOLOV
+head's training forward (``yolox_losses_yolov_head.npz``); YOLOV's training data (frames of one video with
+their ground truth) and the training forward on megavod samples (what trains, what is frozen).
 
 Error budget of the reference comparison (u = 2**-24, tests/error_budget.py): every loss is a sum of n
 non-negative terms, each from its operands in at most ~16 roundings (sigmoid/log1p/exp, the IoU's

@@ -23,6 +23,15 @@ What is run, all in float32 on the CPU:
 Both ``get_assignments`` calls are recorded (foreground masks, matched boxes, IoUs), and the gradients of
 each total loss with respect to the raw outputs (and the refined logits) are stored.
 
+A second file, ``yolox_losses_yolov_head.npz``, holds the whole YOLOV head in training: their
+``yolovp_msa.py::YOLOXHead`` (width 1/16: 16 channels, 4 heads; BatchNorm eps 1e-3, momentum 0.03 as
+``get_model``'s ``init_yolo``; biases at prior 0.01) built from ``--head-seed``, its ``forward`` in training
+mode on random PAFPN maps of the 3 images (selection with pre-NMS top 40 and 10 proposals, aggregation,
+``linear_pred``, ``get_losses`` with ``use_l1``): its weights (``state.*``, their keys), the maps, the
+ground truth (per image with boxes, jittered copies of the random head's most confident predictions, so
+that the selected proposals include foregrounds), the proposals, the assignment, the losses and the
+gradients of the parts YOLOV trains (``grad.*``).
+
 The script checks that the case is far from every discrete decision of the assignment (dynamic k's
 floor, the k-th cheapest cost, the 0.6 IoU threshold), so that float32 rounding elsewhere (another CPU,
 another vector width, ``torchvision.ops.box_iou`` instead of their IoU) cannot flip one.
