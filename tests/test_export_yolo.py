@@ -175,7 +175,9 @@ def assert_same_detections(expected, got, test_conf: float, score_gain: float, r
 
 
 def stream(detector, cfg, frames, mode):
-    return [(k, r.detections) for k, r in enumerate(megavod.Detector(detector, cfg, device="cpu").stream(frames, mode=mode))]
+    """(frame, detections) of the frames through ``megavod.Detector`` (the letterbox, the engine)."""
+    results = megavod.Detector(detector, cfg, device="cpu").stream(frames, mode=mode)
+    return [(k, r.detections) for k, r in enumerate(results)]
 
 
 def same_exactly(expected, got) -> None:

@@ -30,14 +30,15 @@ import torch
 from torch import Tensor, nn
 
 from megavod.data.transforms import letterbox_ratio
-from megavod.export.graphs import DETECTION_OUTPUTS, Feeds, GraphIO, GraphRunner, MethodGraphs, NamedGraph, image_axes, rows_axes
+from megavod.export.graphs import (DETECTION_OUTPUTS, Feeds, GraphIO, GraphRunner, MethodGraphs, NamedGraph, image_axes,
+                                   rows_axes)
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
 from megavod.models.yolov import AnchorFrame, ChunkLogits, ProposalFrame
 from megavod.models.yolov_head import base_detections, refined_detections, select_proposals
 from megavod.models.yolox import yolox_detections
 from megavod.structures import Detections
 
-#: The score threshold, a graph input (name -> the section's key).
+#: The score threshold's graph input (the section's ``test_conf``).
 TEST_CONF = "test_conf"
 BASE_OUTPUTS = tuple(f"base_{n}" for n in DETECTION_OUTPUTS)
 #: A frame's YOLOV proposals as they cross the graphs (:class:`~megavod.models.yolov.ProposalFrame`'s fields).
@@ -123,15 +124,18 @@ class YOLOXGraphs(MethodGraphs):
     def conf_feeds(self) -> Feeds:
         return {TEST_CONF: torch.tensor(self.test_conf, dtype=torch.float32)}
 
-    def frame_value(self, outputs: Feeds | None, image: Tensor, index: int, original_size: tuple[int, int]) -> AnchorFrame:
+    def frame_value(self, outputs: Feeds | None, image: Tensor, index: int,
+                    original_size: tuple[int, int]) -> AnchorFrame:
         return AnchorFrame(index, *(outputs[n] for n in ANCHORS), tuple(image.shape[-2:]), original_size)
 
-    def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None, extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
+    def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None,
+                  extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
         return {**rows_feeds(inputs.key, ANCHOR_FIELDS, "anchor_"), **self.conf_feeds()}
 
     def key_output(self, outputs: Feeds, inputs: KeyFrameInputs) -> KeyFrameOutput:
         key = inputs.key
-        return KeyFrameOutput(frame_pixels(*(outputs[n] for n in DETECTION_OUTPUTS), key.image_size, key.original_size))
+        detections = (outputs[n] for n in DETECTION_OUTPUTS)
+        return KeyFrameOutput(frame_pixels(*detections, key.image_size, key.original_size))
 
 
 # -- YOLOV ----------------------------------------------------------------------------------------------
@@ -150,10 +154,9 @@ class _ProposalsGraph(NamedGraph):
     def compute(self, t: Feeds) -> tuple[Tensor, ...]:
         m = self.model
         p = m.predictions(t["image"])
-        keep = select_proposals(p.boxes[0], p.objectness[0], p.class_scores[0], m.pre_top, m.pre_nms_thresh, m.proposals)
+        keep = select_proposals(p.boxes[0], p.objectness[0], p.class_scores[0], m.pre_top, m.pre_nms_thresh,
+                                m.proposals)
         return tuple(getattr(p, n)[0][keep] for n in PROPOSAL_FIELDS)
-
-
 
 
 class _AggregateGraph(NamedGraph):
@@ -220,7 +223,8 @@ class YOLOVGraphs(YOLOXGraphs):
     def new_stream_cache(self) -> ChunkLogits:
         return ChunkLogits()
 
-    def frame_value(self, outputs: Feeds | None, image: Tensor, index: int, original_size: tuple[int, int]) -> ProposalFrame:
+    def frame_value(self, outputs: Feeds | None, image: Tensor, index: int,
+                    original_size: tuple[int, int]) -> ProposalFrame:
         return ProposalFrame(index, *(outputs[n] for n in PROPOSALS), tuple(image.shape[-2:]), original_size)
 
     def gives_base_output(self, inputs: KeyFrameInputs) -> bool:
@@ -228,7 +232,8 @@ class YOLOVGraphs(YOLOXGraphs):
         key without proposals)."""
         return len(list(inputs.local) or [inputs.key]) <= max(1, self.base_below) or len(inputs.key) == 0
 
-    def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None, extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
+    def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None,
+                  extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
         key = inputs.key
         feeds = {**rows_feeds(key, ANCHOR_FIELDS, "proposal_"), **self.conf_feeds()}
         frames = list(inputs.local) or [key]
@@ -249,7 +254,8 @@ class YOLOVGraphs(YOLOXGraphs):
         logits = cache.take(chunk, frames[key_index].index) if cache is not None else None
         if logits is not None:
             return logits
-        every = aggregate({f"proposal_{n}": torch.cat([getattr(f, n) for f in frames]) for n in PROPOSAL_FIELDS})["class_logits"]
+        rows = {f"proposal_{n}": torch.cat([getattr(f, n) for f in frames]) for n in PROPOSAL_FIELDS}
+        every = aggregate(rows)["class_logits"]
         per_frame = dict(zip((f.index for f in frames), torch.split(every, [len(f) for f in frames])))
         logits = per_frame.pop(frames[key_index].index)
         if per_frame and cache is not None:
