@@ -254,3 +254,25 @@ def test_test_conf_is_an_input_and_the_network_a_constant(exported):
         assert all(len(d) == 0 for _, d in stream(detector, ort_cfg, frames[:6], "offline"))
     # The schedule is the runtime's: an override of it is honoured.
     assert load_onnx_detector(out, "cpu", overrides=["yolov.gframe=4"])[1].yolov.gframe == 4
+
+
+def test_cli_export_and_detect_on_onnxruntime(tmp_path):
+    """``megavod export`` of the YOLOV preset (its small form) and ``megavod detect --backend onnxruntime`` on
+    a folder of frames: the export's three graphs, one prediction per frame."""
+    import cv2
+
+    from megavod.apps.cli import main as cli_main
+    from megavod.data.predictions import read_predictions
+
+    small = ["yolov.width=0.125", f"input.letterbox={SIZE}", "yolov.gframe=6"]
+    assert cli_main(["export", str(tmp_path / "onnx"), "--config", "yolov_s", *small]) == 0
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert manifest["method"] == "yolov" and sorted(manifest["graphs"]) == ["aggregate", "frame", "key"]
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for k, frame in enumerate(video(7)):
+        cv2.imwrite(str(clip / f"{k:06d}.png"), frame)
+    assert cli_main(["detect", str(clip), "--weights", str(tmp_path / "onnx"), "--backend", "onnxruntime",
+                     "--device", "cpu", "--out", str(tmp_path / "out")]) == 0
+    (prediction,) = read_predictions(next((tmp_path / "out").glob("*.json")))
+    assert [r.frame for r in prediction.frames] == list(range(7))
