@@ -227,6 +227,20 @@ def _chunk_rows(model, cfg, frames):
     return [[passes[t] for t in chunk] for chunk in order]
 
 
+def test_interleaved_streams_on_onnxruntime_are_each_alone(exported):
+    """Two videos through one ONNX Runtime detector (``stream_many``, each stream its own ChunkLogits) give
+    each video's detections alone, exactly (the same graphs on the same rows)."""
+    cfg, _, out = exported("yolov")
+    detector = megavod.Detector(*load_onnx_detector(out, "cpu", threads=1), device="cpu")
+    a, b = video(9, seed=1), video(13, seed=2)
+    together: dict[int, list] = {}
+    for i, result in detector.stream_many([a, b], mode="offline"):
+        together.setdefault(i, []).append((result.frame, result.detections))
+    for i, frames in enumerate((a, b)):
+        alone = [(r.frame, r.detections) for r in detector.stream(frames, mode="offline")]
+        same_exactly(alone, together[i])
+
+
 def test_test_conf_is_an_input_and_the_network_a_constant(exported):
     """An override of ``test_conf`` is honoured (a graph input: the detections of a model built with it);
     one of a value the graphs hold (the NMS threshold, the selection, the width) is refused in one line."""
