@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import mmap
+import sys
 import time
 from pathlib import Path
 
@@ -212,6 +213,44 @@ def test_run_bench_yolox_and_yolov_share_the_per_frame_network():
     results = run_bench(["yolox_s_vid", "yolov_s"], num_frames=6, size=64, warmup=0)  # one chunk of 6 > 4
     assert [r.method for r in results] == ["yolox", "yolov"]
     assert all(r.settings is None and r.videos[0].frames == 6 and r.video_ms > 0 for r in results)
+
+
+def _authors_speed_script(monkeypatch):
+    """benchmarks/yolov_authors_speed.py as a module (registered: its dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location("bench_yolov_authors_speed", BENCHMARKS / "yolov_authors_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_authors_speed_script_needs_their_code(tmp_path, capsys, monkeypatch):
+    script = _authors_speed_script(monkeypatch)
+    assert script.main([]) == 2
+    assert script.main([str(tmp_path)]) == 2  # not a checkout of their repository
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("yolov_authors_speed: the authors' YOLOV code is needed") for line in err)
+
+
+def test_authors_speed_script_redirects_cuda_only_inside_and_matches_by_class_and_box(monkeypatch):
+    script = _authors_speed_script(monkeypatch)
+    before = torch.Tensor.to
+    with script.cuda_on_cpu():
+        assert torch.ones(2).to("cuda").device.type == "cpu"
+        assert torch.ones(2).to(device=torch.device("cuda")).device.type == "cpu"
+        assert torch.ones(2).to(torch.float64).dtype == torch.float64
+    assert torch.Tensor.to is before  # restored
+    boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [0, 0, 10, 10]])
+    a = (boxes, torch.tensor([0.5, 0.4, 0.3]), torch.tensor([1, 1, 2]))
+    # the same rows in another order, one box off by 2e-4 px, one score by 5e-7
+    b = (boxes[[2, 1, 0]] + torch.tensor([[0.0] * 4, [2e-4, 0, 0, 0], [0.0] * 4]), torch.tensor([0.3, 0.4, 0.5 + 5e-7]),
+         torch.tensor([2, 1, 1]))
+    pairs, box, score = script.match_detections(a, b, box_tol=1e-3, score_tol=1e-6)
+    # float32: within half an ulp of 5 (2.4e-7) and of 0.5 (3e-8)
+    assert pairs == 3 and box == pytest.approx(2e-4, abs=3e-7) and score == pytest.approx(5e-7, abs=5e-8)
+    assert script.match_detections(a, b, box_tol=1e-4, score_tol=1e-6)[0] == 2  # the shifted box no longer pairs
+    c = (b[0], b[1], torch.tensor([2, 1, 3]))  # another class: no pair for it
+    assert script.match_detections(a, c, box_tol=1e-3, score_tol=1e-6)[0] == 2
 
 
 # -- interleaving and the scaling runs -----------------------------------------------------------------
