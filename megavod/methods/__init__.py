@@ -27,7 +27,7 @@ detector, optionally defines its section, and calls :func:`megavod.registry.regi
 from __future__ import annotations
 
 from megavod.checkpoints import signatures
-from megavod.data.sampling import MEGASampler, OffsetSampler
+from megavod.data.sampling import MEGASampler, OffsetSampler, VideoFramesSampler
 from megavod.export.flow_graphs import DFFGraphs, FGFAGraphs
 from megavod.export.graphs import SingleFrameGraphs
 from megavod.export.mega_graphs import MEGAGraphs
@@ -104,11 +104,13 @@ BUILTIN_METHODS = (
     MethodSpec(
         name="yolov", title="YOLOV", build=build_yolov_detector,
         schedule=lambda cfg: ChunkSchedule(cfg.yolov.gframe, cfg.yolov.shuffle_seed),
+        reference_sampler=lambda cfg: VideoFramesSampler(cfg.yolov.train_frames - 1),
         checkpoint=signatures.YOLOV, config_key="yolov", config_type=YOLOVConfig,
     ),
     MethodSpec(  # the same network and weights as yolov; the key against a bank of earlier frames
         name="yolov_online", title="YOLOV (online)", build=build_yolov_online_detector,
         schedule=lambda cfg: KeyFrameSchedule(1), checkpoint=signatures.YOLOV,
+        reference_sampler=lambda cfg: VideoFramesSampler(cfg.yolov_online.train_frames - 1),
         config_key="yolov_online", config_type=YOLOVOnlineConfig,
     ),
 )

@@ -71,6 +71,7 @@ class YOLOVConfig(YOLOXConfig):
     gframe: int = 32  # frames per chunk (their gframe_val)
     shuffle_seed: int = 41  # the permutation's seed (tools/vid_demo.py: random.seed(41))
     base_below: int = 4  # chunks of at most this many frames give the base detector's output (Predictor)
+    train_frames: int = 16  # frames of one video per training sample (their VIDBatchSampler's batch)
 
     def validate(self, cfg: Config, key: str) -> None:
         super().validate(cfg, key)
@@ -83,6 +84,7 @@ class YOLOVConfig(YOLOXConfig):
         require(self.scale > 0, f"{key}.scale", "> 0", self.scale)
         require(self.gframe >= 1, f"{key}.gframe", ">= 1", self.gframe)
         require(self.base_below >= 0, f"{key}.base_below", ">= 0", self.base_below)
+        require(self.train_frames >= 1, f"{key}.train_frames", ">= 1", self.train_frames)
 
 
 @dataclass

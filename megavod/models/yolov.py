@@ -35,6 +35,7 @@ from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
 from megavod.models.yolov_head import YOLOVAggregation, base_detections, refined_detections, select_proposals
 from megavod.models.yolov_online import OnlineBank, online_key_logits
 from megavod.models.yolox import AnchorPredictions, build_yolox, yolox_detections
+from megavod.models.yolox_losses import freeze_yolov_base, yolov_training_losses, yolox_training_losses
 from megavod.structures import Detections
 
 
@@ -115,12 +116,21 @@ class YOLOXDetector(nn.Module):
     #: detector with this flag to half precision on CUDA and keeps float32 on CPU.
     half_on_cuda = True
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, test_conf: float = 0.001, nms_thresh: float = 0.5):
+    def __init__(self, backbone: nn.Module, head: nn.Module, test_conf: float = 0.001, nms_thresh: float = 0.5,
+                 use_l1: bool = False):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.test_conf = test_conf
         self.nms_thresh = nms_thresh
+        self.use_l1 = use_l1
+
+    def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
+        """Training: the losses of a list of :class:`~megavod.data.vid_dataset.TrainSample` (letterboxed key
+        frames; the authors' ``get_losses`` with SimOTA, :func:`~megavod.models.yolox_losses.yolox_losses`)."""
+        if not self.training:
+            raise ValueError("forward computes training losses; call model.train() first")
+        return yolox_training_losses(self, batch, use_l1=self.use_l1)
 
     def predictions(self, images: Tensor) -> AnchorPredictions:
         """Decoded per-anchor outputs of ``images`` [B, 3, S, S] (BGR 0-255, letterboxed)."""
@@ -158,8 +168,8 @@ class YOLOVDetector(YOLOXDetector):
 
     def __init__(self, backbone: nn.Module, head: nn.Module, *, proposals: int = 30, pre_top: int = 750,
                  pre_nms_thresh: float = 0.75, base_below: int = 4, test_conf: float = 0.001,
-                 nms_thresh: float = 0.5):
-        super().__init__(backbone, head, test_conf, nms_thresh)
+                 nms_thresh: float = 0.5, use_l1: bool = False):
+        super().__init__(backbone, head, test_conf, nms_thresh, use_l1)
         if not isinstance(getattr(head, "trans", None), YOLOVAggregation):
             raise ValueError("YOLOVDetector needs a head with the aggregation `trans` and the classifier `linear_pred`")
         self.proposals = proposals
@@ -170,6 +180,15 @@ class YOLOVDetector(YOLOXDetector):
     @property
     def aggregation(self) -> YOLOVAggregation:
         return self.head.trans
+
+    def forward(self, batch: Sequence[Any]) -> dict[str, Tensor]:
+        """Training: each sample is frames of one video (the key and its ``frames`` references, every one
+        with its ground truth), run as the authors' batch: selection, aggregation over the sample's
+        proposals, the YOLOX losses plus the refined class loss
+        (:func:`~megavod.models.yolox_losses.yolov_training_losses`); the mean over samples."""
+        if not self.training:
+            raise ValueError("forward computes training losses; call model.train() first")
+        return yolov_training_losses(self, batch, use_l1=self.use_l1)
 
     def new_stream_cache(self) -> ChunkLogits:
         return ChunkLogits()
@@ -263,7 +282,7 @@ def build_yolox_detector(cfg: Any) -> YOLOXDetector:
     """YOLOX from a config with a ``yolox`` section (:class:`megavod.methods.yolo_sections.YOLOXConfig`)."""
     s = cfg.section
     model = build_yolox(s.depth, s.width, s.num_classes, video_branch=False, prior_prob=s.prior_prob)
-    return YOLOXDetector(model.backbone, model.head, s.test_conf, s.nms_thresh)
+    return YOLOXDetector(model.backbone, model.head, s.test_conf, s.nms_thresh, s.use_l1)
 
 
 def _yolov_network(s: Any) -> nn.Module:
@@ -279,13 +298,16 @@ def _yolov_network(s: Any) -> nn.Module:
 
 def _yolov_settings(s: Any) -> dict[str, Any]:
     return dict(proposals=s.proposals, pre_top=s.pre_top, pre_nms_thresh=s.pre_nms_thresh, base_below=s.base_below,
-                test_conf=s.test_conf, nms_thresh=s.nms_thresh)
+                test_conf=s.test_conf, nms_thresh=s.nms_thresh, use_l1=s.use_l1)
 
 
 def build_yolov_detector(cfg: Any) -> YOLOVDetector:
-    """YOLOV from a config with a ``yolov`` section (:class:`megavod.methods.yolo_sections.YOLOVConfig`)."""
+    """YOLOV from a config with a ``yolov`` section (:class:`megavod.methods.yolo_sections.YOLOVConfig`), with
+    the parts the authors' ``get_model`` freezes frozen (backbone, stems, cls_convs, reg_convs, reg_preds)."""
     model = _yolov_network(cfg.section)
-    return YOLOVDetector(model.backbone, model.head, **_yolov_settings(cfg.section))
+    detector = YOLOVDetector(model.backbone, model.head, **_yolov_settings(cfg.section))
+    freeze_yolov_base(detector)
+    return detector
 
 
 def build_yolov_online_detector(cfg: Any) -> YOLOVOnlineDetector:
@@ -293,5 +315,7 @@ def build_yolov_online_detector(cfg: Any) -> YOLOVOnlineDetector:
     (:class:`megavod.methods.yolo_sections.YOLOVOnlineConfig`)."""
     s = cfg.section
     model = _yolov_network(s)
-    return YOLOVOnlineDetector(model.backbone, model.head, bank_seed=s.bank_seed, bank_frames=s.bank_frames,
-                               chosen_frames=s.chosen_frames, local_frames=s.local_frames, **_yolov_settings(s))
+    detector = YOLOVOnlineDetector(model.backbone, model.head, bank_seed=s.bank_seed, bank_frames=s.bank_frames,
+                                   chosen_frames=s.chosen_frames, local_frames=s.local_frames, **_yolov_settings(s))
+    freeze_yolov_base(detector)
+    return detector
