@@ -12,7 +12,6 @@ selection's NMS (of 84), so the top-k is exercised too.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -26,12 +25,9 @@ from megavod.config import load_config
 from megavod.errors import ConfigError
 from megavod.export.exporter import export_onnx
 from megavod.export.runtime import load_onnx_detector, torch_graph_detector
-from megavod.export.yolo_graphs import YOLOVGraphs, YOLOXGraphs
 from megavod.methods import build_detector
-from megavod.registry import get_method, register_method
 from error_budget import typical_chain
 
-GRAPHS = {"yolox": YOLOXGraphs, "yolov": YOLOVGraphs}
 PRESETS = {"yolox": "yolox_s_vid", "yolov": "yolov_s"}
 SIZE = 64  # the letterbox side; the export traces 128 x 192 frames, so the graphs' sizes are dynamic
 FRAMES = 14  # offline: chunks of 6, 6 and 2 (permutation_chunks(14, 6, 41))
@@ -85,18 +81,6 @@ def calibrated(cfg, frames: list[np.ndarray]) -> nn.Module:
     for bn in norms:
         bn.momentum = 0.03
     return model
-
-
-@pytest.fixture(scope="module", autouse=True)
-def export_rows():
-    """The method rows' ``export`` entries (registered here while the rows have none)."""
-    before = {name: get_method(name) for name in GRAPHS}
-    for name, spec in before.items():
-        if spec.export is None:
-            register_method(dataclasses.replace(spec, export=GRAPHS[name]), replace=True)
-    yield
-    for spec in before.values():
-        register_method(spec, replace=True)
 
 
 @pytest.fixture(scope="module")

@@ -107,6 +107,22 @@ def _trace(graph: NamedGraph, feeds: Feeds, path: Path, opset: int) -> None:
                           do_constant_folding=True)
 
 
+def _input_description(i: Any) -> dict[str, Any]:
+    """What the manifest says about the graphs' input image and their boxes (docs/yolov.md#input for the
+    letterbox of YOLOX / YOLOV)."""
+    if i.letterbox:
+        side = i.letterbox
+        return {"input": {"letterbox": side, "pad_value": i.pad_value,
+                          "image": f"[1, 3, {side}, {side}] float32: BGR 0-255, the frame scaled by r = min({side}/h, "
+                                   f"{side}/w) (cv2 INTER_LINEAR) at the top left, the rest {i.pad_value:g}; no mean/std"},
+                "boxes": "x1, y1, x2, y2 in pixels of the letterboxed image (width = x2 - x1)"}
+    return {"input": {"min_size_test": i.min_size_test, "max_size_test": i.max_size_test,
+                      "pixel_mean": list(i.pixel_mean), "pixel_std": list(i.pixel_std),
+                      "image": "[1, 3, H, W] float32: RGB frame resized (shorter side min_size_test, longer at most "
+                               "max_size_test), channels BGR, x255, minus pixel_mean, over pixel_std"},
+            "boxes": "x1, y1, x2, y2 in pixels of the resized image, legacy +1 convention (width = x2 - x1 + 1)"}
+
+
 def export_onnx(model: nn.Module, cfg: Config, out: str | os.PathLike, fmt: str = "onnx", *,
                 source: str = "", opset: int = OPSET, log: Callable[[str], None] | None = None,
                 reference_cache: bool = True, geometry_cache: bool = True) -> dict[str, Any]:
@@ -142,11 +158,7 @@ def export_onnx(model: nn.Module, cfg: Config, out: str | os.PathLike, fmt: str 
             "format": FORMAT, "version": 1, "method": cfg.method, "config_name": cfg.name, "source": source,
             "opset": opset, "torch": torch.__version__, "config": to_dict(cfg),
             "reference_cache": graphs.kept_projections, "geometry_cache": graphs.kept_geometry,
-            "input": {"min_size_test": cfg.input.min_size_test, "max_size_test": cfg.input.max_size_test,
-                      "pixel_mean": list(cfg.input.pixel_mean), "pixel_std": list(cfg.input.pixel_std),
-                      "image": "[1, 3, H, W] float32: RGB frame resized (shorter side min_size_test, longer at most "
-                               "max_size_test), channels BGR, x255, minus pixel_mean, over pixel_std"},
-            "boxes": "x1, y1, x2, y2 in pixels of the resized image, legacy +1 convention (width = x2 - x1 + 1)",
+            **_input_description(cfg.input),
             "graphs": described,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

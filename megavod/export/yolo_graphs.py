@@ -29,11 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from megavod.data.transforms import letterbox_ratio
 from megavod.export.graphs import (DETECTION_OUTPUTS, Feeds, GraphIO, GraphRunner, MethodGraphs, NamedGraph, image_axes,
                                    rows_axes)
 from megavod.models.contract import KeyFrameInputs, KeyFrameOutput
-from megavod.models.yolov import AnchorFrame, ChunkLogits, ProposalFrame
+from megavod.models.yolov import AnchorFrame, ChunkLogits, ProposalFrame, gives_base_output, to_frame_pixels
 from megavod.models.yolov_head import base_detections, refined_detections, select_proposals
 from megavod.models.yolox import yolox_detections
 from megavod.structures import Detections
@@ -62,10 +61,8 @@ def _axes(names: tuple[str, ...] | list[str], rows: str) -> dict[str, dict[int, 
 
 def frame_pixels(boxes: Tensor, scores: Tensor, labels: Tensor, image_size: tuple[int, int],
                  original_size: tuple[int, int]) -> Detections:
-    """Detections in the frame's pixels: input-pixel boxes divided by the letterbox ratio r = min(S / h,
-    S / w), as the detector's ``_to_frame_pixels``."""
-    r = letterbox_ratio(original_size[0], original_size[1], min(image_size))
-    return Detections(boxes, scores, labels).scale(1.0 / r, 1.0 / r)
+    """A graph's detections in the frame's pixels (the detector's :func:`to_frame_pixels`)."""
+    return to_frame_pixels(Detections(boxes, scores, labels), image_size, original_size)
 
 
 # -- YOLOX ----------------------------------------------------------------------------------------------
@@ -227,11 +224,6 @@ class YOLOVGraphs(YOLOXGraphs):
                     original_size: tuple[int, int]) -> ProposalFrame:
         return ProposalFrame(index, *(outputs[n] for n in PROPOSALS), tuple(image.shape[-2:]), original_size)
 
-    def gives_base_output(self, inputs: KeyFrameInputs) -> bool:
-        """The PyTorch detector's rule: the base output for chunks of at most ``base_below`` frames (and a
-        key without proposals)."""
-        return len(list(inputs.local) or [inputs.key]) <= max(1, self.base_below) or len(inputs.key) == 0
-
     def key_feeds(self, inputs: KeyFrameInputs, cache: Any = None,
                   extra: Mapping[str, GraphRunner] | None = None) -> Feeds:
         key = inputs.key
@@ -245,24 +237,15 @@ class YOLOVGraphs(YOLOXGraphs):
     @staticmethod
     def _key_logits(frames: list[ProposalFrame], key_index: int, cache: ChunkLogits | None,
                     aggregate: GraphRunner) -> Tensor:
-        """As :meth:`YOLOVDetector.detect_key` (its ``_key_logits``): the key's logits from the stream's cache
-        when its chunk was aggregated at an earlier key frame, else the whole chunk by graph ``aggregate``,
-        its other frames' logits kept for their key steps. Chunks that give the base output are aggregated
-        too (unlike the PyTorch detector; at most ``base_below`` frames): the export traces ``aggregate``
-        on a short clip, whose one chunk is that small."""
-        chunk = tuple(f.index for f in frames)
-        logits = cache.take(chunk, frames[key_index].index) if cache is not None else None
-        if logits is not None:
-            return logits
-        rows = {f"proposal_{n}": torch.cat([getattr(f, n) for f in frames]) for n in PROPOSAL_FIELDS}
-        every = aggregate(rows)["class_logits"]
-        per_frame = dict(zip((f.index for f in frames), torch.split(every, [len(f) for f in frames])))
-        logits = per_frame.pop(frames[key_index].index)
-        if per_frame and cache is not None:
-            cache.put(chunk, per_frame)
-        return logits
+        """As :meth:`YOLOVDetector.detect_key`: :meth:`ChunkLogits.key_logits` with graph ``aggregate``.
+        Chunks that give the base output are aggregated too (unlike the PyTorch detector; at most
+        ``base_below`` frames): the export traces ``aggregate`` on a short clip, whose one chunk is that small."""
+        def compute(chunk: list[ProposalFrame]) -> Tensor:
+            rows = {f"proposal_{n}": torch.cat([getattr(f, n) for f in chunk]) for n in PROPOSAL_FIELDS}
+            return aggregate(rows)["class_logits"]
+        return (cache if cache is not None else ChunkLogits()).key_logits(frames, key_index, compute)
 
     def key_output(self, outputs: Feeds, inputs: KeyFrameInputs) -> KeyFrameOutput:
         key = inputs.key
-        names = BASE_OUTPUTS if self.gives_base_output(inputs) else DETECTION_OUTPUTS
+        names = BASE_OUTPUTS if gives_base_output(inputs, self.base_below) else DETECTION_OUTPUTS
         return KeyFrameOutput(frame_pixels(*(outputs[n] for n in names), key.image_size, key.original_size))

@@ -32,6 +32,7 @@ from megavod.export.flow_graphs import DFFGraphs, FGFAGraphs
 from megavod.export.graphs import SingleFrameGraphs
 from megavod.export.mega_graphs import MEGAGraphs
 from megavod.export.relation_graphs import RDNGraphs
+from megavod.export.yolo_graphs import YOLOVGraphs, YOLOXGraphs
 from megavod.inference.schedules import (ChunkSchedule, FlowWindowSchedule, KeyFrameSchedule, RelationSchedule,
                                          SingleFrameSchedule)
 from megavod.methods.building import build_detector, load_detector, load_initial_weights
@@ -99,13 +100,13 @@ BUILTIN_METHODS = (
     ),
     MethodSpec(
         name="yolox", title="YOLOX", build=build_yolox_detector, schedule=lambda cfg: SingleFrameSchedule(),
-        checkpoint=signatures.YOLOX, config_key="yolox", config_type=YOLOXConfig,
+        checkpoint=signatures.YOLOX, export=YOLOXGraphs, config_key="yolox", config_type=YOLOXConfig,
     ),
     MethodSpec(
         name="yolov", title="YOLOV", build=build_yolov_detector,
         schedule=lambda cfg: ChunkSchedule(cfg.yolov.gframe, cfg.yolov.shuffle_seed),
         reference_sampler=lambda cfg: VideoFramesSampler(cfg.yolov.train_frames - 1),
-        checkpoint=signatures.YOLOV, config_key="yolov", config_type=YOLOVConfig,
+        checkpoint=signatures.YOLOV, export=YOLOVGraphs, config_key="yolov", config_type=YOLOVConfig,
     ),
     MethodSpec(  # the same network and weights as yolov; the key against a bank of earlier frames
         name="yolov_online", title="YOLOV (online)", build=build_yolov_online_detector,

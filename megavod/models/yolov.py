@@ -23,7 +23,7 @@ divided by the letterbox ratio r = min(S / h, S / w) (docs/yolov.md#input).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +93,23 @@ class ChunkLogits:
             del self.chunks[chunk]
         return logits
 
+    def key_logits(self, frames: Sequence[ProposalFrame], key_index: int,
+                   compute: Callable[[Sequence[ProposalFrame]], Tensor]) -> Tensor:
+        """The key's refined logits: from this cache when its chunk was aggregated at an earlier key frame,
+        else ``compute`` (the chunk's frames -> every row's logits, stacked in order) on the whole chunk at
+        once (every row's aggregation reads every row's attention output, so the key's rows alone cost about
+        as much), its other frames' logits kept for their key steps. Both runtimes step through here."""
+        chunk = tuple(f.index for f in frames)
+        logits = self.take(chunk, frames[key_index].index)
+        if logits is not None:
+            return logits
+        every = compute(frames)
+        per_frame = dict(zip(chunk, torch.split(every, [len(f) for f in frames])))
+        logits = per_frame.pop(chunk[key_index])
+        if per_frame:
+            self.put(chunk, per_frame)
+        return logits
+
     def put(self, chunk: tuple[int, ...], logits: dict[int, Tensor]) -> None:
         """Keep a chunk's logits, dropping every kept chunk that shares a frame with it: offline chunks
         partition the video and stay until served; online windows overlap, so the cache holds one."""
@@ -102,10 +119,17 @@ class ChunkLogits:
         self.chunks[chunk] = logits
 
 
-def _to_frame_pixels(det: Detections, image_size: tuple[int, int], original_size: tuple[int, int]) -> Detections:
+def to_frame_pixels(det: Detections, image_size: tuple[int, int], original_size: tuple[int, int]) -> Detections:
     """Input-pixel boxes -> the frame's pixels: divided by the letterbox ratio (their ``bboxes /= ratio``)."""
     r = letterbox_ratio(original_size[0], original_size[1], min(image_size))
     return det.scale(1.0 / r, 1.0 / r)
+
+
+def gives_base_output(inputs: KeyFrameInputs[ProposalFrame], base_below: int) -> bool:
+    """Whether YOLOV's key step returns the base detector's output: a chunk of at most ``base_below`` frames
+    (their ``Predictor.inference``), of one frame (their head's ``postprocess_single_img``), or a key
+    without proposals."""
+    return len(inputs.local or [inputs.key]) <= max(1, base_below) or len(inputs.key) == 0
 
 
 class YOLOXDetector(nn.Module):
@@ -159,7 +183,7 @@ class YOLOXDetector(nn.Module):
         key = inputs.key
         det = yolox_detections(key.boxes.float(), key.objectness.float(), key.class_scores.float(),
                                self.test_conf, self.nms_thresh)
-        return KeyFrameOutput(_to_frame_pixels(det, key.image_size, key.original_size))
+        return KeyFrameOutput(to_frame_pixels(det, key.image_size, key.original_size))
 
 
 class YOLOVDetector(YOLOXDetector):
@@ -218,31 +242,15 @@ class YOLOVDetector(YOLOXDetector):
     @torch.no_grad()
     def detect_key(self, inputs: KeyFrameInputs[ProposalFrame], cache: ChunkLogits | None = None) -> KeyFrameOutput:
         key = inputs.key
-        frames = list(inputs.local) or [key]
-        if len(frames) <= max(1, self.base_below) or len(key) == 0:
+        if gives_base_output(inputs, self.base_below):
             det = base_detections(key.boxes.float(), key.objectness.float(), key.class_scores.float(),
                                   self.test_conf, self.nms_thresh)
-            return KeyFrameOutput(_to_frame_pixels(det, key.image_size, key.original_size))
-        logits = self._key_logits(frames, inputs.key_index, cache)
+            return KeyFrameOutput(to_frame_pixels(det, key.image_size, key.original_size))
+        logits = (cache if cache is not None else ChunkLogits()).key_logits(inputs.local, inputs.key_index,
+                                                                            self.chunk_logits)
         det = refined_detections(key.boxes.float(), key.objectness.float(), logits[:, :-1].float(),
                                  self.test_conf, self.nms_thresh)
-        return KeyFrameOutput(_to_frame_pixels(det, key.image_size, key.original_size))
-
-    def _key_logits(self, frames: list[ProposalFrame], key_index: int, cache: ChunkLogits | None) -> Tensor:
-        """The key's refined logits: from the stream's cache when its chunk was aggregated at an earlier key
-        frame, else the whole chunk at once (every row's aggregation reads every row's attention output, so
-        the key's rows alone cost about as much), its other frames' logits kept for their key steps."""
-        chunk = tuple(f.index for f in frames)
-        logits = cache.take(chunk, frames[key_index].index) if cache is not None else None
-        if logits is not None:
-            return logits
-        every = self.chunk_logits(frames)
-        offsets = torch.tensor([0] + [len(f) for f in frames]).cumsum(0).tolist()
-        per_frame = {f.index: every[offsets[i]:offsets[i + 1]] for i, f in enumerate(frames)}
-        logits = per_frame.pop(frames[key_index].index)
-        if per_frame and cache is not None:
-            cache.put(chunk, per_frame)
-        return logits
+        return KeyFrameOutput(to_frame_pixels(det, key.image_size, key.original_size))
 
 
 class YOLOVOnlineDetector(YOLOVDetector):
@@ -275,7 +283,7 @@ class YOLOVOnlineDetector(YOLOVDetector):
             det = refined_detections(key.boxes.float(), key.objectness.float(), step.logits.float(),
                                      self.test_conf, self.nms_thresh)
         cache.push(key, None if step is None else step.features)
-        return KeyFrameOutput(_to_frame_pixels(det, key.image_size, key.original_size))
+        return KeyFrameOutput(to_frame_pixels(det, key.image_size, key.original_size))
 
 
 def build_yolox_detector(cfg: Any) -> YOLOXDetector:
