@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from argparse import Namespace
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,12 +17,15 @@ from megavod.train.checkpoint import load_checkpoint
 from megavod.methods import load_detector
 from megavod.apps.reproduce import (
     METHODS,
+    YOLO_METHODS,
     ReproduceSettings,
+    YoloReproduceSettings,
     budget_overrides,
     calibrate_model,
     load_pretrained,
     main,
     reproduce_synthetic,
+    reproduce_synthetic_yolo,
 )
 from megavod.apps.reproduce_report import format_table
 
@@ -266,3 +270,72 @@ def test_hidden_cue_boxes_split_by_distance_to_a_visible_frame(tmp_path):
     assert maps["cue_hidden"] == pytest.approx(50.0)
     wide = cue_visibility_maps(*loaded, window=2)  # both hidden frames within reach: none is far
     assert wide["cue_hidden_near"] == pytest.approx(50.0) and wide["cue_hidden_far"] != wide["cue_hidden_far"]
+
+
+TINY_YOLO = dict(videos=2, frames=6, size=64, yolox_iterations=2, yolov_iterations=2)
+
+
+def test_yolo_presets_share_network_input_and_test_set():
+    """YOLOV is the same network and input as the YOLOX it starts from; it trains on whole videos (VID
+    frames only, as the authors'); both letterbox the benchmark's 192 px frames at their own size."""
+    yolox, yolov = (load_config(preset) for _, preset, _ in YOLO_METHODS)
+    assert (yolox.method, yolov.method) == ("yolox", "yolov")
+    assert (yolov.yolov.depth, yolov.yolov.width) == (yolox.yolox.depth, yolox.yolox.width)
+    assert yolox.input == yolov.input and yolox.input.letterbox == ReproduceSettings().size
+    assert yolox.seed == yolov.seed and yolox.data.test_set == yolov.data.test_set == "VID_val_videos"
+    assert tuple(yolov.data.train_sets) == ("VID_train_15frames",)
+    assert yolox.model.init_weights is None and yolov.model.init_weights is None  # set by the reproduction
+
+
+def test_tiny_yolo_reproduction_trains_yolov_from_yolox_then_resumes(tmp_path, capsys, one_thread):
+    out = tmp_path / "yolo"
+    results = reproduce_synthetic_yolo(out, YoloReproduceSettings(**TINY_YOLO), progress=False)
+    for name in ("table.md", "table.png", "results.json", "settings.json"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["experiment"] == "synthetic-yolo" and saved["settings"] == asdict(YoloReproduceSettings(**TINY_YOLO))
+    assert [r["key"] for r in saved["rows"]] == ["yolox", "yolov"]
+    for row in saved["rows"]:
+        assert row["iterations"] == 2
+        assert {"all", "cue_hidden", "cue_visible"} <= set(row["map"])
+        assert all(v is None or 0.0 <= v <= 100.0 for v in row["map"].values())
+        assert row["timing"]["frames"] == 6 and row["timing"]["ms_per_frame"] > 0
+    # YOLOV starts from the YOLOX just trained: the parts the authors freeze are YOLOX's, bit for bit.
+    yolox_final, yolov_final = (out / "runs" / key / "model_final.pth" for key, _, _ in YOLO_METHODS)
+    yolov_cfg = load_checkpoint(yolov_final)["config"]
+    assert yolov_cfg["model"]["init_weights"] == str(yolox_final)
+    base, video = load_checkpoint(yolox_final)["model"], load_checkpoint(yolov_final)["model"]
+    frozen = [k for k in base if k.startswith(("backbone.", "head.stems.", "head.reg_preds.")) and k.endswith("weight")]
+    assert frozen and all(torch.equal(base[k], video[k]) for k in frozen)
+    assert "head.trans.linear1.weight" in video and "head.trans.linear1.weight" not in base
+    for _, preset, _ in YOLO_METHODS:  # exported as megavod/weights/ ships them, loadable by the file alone
+        cfg = load_detector(out / "weights" / f"{preset}.safetensors")[1]
+        assert cfg.name == preset
+    table = (out / "table.md").read_text()
+    assert "| YOLOX |" in table and "| YOLOV |" in table and "from scratch 2 iterations" in table
+
+    # Running again resumes: nothing is trained or detected again, the same table comes out.
+    stamps = {p: p.stat().st_mtime_ns for p in [*(out / "runs").rglob("model_final.pth"), *(out / "pred").glob("*")]}
+    capsys.readouterr()
+    again = reproduce_synthetic_yolo(out, YoloReproduceSettings(**TINY_YOLO), progress=False)
+    assert "predictions exist" in capsys.readouterr().out
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert [r["map"] for r in again["rows"]] == [r["map"] for r in results["rows"]]
+
+    # Other budgets, or the MEGA family's reproduction, in the same folder are refused.
+    with pytest.raises(MegavodError, match="other settings"):
+        reproduce_synthetic_yolo(out, YoloReproduceSettings(**{**TINY_YOLO, "yolov_iterations": 3}), progress=False)
+    with pytest.raises(MegavodError, match="other settings"):
+        reproduce_synthetic(out, ReproduceSettings(**TINY), progress=False)
+
+
+def test_main_yolo_budgets_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGAVOD_REPRODUCE_YOLOV_ITERATIONS", "0")
+    with pytest.raises(MegavodError, match="yolov-iterations must be >= 1"):
+        main(Namespace(experiment="synthetic-yolo", out=tmp_path / "x"))
+    monkeypatch.setenv("MEGAVOD_REPRODUCE_YOLOV_ITERATIONS", "2")
+    with pytest.raises(MegavodError, match="--jobs does not apply"):
+        main(Namespace(experiment="synthetic-yolo", out=tmp_path / "x", jobs=2))
+    with pytest.raises(MegavodError, match="unknown experiment"):
+        main(Namespace(experiment="table9", out=tmp_path / "x"))
+    assert not (tmp_path / "x").exists()

@@ -135,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", type=Path, metavar="OUT", help="output prediction file")
 
     p = add("reproduce", "Reproduce an experiment end to end.", "reproduce")
-    p.add_argument("experiment", choices=("synthetic",),
+    p.add_argument("experiment", choices=("synthetic", "synthetic-yolo"),
                    help="synthetic: train single frame, base model and MEGA on the synthetic benchmark, "
-                        "evaluate and time each, write a Table-3-style table")
+                        "evaluate and time each, write a Table-3-style table; synthetic-yolo: the same for "
+                        "YOLOX (from scratch) and YOLOV (from that YOLOX), in its own folder")
     p.add_argument("--out", type=Path, default=Path("runs/reproduce"), help="output folder")
     p.add_argument("--jobs", type=int, default=None,
                    help="methods trained at once, each in its own process with a share of the CPU threads "

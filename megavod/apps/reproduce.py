@@ -22,6 +22,11 @@ Every stage is resumable: training continues from its last checkpoint (``megavod
 method whose predictions exist is not detected again, so an interrupted reproduction is finished by
 running the same command again. A folder holding a reproduction with other settings is refused.
 How the runs are scored and tabulated: :mod:`megavod.reproduce_report`.
+
+``megavod reproduce synthetic-yolo`` is the same pipeline for the one-stage family
+(:func:`reproduce_synthetic_yolo`): YOLOX trained from scratch (``synthetic_yolox``), then YOLOV from it
+(``synthetic_yolov`` with ``model.init_weights`` = YOLOX's final checkpoint and the authors' frozen
+parts), each detected, evaluated, timed and exported as above, into its own folder and table.
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import random
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from safetensors.torch import save_file
+from torchvision.ops import FrozenBatchNorm2d
 from tqdm import tqdm
 
 from megavod.errors import MegavodError
@@ -65,6 +72,11 @@ METHODS: tuple[tuple[str, str, str], ...] = (
     ("base", "synthetic_base", "Base model (MEGA, no memory)"),
     ("mega", "synthetic_mega", "MEGA"),
 )
+# The one-stage family (``megavod reproduce synthetic-yolo``): YOLOX, then YOLOV trained from it.
+YOLO_METHODS: tuple[tuple[str, str, str], ...] = (
+    ("yolox", "synthetic_yolox", "YOLOX"),
+    ("yolov", "synthetic_yolov", "YOLOV"),
+)
 DET_IMAGES_PER_TRAIN_VIDEO = 15  # as `megavod synth`
 
 
@@ -74,20 +86,13 @@ CALIBRATION_IMAGES = 8
 
 
 @dataclass
-class ReproduceSettings:
-    """What a synthetic reproduction depends on.
-
-    ``pretrain_iterations``: the shared single-frame pre-training every method starts from (our stand-in
-    for the paper's ImageNet pre-training, 0: every method starts from random weights);
-    ``iterations``: each method's own training budget (None: the presets' ``solver.max_iter``).
-    """
+class BenchmarkSettings:
+    """The synthetic benchmark a reproduction runs on (``megavod synth``'s defaults)."""
 
     videos: int = 100  # 80% train, 20% val, as `megavod synth`
     frames: int = 90
     size: int = 192
     seed: int = 0
-    iterations: int | None = None
-    pretrain_iterations: int = PRETRAIN_ITERATIONS
 
     @property
     def num_val(self) -> int:
@@ -102,10 +107,45 @@ class ReproduceSettings:
             raise MegavodError(f"reproduce: --videos must be >= 2 (train and val), got {self.videos}")
         if self.frames < 2:
             raise MegavodError(f"reproduce: --frames must be >= 2, got {self.frames}")
-        if self.iterations is not None and self.iterations < 1:
-            raise MegavodError(f"reproduce: --iterations must be >= 1, got {self.iterations}")
+
+
+def _check_budget(name: str, iterations: int | None) -> None:
+    if iterations is not None and iterations < 1:
+        raise MegavodError(f"reproduce: --{name.replace('_', '-')} must be >= 1, got {iterations}")
+
+
+@dataclass
+class ReproduceSettings(BenchmarkSettings):
+    """What a synthetic reproduction of the MEGA family depends on.
+
+    ``pretrain_iterations``: the shared single-frame pre-training every method starts from (our stand-in
+    for the paper's ImageNet pre-training, 0: every method starts from random weights);
+    ``iterations``: each method's own training budget (None: the presets' ``solver.max_iter``).
+    """
+
+    iterations: int | None = None
+    pretrain_iterations: int = PRETRAIN_ITERATIONS
+
+    def check(self) -> None:
+        super().check()
+        _check_budget("iterations", self.iterations)
         if self.pretrain_iterations < 0:
             raise MegavodError(f"reproduce: --pretrain-iterations must be >= 0, got {self.pretrain_iterations}")
+
+
+@dataclass
+class YoloReproduceSettings(BenchmarkSettings):
+    """What a synthetic reproduction of the one-stage family depends on: YOLOX's budget
+    (``yolox_iterations``, from scratch) and YOLOV's (``yolov_iterations``, from the trained YOLOX; an
+    iteration reads ``yolov.train_frames`` frames of one video). None: the presets' ``solver.max_iter``."""
+
+    yolox_iterations: int | None = None
+    yolov_iterations: int | None = None
+
+    def check(self) -> None:
+        super().check()
+        _check_budget("yolox_iterations", self.yolox_iterations)
+        _check_budget("yolov_iterations", self.yolov_iterations)
 
 
 def budget_overrides(iterations: int | None) -> list[str]:
@@ -230,8 +270,14 @@ def load_pretrained(model: torch.nn.Module, checkpoint: Path) -> list[str]:
     return [k for k in state if k not in filled]
 
 
+def _has_frozen_bn(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+
+
 def _train(cfg, data: Path, run_dir: Path, init: Path | None, progress: bool = True) -> Path:
-    """Train ``cfg`` into ``run_dir`` (resuming), starting from ``init`` or from calibrated random weights."""
+    """Train ``cfg`` into ``run_dir`` (resuming), starting from ``init``, from ``model.init_weights``
+    (:func:`~megavod.methods.build_detector` loads it), or from random weights (FrozenBN calibrated; a
+    model with trainable BatchNorm, YOLOX, needs none)."""
     dataset = build_train_dataset(cfg, data)
     ckpt.seed_all(cfg.seed)
     model = build_detector(cfg)
@@ -239,7 +285,7 @@ def _train(cfg, data: Path, run_dir: Path, init: Path | None, progress: bool = T
         if init is not None:
             fresh = load_pretrained(model, init)
             print(f"initialised from {init} ({len(fresh)} tensors of the method's own modules start fresh)", flush=True)
-        else:
+        elif cfg.model.init_weights is None and _has_frozen_bn(model):
             calibrate_model(model, dataset, seed=cfg.seed)
     return train(cfg, model, dataset, run_dir, resume=True, progress=progress)
 
@@ -253,12 +299,16 @@ def pretrain(data: Path, run_dir: Path, settings: ReproduceSettings) -> Path | N
 
 
 def train_method(
-    preset: str, data: Path, run_dir: Path, settings: ReproduceSettings, init: Path | None, progress: bool = True
+    preset: str, data: Path, run_dir: Path, settings: ReproduceSettings, init: Path | None, progress: bool = True,
+    *, iterations: int | None = None, overrides: Sequence[str] = (),
 ):
-    """Train (or finish training) one preset from ``init``; returns (config, final checkpoint, seconds now)."""
-    cfg = load_config(preset)
-    if settings.iterations != cfg.solver.max_iter:  # the preset's own schedule when its budget is asked for
-        cfg = load_config(preset, budget_overrides(settings.iterations))
+    """Train (or finish training) one preset from ``init`` for ``iterations`` (default
+    ``settings.iterations``), with ``overrides`` on top of the preset; returns (config, final checkpoint,
+    seconds now)."""
+    iterations = settings.iterations if iterations is None else iterations
+    cfg = load_config(preset, list(overrides))
+    if iterations != cfg.solver.max_iter:  # the preset's own schedule when its budget is asked for
+        cfg = load_config(preset, [*overrides, *budget_overrides(iterations)])
     started = time.perf_counter()
     final = _train(cfg, data, run_dir, init, progress)
     return cfg, final, time.perf_counter() - started
@@ -381,20 +431,7 @@ def reproduce_synthetic(
     for key, preset, name in METHODS:
         print(f"[{key}] training {preset}", flush=True)
         cfg, final, train_s = train_method(preset, data, out / "runs" / key, settings, init)
-        pred_file = out / "pred" / f"{key}.json"
-        timing_file = out / "pred" / f"{key}.timing.json"
-        if pred_file.is_file() and timing_file.is_file():
-            timing = json.loads(timing_file.read_text())
-            print(f"[{key}] predictions exist: {pred_file}", flush=True)
-        else:
-            timing = detect_method(cfg, final, data, pred_file, progress)
-            atomic_write_text(timing_file, json.dumps(timing, indent=1) + "\n")
-        maps = evaluate_method(data, pred_file, out / "eval" / key)
-        export_weights(cfg, final, out / "weights")
-        print(f"[{key}] mAP {fmt(maps['all'])} (slow {fmt(maps.get('slow'))}, medium {fmt(maps.get('medium'))}, "
-              f"fast {fmt(maps.get('fast'))}), {timing['ms_per_frame']:.1f} ms/frame", flush=True)
-        rows.append({"key": key, "preset": preset, "name": name, "iterations": cfg.solver.max_iter,
-                     "map": maps, "timing": timing, "checkpoint": str(final), "train_seconds_this_run": train_s})
+        rows.append(_method_row(key, preset, name, cfg, final, train_s, data, out, progress))
 
     budget = rows[0]["iterations"]
     header = (
@@ -406,9 +443,77 @@ def reproduce_synthetic(
         f"cue is hidden / visible, each evaluated as a motion bucket); runtime on CPU with "
         f"{torch.get_num_threads()} thread(s)."
     )
-    results = {"experiment": "synthetic", "settings": asdict(settings), "rows": rows, "machine": _machine(),
+    return _write_report(out, "synthetic", settings, rows, header, started)
+
+
+def reproduce_synthetic_yolo(
+    out: str | Path, settings: YoloReproduceSettings | None = None, progress: bool = True
+) -> dict:
+    """``megavod reproduce synthetic-yolo``: YOLOX trained from scratch on the synthetic benchmark
+    (``synthetic_yolox``), then YOLOV from it (``synthetic_yolov`` with ``model.init_weights`` = YOLOX's
+    final checkpoint, the authors' frozen parts), each detected offline on the val videos (YOLOV: the
+    authors' chunks), evaluated, timed and exported as :func:`reproduce_synthetic` does, under ``out``
+    (its own folder: the same layout, no pre-training stage). Resumable; a folder with other settings is
+    refused. Returns ``results.json``'s content."""
+    settings = settings or YoloReproduceSettings()
+    settings.check()
+    budgets = {"yolox_iterations": settings.yolox_iterations, "yolov_iterations": settings.yolov_iterations}
+    for (_, preset, _), field in zip(YOLO_METHODS, budgets):  # resolved: settings.json sees preset changes
+        if budgets[field] is None:
+            budgets[field] = load_config(preset).solver.max_iter
+    settings = YoloReproduceSettings(**{**asdict(settings), **budgets})
+    out = Path(out)
+    _check_settings(out, settings)
+    started = time.perf_counter()
+    data = prepare_data(out, settings, progress)
+    rows, init = [], None
+    for (key, preset, name), iterations in zip(YOLO_METHODS, budgets.values()):
+        # YOLOX starts from random weights; YOLOV from the YOLOX just trained, as the authors' recipe.
+        overrides = [] if init is None else [f"model.init_weights={init}"]
+        print(f"[{key}] training {preset}, {iterations} iterations", flush=True)
+        cfg, final, train_s = train_method(preset, data, out / "runs" / key, settings, None, progress,
+                                           iterations=iterations, overrides=overrides)
+        rows.append(_method_row(key, preset, name, cfg, final, train_s, data, out, progress))
+        init = final
+    yolox, yolov = (load_config(preset) for _, preset, _ in YOLO_METHODS)
+    header = (
+        f"Synthetic benchmark: {settings.num_train} train + {settings.num_val} val videos x {settings.frames} "
+        f"frames at {settings.size} px (seed {settings.seed}). YOLOX (depth {yolox.yolox.depth}, width "
+        f"{yolox.yolox.width}) trained from scratch {settings.yolox_iterations} iterations of "
+        f"{yolox.solver.images_per_process} image(s); YOLOV trained from it {settings.yolov_iterations} "
+        f"iterations of {yolov.yolov.train_frames} frames of one video (the authors' frozen parts); offline "
+        f"inference (YOLOV: chunks of {yolov.yolov.gframe} frames of a seeded permutation of each video); "
+        f"authors' evaluation protocol (cue hidden / visible: mAP on the boxes whose class cue is hidden / "
+        f"visible, each evaluated as a motion bucket); runtime on CPU with {torch.get_num_threads()} thread(s)."
+    )
+    return _write_report(out, "synthetic-yolo", settings, rows, header, started)
+
+
+def _method_row(key: str, preset: str, name: str, cfg, final: Path, train_s: float, data: Path, out: Path,
+                progress: bool) -> dict:
+    """Detect (unless its predictions exist), evaluate and export one trained method; its table row."""
+    pred_file = out / "pred" / f"{key}.json"
+    timing_file = out / "pred" / f"{key}.timing.json"
+    if pred_file.is_file() and timing_file.is_file():
+        timing = json.loads(timing_file.read_text())
+        print(f"[{key}] predictions exist: {pred_file}", flush=True)
+    else:
+        timing = detect_method(cfg, final, data, pred_file, progress)
+        atomic_write_text(timing_file, json.dumps(timing, indent=1) + "\n")
+    maps = evaluate_method(data, pred_file, out / "eval" / key)
+    export_weights(cfg, final, out / "weights")
+    print(f"[{key}] mAP {fmt(maps['all'])} (slow {fmt(maps.get('slow'))}, medium {fmt(maps.get('medium'))}, "
+          f"fast {fmt(maps.get('fast'))}), {timing['ms_per_frame']:.1f} ms/frame", flush=True)
+    return {"key": key, "preset": preset, "name": name, "iterations": cfg.solver.max_iter,
+            "map": maps, "timing": timing, "checkpoint": str(final), "train_seconds_this_run": train_s}
+
+
+def _write_report(out: Path, experiment: str, settings: BenchmarkSettings, rows: list[dict], header: str,
+                  started: float) -> dict:
+    """Write ``results.json``, ``table.md`` and ``table.png`` under ``out``; return the results."""
+    results = {"experiment": experiment, "settings": asdict(settings), "rows": rows, "machine": _machine(),
                "seconds_this_run": time.perf_counter() - started,
-               "command": "megavod reproduce synthetic --out " + str(out)}
+               "command": f"megavod reproduce {experiment} --out {out}"}
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     table = format_table(rows, header)
     atomic_write_text(out / "table.md", table)
@@ -418,14 +523,18 @@ def reproduce_synthetic(
     return results
 
 
+EXPERIMENTS = ("synthetic", "synthetic-yolo")
+
+
 def main(args: argparse.Namespace) -> int:
-    """``megavod reproduce synthetic [--out DIR]``. Optional settings, as flags where the CLI has them
-    (``args.<name>``) or as ``MEGAVOD_REPRODUCE_<NAME>`` environment variables: ``iterations`` (each
-    method's budget, default the presets'), ``pretrain_iterations`` (12000), ``videos`` (100),
-    ``frames`` (90), ``size`` (192), ``seed`` (0), ``threads`` (torch's default), ``jobs`` (methods trained
-    at once, default 1)."""
-    if args.experiment != "synthetic":
-        raise MegavodError(f"reproduce: unknown experiment {args.experiment!r} (available: synthetic)")
+    """``megavod reproduce synthetic|synthetic-yolo [--out DIR]``. Optional settings, as flags where the CLI
+    has them (``args.<name>``) or as ``MEGAVOD_REPRODUCE_<NAME>`` environment variables: ``videos`` (100),
+    ``frames`` (90), ``size`` (192), ``seed`` (0), ``threads`` (torch's default); for ``synthetic``:
+    ``iterations`` (each method's budget, default the presets'), ``pretrain_iterations`` (12000), ``jobs``
+    (methods trained at once, default 1); for ``synthetic-yolo``: ``yolox_iterations``,
+    ``yolov_iterations`` (default the presets')."""
+    if args.experiment not in EXPERIMENTS:
+        raise MegavodError(f"reproduce: unknown experiment {args.experiment!r} (available: {', '.join(EXPERIMENTS)})")
 
     def option(name: str, default):
         value = getattr(args, name, None)
@@ -443,12 +552,20 @@ def main(args: argparse.Namespace) -> int:
         if threads < 1:
             raise MegavodError(f"reproduce: threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    defaults = ReproduceSettings()
+    defaults = BenchmarkSettings()
+    benchmark = dict(videos=option("videos", defaults.videos), frames=option("frames", defaults.frames),
+                     size=option("size", defaults.size), seed=option("seed", defaults.seed))
+    if args.experiment == "synthetic-yolo":
+        if option("jobs", 1) != 1:
+            raise MegavodError("reproduce synthetic-yolo: --jobs does not apply (YOLOV trains from the trained YOLOX)")
+        settings = YoloReproduceSettings(**benchmark, yolox_iterations=option("yolox_iterations", None),
+                                         yolov_iterations=option("yolov_iterations", None))
+        reproduce_synthetic_yolo(args.out, settings)
+        return 0
     settings = ReproduceSettings(
-        videos=option("videos", defaults.videos), frames=option("frames", defaults.frames),
-        size=option("size", defaults.size), seed=option("seed", defaults.seed),
+        **benchmark,
         iterations=option("iterations", None),
-        pretrain_iterations=option("pretrain_iterations", defaults.pretrain_iterations),
+        pretrain_iterations=option("pretrain_iterations", PRETRAIN_ITERATIONS),
     )
     jobs = option("jobs", 1)
     if jobs < 1:
