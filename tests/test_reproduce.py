@@ -313,6 +313,7 @@ def test_tiny_yolo_reproduction_trains_yolov_from_yolox_then_resumes(tmp_path, c
         assert cfg.name == preset
     table = (out / "table.md").read_text()
     assert "| YOLOX |" in table and "| YOLOV |" in table and "from scratch 2 iterations" in table
+    assert "draws its 32 frames from the whole video" in table and "memory or global" not in table
 
     # Running again resumes: nothing is trained or detected again, the same table comes out.
     stamps = {p: p.stat().st_mtime_ns for p in [*(out / "runs").rglob("model_final.pth"), *(out / "pred").glob("*")]}

@@ -49,7 +49,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from tqdm import tqdm
 
 from megavod.errors import MegavodError
-from megavod.apps.reproduce_report import evaluate_method, fmt, format_table, plot_table
+from megavod.apps.reproduce_report import CUE_SPLIT_CAPTION, CUE_WINDOW, evaluate_method, fmt, format_table, plot_table
 from megavod.api import Detector
 from megavod.atomic import atomic_write_text
 from megavod.checkpoint_files import read_checkpoint, state_dict_of
@@ -486,7 +486,12 @@ def reproduce_synthetic_yolo(
         f"authors' evaluation protocol (cue hidden / visible: mAP on the boxes whose class cue is hidden / "
         f"visible, each evaluated as a motion bucket); runtime on CPU with {torch.get_num_threads()} thread(s)."
     )
-    return _write_report(out, "synthetic-yolo", settings, rows, header, started)
+    caption = (
+        f"Cue hidden, by the distance to the nearest frame where the same object's cue is visible: within "
+        f"{CUE_WINDOW} frames or further (MEGA's local window reaches the first; a YOLOV chunk draws its "
+        f"{yolov.yolov.gframe} frames from the whole video, so its reach does not depend on the distance)."
+    )
+    return _write_report(out, "synthetic-yolo", settings, rows, header, started, caption)
 
 
 def _method_row(key: str, preset: str, name: str, cfg, final: Path, train_s: float, data: Path, out: Path,
@@ -509,13 +514,13 @@ def _method_row(key: str, preset: str, name: str, cfg, final: Path, train_s: flo
 
 
 def _write_report(out: Path, experiment: str, settings: BenchmarkSettings, rows: list[dict], header: str,
-                  started: float) -> dict:
+                  started: float, split_caption: str = CUE_SPLIT_CAPTION) -> dict:
     """Write ``results.json``, ``table.md`` and ``table.png`` under ``out``; return the results."""
     results = {"experiment": experiment, "settings": asdict(settings), "rows": rows, "machine": _machine(),
                "seconds_this_run": time.perf_counter() - started,
                "command": f"megavod reproduce {experiment} --out {out}"}
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
-    table = format_table(rows, header)
+    table = format_table(rows, header, split_caption)
     atomic_write_text(out / "table.md", table)
     plot_table(rows, out / "table.png")
     print("\n" + table, flush=True)
