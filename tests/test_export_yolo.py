@@ -27,6 +27,7 @@ from megavod.export.exporter import export_onnx
 from megavod.export.runtime import load_onnx_detector, torch_graph_detector
 from megavod.methods import build_detector
 from error_budget import typical_chain
+from yolo_clips import moving_square
 
 PRESETS = {"yolox": "yolox_s_vid", "yolov": "yolov_s"}
 SIZE = 64  # the letterbox side; the export traces 128 x 192 frames, so the graphs' sizes are dynamic
@@ -43,14 +44,7 @@ def small_config(method: str, *extra: str):
 
 
 def video(n: int = FRAMES, seed: int = 0) -> list[np.ndarray]:
-    """A bright square moving over noise."""
-    rng = np.random.default_rng(seed)
-    frames = []
-    for t in range(n):
-        frame = rng.integers(0, 60, (48, 80, 3), dtype=np.uint8)
-        frame[10:30, 5 + 2 * t:25 + 2 * t] = (230, 200, 40)
-        frames.append(frame)
-    return frames
+    return moving_square(n, seed)
 
 
 def calibrated(cfg, frames: list[np.ndarray]) -> nn.Module:

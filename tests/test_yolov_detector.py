@@ -20,12 +20,14 @@ from megavod.models.contract import KeyFrameInputs
 from megavod.models.yolov import YOLOVDetector
 from megavod.models.yolov_head import base_detections, refined_detections
 from megavod.models.yolox import yolox_detections
+from yolo_clips import moving_square
 
 SMALL = ["yolov.width=0.125", "input.letterbox=64", "yolov.gframe=6"]
 
 
-def small_yolov(*overrides: str) -> megavod.Detector:
-    cfg = load_config("yolov_s", [*SMALL, *overrides])
+def small_detector(preset: str, *overrides: str) -> megavod.Detector:
+    """``preset`` with random weights (seed 0), objectness biases at 0 so scores straddle 0.001."""
+    cfg = load_config(preset, list(overrides))
     torch.manual_seed(0)
     model = build_detector(cfg)
     with torch.no_grad():
@@ -34,15 +36,12 @@ def small_yolov(*overrides: str) -> megavod.Detector:
     return megavod.Detector(model, cfg, device="cpu")
 
 
+def small_yolov(*overrides: str) -> megavod.Detector:
+    return small_detector("yolov_s", *SMALL, *overrides)
+
+
 def video(n: int, seed: int = 0) -> list[np.ndarray]:
-    """Frames of a bright square moving over noise (structured, so features differ between frames)."""
-    rng = np.random.default_rng(seed)
-    frames = []
-    for t in range(n):
-        frame = rng.integers(0, 60, (48, 80, 3), dtype=np.uint8)
-        frame[10:30, 5 + 2 * t:25 + 2 * t] = (230, 200, 40)
-        frames.append(frame)
-    return frames
+    return moving_square(n, seed)
 
 
 def passes(detector: megavod.Detector, frames: list[np.ndarray]):
@@ -149,13 +148,8 @@ def test_small_chunks_give_the_base_output(below, expect_base):
 
 
 def test_yolox_single_frame_detector_maps_boxes_to_the_frame():
-    cfg = load_config("yolox_s_vid", ["yolox.width=0.125", "input.letterbox=64"])
-    torch.manual_seed(0)
-    model = build_detector(cfg)
-    with torch.no_grad():
-        for conv in model.head.obj_preds:
-            conv.bias.fill_(0.0)
-    detector = megavod.Detector(model, cfg, device="cpu")
+    detector = small_detector("yolox_s_vid", "yolox.width=0.125", "input.letterbox=64")
+    model = detector.model
     frame = video(1)[0]
     (result,) = detector.stream([frame])
     image, size = detector.prepare(frame)
@@ -174,13 +168,8 @@ def test_online_row_is_the_bank_protocol_in_both_modes():
     output while the bank holds fewer than 2 frames; causal, so offline = online; the bank is the stream's."""
     from megavod.models.yolov_online import OnlineBank, online_key_logits
 
-    cfg = load_config("yolov_s_online", ["yolov_online.width=0.125", "input.letterbox=64"])
-    torch.manual_seed(0)
-    model = build_detector(cfg)
-    with torch.no_grad():
-        for conv in model.head.obj_preds:
-            conv.bias.fill_(0.0)
-    detector = megavod.Detector(model, cfg, device="cpu")
+    detector = small_detector("yolov_s_online", "yolov_online.width=0.125", "input.letterbox=64")
+    model = detector.model
     frames = video(5)
     offline = [r.detections for r in detector.stream(frames, mode="offline")]
     online = [r.detections for r in detector.stream(frames, mode="online")]

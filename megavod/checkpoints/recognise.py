@@ -346,7 +346,13 @@ def config_for(sig: ModelSignature, overrides: list[str] | tuple[str, ...] = (),
         # A CPU-sized network (arch "small") says nothing of its anchors, budgets or input size.
         raise MegavodError(f"{where}: holds {sig.describe()}, which no preset builds; pass --config")
     preset = sig.preset or fallback
-    needed = _overrides(sig, load_config(preset))
+    return _checked_config(sig, preset, _overrides(sig, load_config(preset)), overrides, where)
+
+
+def _checked_config(sig: Any, preset: str, needed: list[str], overrides: list[str] | tuple[str, ...],
+                    where: str) -> Any:
+    """``preset`` with the overrides the keys call for (``needed``), checked to build ``sig``, then the
+    user's ``overrides``; ``MegavodError`` naming the closest config when it does not."""
     try:
         built = signature_of_config(load_config(preset, needed))
     except ConfigError as e:  # sizes no config accepts (e.g. 0 classes): the file's numbers, not the user's
@@ -375,14 +381,4 @@ def _yolox_overrides(sig: YOLOXSignature, cfg: Any) -> list[str]:
 
 def _yolox_config_for(sig: YOLOXSignature, overrides: list[str] | tuple[str, ...], where: str) -> Any:
     preset = sig.preset or sig.family.fallback_preset
-    needed = _yolox_overrides(sig, load_config(preset))
-    try:
-        built = signature_of_config(load_config(preset, needed))
-    except ConfigError as e:
-        raise MegavodError(f"{where}: holds {sig.describe()}, which no megavod config builds "
-                           f"({preset} with {' '.join(needed)}: {e})") from None
-    if built != sig:
-        raise MegavodError(f"{where}: holds {sig.describe()}, which no megavod config builds from its keys "
-                           f"(closest: {preset} with {' '.join(needed) or 'no overrides'} builds {built.describe()}); "
-                           "pass --config")
-    return load_config(preset, [*needed, *overrides])
+    return _checked_config(sig, preset, _yolox_overrides(sig, load_config(preset)), overrides, where)
