@@ -206,8 +206,8 @@ def test_run_bench_yolox_and_yolov_share_the_per_frame_network():
     from megavod.methods import build_detector
 
     torch.manual_seed(0)
-    yolox = build_detector(bench_frames.bench_config("yolox_s_vid", 64))
-    yolov = build_detector(bench_frames.bench_config("yolov_s", 64))
+    yolox = build_detector(load_config("yolox_s_vid", ["yolox.width=0.125"]))
+    yolov = build_detector(load_config("yolov_s", ["yolov.width=0.125"]))
     # every YOLOX tensor has its name in YOLOV (the authors' names): the YOLOV row runs YOLOX's network
     assert bench.share_weights(yolox, yolov) == len(yolox.state_dict())
     results = run_bench(["yolox_s_vid", "yolov_s"], num_frames=6, size=64, warmup=0)  # one chunk of 6 > 4
