@@ -30,12 +30,15 @@ biases raised from their prior (log(0.01/0.99) = -4.6) to ``--objectness-bias`` 
 (``megavod.apps.bench_frames.synthetic_frames``: moving objects, S x round(5S/3) pixels), each in its
 own format (theirs BGR as ``cv2`` reads a video, megavod's RGB).
 
-First both run once and their detections are compared frame by frame, in the letterboxed input's
-pixels (megavod's boxes times the letterbox ratio r): same number of detections, same classes, boxes
-and scores equal up to float rounding (``--box-tol`` pixels, ``--score-tol``): their batched
-convolutions over a chunk and megavod's one-frame ones round differently. Then ``--rounds`` timed rounds,
-the two sides taking turns (theirs, megavod; the order swapped every round), each a whole run over the
-frames, preprocessing included; the figures are medians of ms per frame.
+First megavod runs once (the warm-up) and its detections are compared frame by frame with theirs, in the
+letterboxed input's pixels (megavod's boxes times the letterbox ratio r), paired by class and box: (1)
+with their chunk's convolutions run one image at a time (:func:`per_image_convolutions`, so that they
+round as megavod's one-frame passes do): every detection must pair within ``--box-tol`` px + 1e-6 |x|
+and ``--score-tol`` (exit status 1 otherwise); (2) their code as it runs, batched: reported, within
+``--loose-box-tol`` / ``--loose-score-tol``. Then ``--rounds`` timed rounds, the sides taking turns (a
+different one first each round), each a whole run over the frames, preprocessing included; the figures
+are medians of ms per frame; then YOLOX frame by frame (their one-frame call and megavod's next frame
+alternating), and megavod's time by step (per-frame passes, key steps, YOLOV's chunk aggregation).
 """
 
 from __future__ import annotations
