@@ -474,6 +474,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
+        if isinstance(value, int) and not isinstance(value, bool) and str(value) in typing.get_args(tp):
+            return str(value)  # a choice spelt in digits (yolov.affinity=2022) reads as a number in YAML
     elif origin in (Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:

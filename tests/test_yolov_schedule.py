@@ -93,6 +93,9 @@ def test_letterbox_transform_boxes_and_flip():
     assert torch.allclose(boxes, torch.tensor([[3.2, 6.4, 16.0, 19.2]]))
     _, flipped = transform(Image.fromarray(rgb), torch.tensor([[10.0, 20.0, 50.0, 60.0]]), TransformDraw(64, True))
     assert torch.allclose(flipped, torch.tensor([[150.0, 20.0, 190.0, 60.0]]) * 0.32)  # x1' = W - x2, no +1
+    noise = np.random.default_rng(1).integers(0, 256, (100, 200, 3), dtype=np.uint8)
+    mirrored, _ = transform(Image.fromarray(noise), None, TransformDraw(64, True))
+    assert torch.equal(mirrored, letterbox_array(np.ascontiguousarray(noise[:, ::-1, ::-1]), 64)[0])
 
 
 def test_letterbox_config():
@@ -103,3 +106,10 @@ def test_letterbox_config():
         load_config("single_R_101", ["input.letterbox=100"])
     with pytest.raises(ConfigError, match="input.letterbox_train"):
         load_config("single_R_101", ["input.letterbox_train=[64]"])
+
+
+def test_a_choice_spelt_in_digits_overrides():
+    """`yolov.affinity=2023` on the command line: YAML reads 2023 as a number, the choice is the string."""
+    assert load_config("yolov_s", ["yolov.affinity=2023"]).yolov.affinity == "2023"
+    with pytest.raises(ConfigError, match="yolov.affinity"):
+        load_config("yolov_s", ["yolov.affinity=2024"])
