@@ -439,7 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--frame-size", type=int, default=576,
                         help="short side S of the synthetic frames, S x round(5S/3) (default 576: 576 x 960)")
     parser.add_argument("--size", type=int, default=None,
-                        help="letterbox side for both sides (default: their exp's test_size, = megavod's preset)")
+                        help="letterbox side for both sides (default: their exp's test_size)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per side (default 3)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
