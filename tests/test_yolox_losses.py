@@ -25,6 +25,7 @@ import pytest
 import torch
 from torchvision.ops import box_convert
 
+from megavod.data.sampling import VideoFramesSampler
 from megavod.models.yolox import anchor_grid, decode_boxes
 from megavod.models.yolox_losses import (
     anchor_centers,
@@ -362,8 +363,6 @@ def vid_root(tmp_path_factory):
 
 
 def test_video_frames_sampler():
-    from megavod.data.sampling import VideoFramesSampler, draw_distinct  # noqa: F401
-
     sampler = VideoFramesSampler(15)
     assert sampler.counts() == {"frames": 15} and VideoFramesSampler.with_targets
     for seed in range(20):
