@@ -91,6 +91,8 @@ def validate(cfg: Any) -> None:
     require(not i.letterbox_train or i.letterbox > 0, "input.letterbox_train", "empty unless input.letterbox is set",
             list(i.letterbox_train))
     require(0.0 <= i.pad_value <= 255.0, "input.pad_value", "in [0, 255]", i.pad_value)
+    require(not i.letterbox or getattr(spec.config_type, "letterbox_input", False), "input.letterbox",
+            f"0 for method {cfg.method!r} (only the YOLOX family reads letterboxed frames)", i.letterbox)
 
     s = cfg.solver
     require(s.base_lr > 0, "solver.base_lr", "> 0", s.base_lr)

@@ -99,13 +99,18 @@ def test_letterbox_transform_boxes_and_flip():
 
 
 def test_letterbox_config():
-    cfg = load_config("single_R_101", ["input.letterbox=64", "input.letterbox_train=[32,64]"])
+    cfg = load_config("yolox_s_vid", ["input.letterbox=64", "input.letterbox_train=[32,64]"])
     assert isinstance(build_transform(cfg.input, train=False), LetterboxTransform)
     assert build_transform(cfg.input, train=True).sides == (32, 64)
     with pytest.raises(ConfigError, match="input.letterbox"):
-        load_config("single_R_101", ["input.letterbox=100"])
+        load_config("yolox_s_vid", ["input.letterbox=100"])
     with pytest.raises(ConfigError, match="input.letterbox_train"):
         load_config("single_R_101", ["input.letterbox_train=[64]"])
+    # a Faster R-CNN method maps boxes back as a plain resize: letterboxed frames would come out wrong
+    with pytest.raises(ConfigError, match="input.letterbox.*only the YOLOX family"):
+        load_config("single_R_101", ["input.letterbox=64"])
+    with pytest.raises(ConfigError, match="input.letterbox"):
+        load_config("yolov_s", ["input.letterbox=0"])
 
 
 def test_a_choice_spelt_in_digits_overrides():

@@ -24,6 +24,8 @@ class YOLOXConfig:
     """YOLOX 0.3.0 with the Focus stem (the YOLOV repository's base detector)."""
 
     weight_files: ClassVar[tuple[str, ...]] = ()
+    #: The family reads letterboxed frames (``input.letterbox``); other methods refuse the setting.
+    letterbox_input: ClassVar[bool] = True
 
     depth: float = 0.33  # CSP bottlenecks: max(round(3 * depth), 1) per block, x3 in dark3 and dark4 (darknet.py)
     width: float = 0.5  # channels = int(64 * width) at the stem, C = int(256 * width) in the head
