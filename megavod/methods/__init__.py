@@ -1,27 +1,27 @@
 """The built-in methods: one row of the method table each (:class:`megavod.registry.MethodSpec`).
 
-=========  ===========================  ===========================  =================  ================  ===========
-method     detector (``build``)         stream schedule              training refs      checkpoints       section
-=========  ===========================  ===========================  =================  ================  ===========
-single     SingleFrameDetector          frame k alone                none               fc6/fc7 head      none
-mega       MEGADetector                 local window, global pool,   local, memory,     l_*/g_* modules   MEGAConfig
-                                        Long Range Memory            global
-rdn        RDNDetector                  37-frame window              2 of +-18          fcs/W*s modules   RDNConfig
-fgfa       FGFADetector                 19-frame window              2 of +-9           flownet+embednet  FGFAConfig
-dff        DFFDetector                  last key frame (every 10)    1 of -9..0         flownet+scale     DFFConfig
-yolox      YOLOXDetector                frame k alone                none               YOLOX head        YOLOXConfig
-yolov      YOLOVDetector                k's chunk of 32 (seeded      frames of one      head.trans        YOLOVConfig
-                                        permutation)                 video
-yolov_      YOLOVOnlineDetector         frame k alone (a bank of     frames of one      head.trans        YOLOVOnline-
-online                                  earlier frames in the cache) video                                Config
-=========  ===========================  ===========================  =================  ================  ===========
+============  ====================  =============================  ==============  ================  =================
+method        detector (``build``)  stream schedule                training refs   checkpoints       section
+============  ====================  =============================  ==============  ================  =================
+single        SingleFrameDetector   frame k alone                  none            fc6/fc7 head      none
+mega          MEGADetector          local window, global pool,     local, memory,  l_*/g_* modules   MEGAConfig
+                                    Long Range Memory              global
+rdn           RDNDetector           37-frame window                2 of +-18       fcs/W*s modules   RDNConfig
+fgfa          FGFADetector          19-frame window                2 of +-9        flownet+embednet  FGFAConfig
+dff           DFFDetector           last key frame (every 10)      1 of -9..0      flownet+scale     DFFConfig
+yolox         YOLOXDetector         frame k alone                  none            YOLOX head        YOLOXConfig
+yolov         YOLOVDetector         k's chunk of 32 (seeded        15 frames of    head.trans        YOLOVConfig
+                                    permutation)                   its video
+yolov_online  YOLOVOnlineDetector   frame k (the bank of earlier   15 frames of    head.trans        YOLOVOnlineConfig
+                                    frames: the stream cache)      its video
+============  ====================  =============================  ==============  ================  =================
 
 The base model and the ablations are MEGA configs (``mega.memory=false``, ``mega.N_g=0``, ...), not
-methods of their own. Each row brings its config section (:mod:`megavod.methods.sections`: the
-hyper-parameters under ``mega.``, ``rdn.``, ... with their validation and derived values); the default
-inference mode is offline except MEGA's ``mega.online``. A new method is one module that builds its
-detector, optionally defines its section, and calls :func:`megavod.registry.register_method`
-(docs/architecture.md#adding-a-method).
+methods of their own. Each row brings its config section (:mod:`megavod.methods.sections`,
+:mod:`megavod.methods.yolo_sections`: the hyper-parameters under ``mega.``, ``rdn.``, ``yolov.``, ... with
+their validation and derived values); the default inference mode is offline except MEGA's
+``mega.online``. A new method is one module that builds its detector, optionally defines its section,
+and calls :func:`megavod.registry.register_method` (docs/architecture.md#adding-a-method).
 """
 
 from __future__ import annotations
