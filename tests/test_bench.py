@@ -324,3 +324,25 @@ def test_cli_bench_rejects_a_zero_stream_count(capsys):
 def test_batched_key_script_times_both_variants():
     rows = _script("bench_batched_key").measure("synthetic_single", 48, [2, 3], repeats=1)
     assert [b for b, _, _ in rows] == [2, 3] and all(loop > 0 and batched > 0 for _, loop, batched in rows)
+
+
+def test_calibrate_gives_a_random_yolox_detections():
+    """`megavod bench`'s calibration sets YOLOX's BatchNorm statistics too: with their defaults (mean 0,
+    variance 1) a random YOLOX's scores all fall under 0.001 and its rows would time no post-processing."""
+    import warnings
+
+    import megavod
+    from megavod.apps.bench_frames import bench_config, calibrate, synthetic_frames
+    from megavod.methods import build_detector
+
+    cfg = bench_config("yolox_s_vid", 96)
+    torch.manual_seed(0)
+    model = build_detector(cfg).eval()
+    detector = megavod.Detector(model, cfg, device="cpu")
+    frames = synthetic_frames(2, 96)
+    before = sum(len(r) for r in detector.stream(frames))
+    calibrate(model, detector.prepare(frames[0])[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        after = sum(len(r) for r in detector.stream(frames))
+    assert before == 0 < after

@@ -52,12 +52,15 @@ def bench_config(name: str, size: int) -> Config:
 @torch.no_grad()
 def calibrate(model: torch.nn.Module, image: torch.Tensor) -> None:
     """Calibrate the FrozenBN of the C4 body, then of res5 on the calibrated C4 (``image`` [3, H, W]), where
-    the detector has them (every built-in one does)."""
+    the detector has them (every built-in one does); YOLOX's BatchNorm of the backbone, then of the head
+    (without it a random YOLOX's scores all fall under the 0.001 threshold: no detection to post-process)."""
     backbone = getattr(model, "backbone", None)
     if backbone is None:
         return
     calibrate_frozen_bn(backbone, image[None])
     box_head = getattr(model, "box_head", None)
     head = getattr(getattr(box_head, "feature_extractor", None), "head", None)
+    if head is None and isinstance(getattr(model, "head", None), torch.nn.Module):  # YOLOX's decoupled head
+        head = model.head
     if head is not None:
         calibrate_frozen_bn(head, backbone(image[None]))

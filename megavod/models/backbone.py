@@ -225,7 +225,8 @@ def build_res5_head(cfg: Any) -> ResNetHead:
 
 @torch.no_grad()
 def calibrate_frozen_bn(model: nn.Module, *inputs: Any, eps: float = 1e-5) -> None:
-    """Set every FrozenBN's running_mean/var to the statistics of its input on one forward pass.
+    """Set every FrozenBN's (and BatchNorm2d's: YOLOX) running_mean/var to the statistics of its input on
+    one forward pass.
 
     A randomly initialised deep ResNet with identity FrozenBN explodes or vanishes numerically; tests
     and synthetic presets that need realistic activations call this once on a batch (e.g.
@@ -234,12 +235,13 @@ def calibrate_frozen_bn(model: nn.Module, *inputs: Any, eps: float = 1e-5) -> No
     (all-zero) channels finite, since the FrozenBN itself has no eps.
     """
 
-    def hook(module: FrozenBatchNorm2d, args: tuple[Tensor, ...]) -> None:
+    def hook(module: FrozenBatchNorm2d | nn.BatchNorm2d, args: tuple[Tensor, ...]) -> None:
         x = args[0]
         module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
         module.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False) + eps)
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)]
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
+               if isinstance(m, (FrozenBatchNorm2d, nn.BatchNorm2d))]
     was_training = model.training
     model.eval()
     try:
