@@ -14,9 +14,7 @@ Run it on an older checkout to see what the tie rule changed (PYTHONPATH=that ch
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ import torch
 import megavod
 from megavod.data.synthetic_render import flat_clip
 from megavod.export.exporter import export_onnx
+from one_implementation import median_ms  # benchmarks/: the script's own folder is on sys.path
 
 WEIGHTS = Path(megavod.__file__).parent / "weights" / "synthetic_mega.safetensors"
 
@@ -40,16 +39,6 @@ def equal_count(a, b) -> int:
             equal += int(((np.abs(boxes_a - boxes_b).max(1) <= 1e-2) & (np.abs(scores_a - scores_b) <= 1e-4)
                           & (labels_a == labels_b)).sum())
     return equal
-
-
-def median_ms(run, repeats: int = 50) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -74,8 +63,9 @@ def main() -> None:
         from megavod.models.box_coder import top_k
 
         scores = torch.randn(1, 38 * 63 * 15).sigmoid()
-        print(f"pre-NMS top 6000 of {scores.shape[1]}: torch.topk {median_ms(lambda: scores.topk(6000, dim=1)):.2f} "
-              f"ms, box_coder.top_k {median_ms(lambda: top_k(scores, 6000)):.2f} ms")
+        torch_ms = median_ms(lambda: scores.topk(6000, dim=1), 50, warmup=1)
+        ours_ms = median_ms(lambda: top_k(scores, 6000), 50, warmup=1)
+        print(f"pre-NMS top 6000 of {scores.shape[1]}: torch.topk {torch_ms:.2f} ms, box_coder.top_k {ours_ms:.2f} ms")
 
 
 if __name__ == "__main__":
