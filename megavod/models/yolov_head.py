@@ -238,9 +238,9 @@ class YOLOVAggregation(nn.Module):
         num_queries = len(range(n)[rows]) if isinstance(rows, slice) else rows.shape[0]
         if 2 * num_queries <= n:
             # At most half the rows queried: every reference's A v by SDPA (no [H, N, N] matrix), A for the
-            # queried rows only. Measured on 960 rows, W = 128 / 256 / 320, one thread (min of 8, the two
-            # interleaved), SDPA's time over the whole A's: 0.60 / 0.56 / 0.67 for 30 queried rows, 0.58 /
-            # 0.76 / 0.81 for 240, 0.71 / 0.99 / 0.94 for 480, 1.48 / 1.16 / 1.10 for all 960.
+            # queried rows only (slower than the whole matrix when every row is queried). On 960 rows, one
+            # thread, W = 128 / 256 / 320, the time over all rows' (benchmarks/yolov_aggregation.py):
+            # 0.39 / 0.49 / 0.43 for 30 queried rows, 0.64 / 0.66 / 0.59 for 240, 0.82 / 0.86 / 0.81 for 480.
             aggregated = (F.scaled_dot_product_attention(q_reg, k_reg, v, scale=1.0)
                           + F.scaled_dot_product_attention(q_cls, k_cls, v, scale=1.0)) / 2
             attn = _affinity(q_reg[:, rows], k_reg, q_cls[:, rows], k_cls)
